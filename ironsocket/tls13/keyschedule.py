@@ -1,0 +1,158 @@
+"""The TLS 1.3 key schedule (RFC 8446 §7.1) and traffic key calculation (§7.3).
+
+Function names follow the RFC: ``hkdf_extract``, ``hkdf_expand_label``, ``derive_secret``.
+`KeySchedule` holds the running transcript hash and the current secret of the ladder
+early → handshake → master; each rung is one call to `extract`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from .constants import CipherSuite
+
+
+@dataclass(frozen=True, slots=True)
+class SuiteParams:
+    """What a cipher suite fixes: the HKDF hash and the AEAD key length (RFC 8446 §B.4)."""
+
+    hash_name: str
+    hash_len: int
+    key_len: int
+    iv_len: int = 12
+    tag_len: int = 16
+
+
+SUITES: dict[CipherSuite, SuiteParams] = {
+    CipherSuite.TLS_AES_128_GCM_SHA256: SuiteParams("sha256", 32, 16),
+    CipherSuite.TLS_AES_256_GCM_SHA384: SuiteParams("sha384", 48, 32),
+    CipherSuite.TLS_CHACHA20_POLY1305_SHA256: SuiteParams("sha256", 32, 32),
+}
+
+
+def hkdf_extract(hash_name: str, salt: bytes, ikm: bytes) -> bytes:
+    """HKDF-Extract (RFC 5869 §2.2)."""
+    return hmac.new(salt, ikm, hash_name).digest()
+
+
+def hkdf_expand(hash_name: str, prk: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-Expand (RFC 5869 §2.3)."""
+    out = b""
+    block = b""
+    counter = 1
+    while len(out) < length:
+        block = hmac.new(prk, block + info + bytes([counter]), hash_name).digest()
+        out += block
+        counter += 1
+    return out[:length]
+
+
+def hkdf_label(label: bytes, context: bytes, length: int) -> bytes:
+    """The HkdfLabel structure (RFC 8446 §7.1), with the ``"tls13 "`` prefix."""
+    full_label = b"tls13 " + label
+    return (
+        length.to_bytes(2, "big")
+        + bytes([len(full_label)])
+        + full_label
+        + bytes([len(context)])
+        + context
+    )
+
+
+def hkdf_expand_label(
+    hash_name: str, secret: bytes, label: bytes, context: bytes, length: int
+) -> bytes:
+    """HKDF-Expand-Label(Secret, Label, Context, Length) (RFC 8446 §7.1)."""
+    return hkdf_expand(hash_name, secret, hkdf_label(label, context, length), length)
+
+
+def derive_secret(hash_name: str, secret: bytes, label: bytes, transcript_hash: bytes) -> bytes:
+    """Derive-Secret(Secret, Label, Messages) with the transcript already hashed (§7.1)."""
+    return hkdf_expand_label(
+        hash_name, secret, label, transcript_hash, hashlib.new(hash_name).digest_size
+    )
+
+
+def derive_traffic_keys(cipher_suite: CipherSuite, traffic_secret: bytes) -> tuple[bytes, bytes]:
+    """[sender]_write_key and [sender]_write_iv from a traffic secret (RFC 8446 §7.3)."""
+    params = SUITES[cipher_suite]
+    key = hkdf_expand_label(params.hash_name, traffic_secret, b"key", b"", params.key_len)
+    iv = hkdf_expand_label(params.hash_name, traffic_secret, b"iv", b"", params.iv_len)
+    return key, iv
+
+
+def next_traffic_secret(cipher_suite: CipherSuite, traffic_secret: bytes) -> bytes:
+    """application_traffic_secret_N+1 (RFC 8446 §7.2, KeyUpdate)."""
+    params = SUITES[cipher_suite]
+    return hkdf_expand_label(
+        params.hash_name, traffic_secret, b"traffic upd", b"", params.hash_len
+    )
+
+
+def finished_key(cipher_suite: CipherSuite, base_key: bytes) -> bytes:
+    """finished_key = HKDF-Expand-Label(BaseKey, "finished", "", Hash.length) (§4.4.4)."""
+    params = SUITES[cipher_suite]
+    return hkdf_expand_label(params.hash_name, base_key, b"finished", b"", params.hash_len)
+
+
+class KeySchedule:
+    """The secret ladder of RFC 8446 §7.1 plus the running transcript hash.
+
+    ``extract(ikm)`` climbs one rung: the first call gives the Early Secret (no PSK: ikm = zeros),
+    the second the Handshake Secret (ikm = the (EC)DHE shared secret), the third the Master
+    Secret (ikm = zeros). Between rungs the "derived" secret is used as salt.
+    """
+
+    def __init__(self, cipher_suite: CipherSuite) -> None:
+        self.cipher_suite = cipher_suite
+        self.params = SUITES[cipher_suite]
+        self.hash_name = self.params.hash_name
+        self.transcript = hashlib.new(self.hash_name)
+        self.secret: bytes | None = None
+        self.generation = 0
+
+    # -- transcript (§4.4.1) -------------------------------------------------------------------
+    def update_hash(self, data: bytes) -> None:
+        self.transcript.update(data)
+
+    def transcript_hash(self) -> bytes:
+        return self.transcript.copy().digest()
+
+    def restart_with_message_hash(self) -> None:
+        """Replace ClientHello1 by message_hash (§4.4.1) after a HelloRetryRequest."""
+        digest = self.transcript.digest()
+        self.transcript = hashlib.new(self.hash_name)
+        self.transcript.update(bytes([254, 0, 0, len(digest)]) + digest)
+
+    # -- the ladder (§7.1) ---------------------------------------------------------------------
+    def extract(self, ikm: bytes | None = None) -> bytes:
+        zeros = bytes(self.params.hash_len)
+        if self.secret is None:
+            salt = b"\x00"
+        else:
+            salt = derive_secret(
+                self.hash_name, self.secret, b"derived", hashlib.new(self.hash_name).digest()
+            )
+        self.secret = hkdf_extract(self.hash_name, salt, ikm if ikm is not None else zeros)
+        self.generation += 1
+        return self.secret
+
+    def derive_secret(self, label: bytes) -> bytes:
+        assert self.secret is not None, "extract() first"
+        return derive_secret(self.hash_name, self.secret, label, self.transcript_hash())
+
+    # -- Finished (§4.4.4) ---------------------------------------------------------------------
+    def finished_verify_data(self, base_key: bytes) -> bytes:
+        return hmac.new(
+            finished_key(self.cipher_suite, base_key), self.transcript_hash(), self.hash_name
+        ).digest()
+
+    # -- CertificateVerify (§4.4.3) ------------------------------------------------------------
+    def certificate_verify_data(self, context_string: bytes) -> bytes:
+        return b" " * 64 + context_string + b"\x00" + self.transcript_hash()
+
+
+SERVER_CERTIFICATE_VERIFY_CONTEXT = b"TLS 1.3, server CertificateVerify"
+CLIENT_CERTIFICATE_VERIFY_CONTEXT = b"TLS 1.3, client CertificateVerify"

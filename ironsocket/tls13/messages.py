@@ -1,0 +1,237 @@
+"""The one adapter between the engine and tlslite-ng's message codecs (RFC 8446 §4).
+
+Everything tlslite-ng touches lives here: ClientHello parsing and serialising the server's
+messages. Parsed values leave as frozen dataclasses with plain ``bytes``/``int``; tlslite's
+objects, bytearrays and exceptions never cross this boundary (any parser failure becomes
+`AlertDecodeError`). Validation that tlslite leaves to its connection class (duplicate
+extensions, pre_shared_key last, ...) is done by the engine on these dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tlslite import extensions as tx
+from tlslite import messages as tm
+from tlslite.constants import CertificateType
+from tlslite.utils.codec import Parser
+
+from .alerts import AlertDecodeError, AlertIllegalParameter
+from .constants import ExtensionType, HandshakeType, TLS13_VERSION
+
+HELLO_RETRY_REQUEST_RANDOM = bytes.fromhex(
+    "cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c"
+)  # RFC 8446 §4.1.3, SHA-256("HelloRetryRequest")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyShareEntry:
+    group: int
+    key_exchange: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientHello:
+    """A parsed ClientHello (RFC 8446 §4.1.2). ``extensions`` keeps wire order and raw bytes."""
+
+    legacy_version: int
+    random: bytes
+    legacy_session_id: bytes
+    cipher_suites: tuple[int, ...]
+    legacy_compression_methods: tuple[int, ...]
+    extensions: tuple[tuple[int, bytes], ...]
+    server_names: tuple[bytes, ...] | None = None
+    alpn_protocols: tuple[bytes, ...] | None = None
+    supported_versions: tuple[int, ...] | None = None
+    supported_groups: tuple[int, ...] | None = None
+    key_shares: tuple[KeyShareEntry, ...] | None = None
+    signature_algorithms: tuple[int, ...] | None = None
+    psk_key_exchange_modes: tuple[int, ...] | None = None
+    cookie: bytes | None = None
+    record_size_limit: int | None = None
+    extension_types: tuple[int, ...] = field(default=())
+
+    def has(self, ext: ExtensionType) -> bool:
+        return int(ext) in self.extension_types
+
+
+def _pair_to_int(value: object) -> int:
+    if isinstance(value, tuple):
+        return (value[0] << 8) | value[1]
+    assert isinstance(value, int)
+    return value
+
+
+def parse_client_hello(body: bytes) -> ClientHello:
+    """Parse a ClientHello handshake body (the bytes after the 4-byte handshake header)."""
+    # tlslite's parser reads the 3-byte length itself: give it the length back.
+    raw = len(body).to_bytes(3, "big") + body
+    try:
+        msg = tm.ClientHello().parse(Parser(bytearray(raw)))
+    except AssertionError as exc:  # tlslite asserts inside TLSExtension.parse
+        raise AlertDecodeError("malformed ClientHello") from exc
+    except Exception as exc:  # DecodeError (a SyntaxError), ValueError, IndexError...
+        raise AlertDecodeError(f"malformed ClientHello: {exc}") from exc
+    if msg.extensions is None:
+        # No extensions at all: a pre-TLS-1.3 client (no supported_versions).
+        exts: list[object] = []
+    else:
+        exts = list(msg.extensions)
+    raw_exts = tuple((e.extType, bytes(e.extData)) for e in exts)  # type: ignore[attr-defined]
+    types = tuple(t for t, _ in raw_exts)
+    values: dict[str, object] = {}
+    try:
+        for ext in exts:
+            kind = ext.extType  # type: ignore[attr-defined]
+            if kind == ExtensionType.SERVER_NAME and isinstance(ext, tx.SNIExtension):
+                names = ext.serverNames or []
+                if any(n.name_type != 0 for n in names):
+                    raise AlertIllegalParameter("server_name of unknown name type")
+                values["server_names"] = tuple(bytes(n.name) for n in names)
+            elif kind == ExtensionType.APPLICATION_LAYER_PROTOCOL_NEGOTIATION and isinstance(
+                ext, tx.ALPNExtension
+            ):
+                values["alpn_protocols"] = tuple(bytes(p) for p in ext.protocol_names or [])
+            elif kind == ExtensionType.SUPPORTED_VERSIONS and isinstance(
+                ext, tx.SupportedVersionsExtension
+            ):
+                values["supported_versions"] = tuple(_pair_to_int(v) for v in ext.versions)
+            elif kind == ExtensionType.SUPPORTED_GROUPS and isinstance(
+                ext, tx.SupportedGroupsExtension
+            ):
+                values["supported_groups"] = tuple(int(g) for g in ext.groups)
+            elif kind == ExtensionType.KEY_SHARE and isinstance(ext, tx.ClientKeyShareExtension):
+                values["key_shares"] = tuple(
+                    KeyShareEntry(int(s.group), bytes(s.key_exchange))
+                    for s in ext.client_shares or []
+                )
+            elif kind == ExtensionType.SIGNATURE_ALGORITHMS and isinstance(
+                ext, tx.SignatureAlgorithmsExtension
+            ):
+                values["signature_algorithms"] = tuple(_pair_to_int(s) for s in ext.sigalgs)
+            elif kind == ExtensionType.PSK_KEY_EXCHANGE_MODES and isinstance(
+                ext, tx.PskKeyExchangeModesExtension
+            ):
+                values["psk_key_exchange_modes"] = tuple(int(m) for m in ext.modes)
+            elif kind == ExtensionType.COOKIE and isinstance(ext, tx.CookieExtension):
+                values["cookie"] = bytes(ext.cookie)
+            elif kind == ExtensionType.RECORD_SIZE_LIMIT and isinstance(
+                ext, tx.RecordSizeLimitExtension
+            ):
+                values["record_size_limit"] = int(ext.record_size_limit)
+    except (AlertIllegalParameter, AlertDecodeError):
+        raise
+    except Exception as exc:
+        raise AlertDecodeError(f"malformed ClientHello extension: {exc}") from exc
+    for name in ("alpn_protocols", "supported_versions", "supported_groups",
+                 "signature_algorithms", "psk_key_exchange_modes"):
+        if name in values and not values[name]:
+            raise AlertDecodeError(f"empty {name} list")
+    alpn = values.get("alpn_protocols")
+    if isinstance(alpn, tuple) and any(len(p) == 0 for p in alpn):
+        raise AlertDecodeError("empty ALPN protocol name (RFC 7301 §3.1)")
+    return ClientHello(
+        legacy_version=_pair_to_int(msg.client_version),
+        random=bytes(msg.random),
+        legacy_session_id=bytes(msg.session_id),
+        cipher_suites=tuple(int(c) for c in msg.cipher_suites),
+        legacy_compression_methods=tuple(int(c) for c in msg.compression_methods),
+        extensions=raw_exts,
+        extension_types=types,
+        **values,  # type: ignore[arg-type]
+    )
+
+
+# -- server messages ------------------------------------------------------------------------------
+
+
+def _versions_ext() -> tx.TLSExtension:
+    return tx.SrvSupportedVersionsExtension().create((TLS13_VERSION >> 8, TLS13_VERSION & 0xFF))
+
+
+def server_hello(
+    *, random: bytes, legacy_session_id: bytes, cipher_suite: int, group: int, key_exchange: bytes
+) -> bytes:
+    """ServerHello (§4.1.3): key_share then supported_versions, as in RFC 8448."""
+    share = tx.ServerKeyShareExtension().create(
+        tx.KeyShareEntry().create(group, bytearray(key_exchange))
+    )
+    msg = tm.ServerHello().create(
+        (3, 3), bytearray(random), bytearray(legacy_session_id), cipher_suite,
+        extensions=[share, _versions_ext()],
+    )
+    return bytes(msg.write())
+
+
+def hello_retry_request(
+    *, legacy_session_id: bytes, cipher_suite: int, group: int, cookie: bytes | None
+) -> bytes:
+    """HelloRetryRequest (§4.1.4): a ServerHello with the special random."""
+    exts: list[tx.TLSExtension] = [tx.HRRKeyShareExtension().create(group)]
+    if cookie is not None:
+        exts.append(tx.CookieExtension().create(bytearray(cookie)))
+    exts.append(_versions_ext())
+    msg = tm.ServerHello().create(
+        (3, 3), bytearray(HELLO_RETRY_REQUEST_RANDOM), bytearray(legacy_session_id),
+        cipher_suite, extensions=exts,
+    )
+    return bytes(msg.write())
+
+
+def encrypted_extensions(
+    *,
+    supported_groups: tuple[int, ...] | None,
+    record_size_limit: int | None,
+    server_name_ack: bool,
+    alpn_protocol: bytes | None,
+) -> bytes:
+    """EncryptedExtensions (§4.3.1), in the order RFC 8448's server uses."""
+    exts: list[tx.TLSExtension] = []
+    if supported_groups:
+        exts.append(tx.SupportedGroupsExtension().create(list(supported_groups)))
+    if record_size_limit is not None:
+        exts.append(tx.RecordSizeLimitExtension().create(record_size_limit))
+    if server_name_ack:
+        exts.append(tx.SNIExtension().create())
+    if alpn_protocol is not None:
+        exts.append(tx.ALPNExtension().create([bytearray(alpn_protocol)]))
+    return bytes(tm.EncryptedExtensions().create(exts).write())
+
+
+class _DerCertificate:
+    """Duck-typed stand-in for tlslite's X509 (only ``writeBytes`` is used when writing)."""
+
+    def __init__(self, der: bytes) -> None:
+        self._der = der
+
+    def writeBytes(self) -> bytearray:  # noqa: N802 - tlslite's name
+        return bytearray(self._der)
+
+
+def certificate(chain: tuple[bytes, ...]) -> bytes:
+    """Certificate (§4.4.2) with an empty request context and no per-entry extensions."""
+    msg = tm.Certificate(CertificateType.x509, (3, 4))
+    msg.create(None, bytearray())
+    msg.certificate_list = [
+        tm.CertificateEntry(CertificateType.x509).create(_DerCertificate(der), [])
+        for der in chain
+    ]
+    return bytes(msg.write())
+
+
+def certificate_verify(*, scheme: int, signature: bytes) -> bytes:
+    """CertificateVerify (§4.4.3)."""
+    msg = tm.CertificateVerify((3, 4)).create(
+        bytearray(signature), (scheme >> 8, scheme & 0xFF)
+    )
+    return bytes(msg.write())
+
+
+def finished(verify_data: bytes) -> bytes:
+    """Finished (§4.4.4)."""
+    return bytes(tm.Finished((3, 4), len(verify_data)).create(bytearray(verify_data)).write())
+
+
+def key_update(update_requested: bool) -> bytes:
+    """KeyUpdate (§4.6.3)."""
+    return bytes([HandshakeType.KEY_UPDATE, 0, 0, 1, 1 if update_requested else 0])

@@ -1,0 +1,188 @@
+"""The connection after the handshake, in userspace (RFC 8446 §5 records, §4.6.3 KeyUpdate, §6.1).
+
+`Session` is the sans-IO record layer used when the kernel cannot carry the connection. It is
+built from a `Handoff` and can give one back (`snapshot()`), which is how the userspace mode
+survives an exec upgrade: the new program rebuilds the Session from the exact same state.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from .alerts import (
+    Alert,
+    AlertDecodeError,
+    AlertUnexpectedMessage,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
+from .constants import AlertDescription, AlertLevel, CipherSuite, ContentType, HandshakeType
+from .events import NEED_DATA, AlertReceived, ApplicationData, ConnectionClosed, Event, KeyUpdateReceived
+from .handoff import Handoff
+from .keyschedule import next_traffic_secret
+from .messages import key_update
+from .records import HEADER_SIZE, MAX_PLAINTEXT, RecordProtection, split_record
+
+
+class Session:
+    """Application data both ways over userspace AEAD, with close_notify and KeyUpdate."""
+
+    def __init__(self, handoff: Handoff) -> None:
+        self.cipher_suite: CipherSuite = handoff.cipher_suite
+        self._read = RecordProtection.from_keys(handoff.cipher_suite, handoff.read)
+        self._write = RecordProtection.from_keys(handoff.cipher_suite, handoff.write)
+        self._buffer = bytearray(handoff.unprocessed)
+        self._pending_plaintext = handoff.plaintext
+        self._send_buffer = bytearray()
+        self._handshake_buffer = bytearray()
+        limit = handoff.record_size_limit
+        self.max_fragment = MAX_PLAINTEXT if limit is None else min(MAX_PLAINTEXT, limit - 1)
+        self.handoff_template = handoff
+        self.read_closed = False
+        self.write_closed = False
+        self.errored = False
+        # The reading side touches the write state only to answer a KeyUpdate; this lock keeps
+        # that from racing a writer thread (sealing and queueing stay in record order).
+        self._write_lock = threading.Lock()
+
+    # -- receiving -------------------------------------------------------------------------------
+    def receive_data(self, data: bytes | memoryview) -> None:
+        if self.read_closed and data:
+            raise LocalProtocolError("data after close_notify")  # caller must stop reading
+        self._buffer += data
+
+    def next_event(self) -> Event | type[NEED_DATA]:
+        """Next event from buffered records; raise `RemoteProtocolError` on a protocol error
+        (the fatal alert is already queued in `data_to_send()`)."""
+        if self._pending_plaintext:
+            data, self._pending_plaintext = self._pending_plaintext, b""
+            return ApplicationData(data=data)
+        if self.errored:
+            raise LocalProtocolError("session already failed")
+        try:
+            while True:
+                if self.read_closed:
+                    return NEED_DATA
+                framed = split_record(self._buffer)
+                if framed is None or len(self._buffer) < framed[2]:
+                    return NEED_DATA
+                outer_type, header, total = framed
+                body = memoryview(self._buffer)[HEADER_SIZE:total]
+                if outer_type != ContentType.APPLICATION_DATA:
+                    body.release()
+                    raise AlertUnexpectedMessage(f"plaintext {ContentType(outer_type).name} record after the handshake")
+                try:
+                    inner_type, content = self._read.open(header, body)
+                finally:
+                    body.release()
+                del self._buffer[:total]
+                event = self._handle_record(inner_type, content)
+                if event is not None:
+                    return event
+        except Alert as exc:
+            self.errored = True
+            self.send_alert(exc.description)
+            raise RemoteProtocolError(str(exc), alert=exc.description) from exc
+
+    def _handle_record(self, inner_type: ContentType, content: bytes) -> Event | None:
+        if inner_type == ContentType.APPLICATION_DATA:
+            if self._handshake_buffer:
+                raise AlertUnexpectedMessage("application data interleaved with a handshake message")
+            return ApplicationData(data=content) if content else None
+        if inner_type == ContentType.ALERT:
+            if len(content) != 2:
+                raise AlertDecodeError("alert record must be two bytes")
+            code = content[1]
+            if code == AlertDescription.close_notify:
+                self.read_closed = True
+                return ConnectionClosed()
+            if code == AlertDescription.user_canceled:
+                return AlertReceived(description=AlertDescription.user_canceled)
+            self.errored = True
+            try:
+                received: AlertDescription | int = AlertDescription(code)
+            except ValueError:
+                received = code
+            raise RemoteProtocolError(f"client sent alert {received!r}", received=received)
+        if inner_type == ContentType.HANDSHAKE:
+            return self._handle_handshake(content)
+        raise AlertUnexpectedMessage(f"{inner_type.name} record after the handshake")
+
+    def _handle_handshake(self, content: bytes) -> Event | None:
+        self._handshake_buffer += content
+        if len(self._handshake_buffer) < 4:
+            return None
+        length = int.from_bytes(self._handshake_buffer[1:4], "big")
+        if length > 1024:
+            raise AlertUnexpectedMessage("post-handshake message too large")
+        if len(self._handshake_buffer) < 4 + length:
+            return None
+        msg = bytes(self._handshake_buffer[: 4 + length])
+        del self._handshake_buffer[: 4 + length]
+        if msg[0] != HandshakeType.KEY_UPDATE:
+            raise AlertUnexpectedMessage(f"post-handshake message type {msg[0]} not expected")
+        if length != 1 or msg[4] not in (0, 1):
+            raise AlertDecodeError("malformed KeyUpdate")
+        if self._handshake_buffer:
+            raise AlertUnexpectedMessage("KeyUpdate must end its record (§5.1)")
+        return self.apply_key_update(bool(msg[4]))
+
+    def apply_key_update(self, update_requested: bool) -> KeyUpdateReceived:
+        """§4.6.3: the peer's next records use the next read secret; answer if asked."""
+        secret = next_traffic_secret(self.cipher_suite, self._read.traffic_secret)
+        self._read = RecordProtection.from_secret(self.cipher_suite, secret)
+        if update_requested:
+            self.update_write_key(request_peer_update=False)
+        return KeyUpdateReceived(update_requested=update_requested)
+
+    def update_write_key(self, *, request_peer_update: bool) -> None:
+        """Send KeyUpdate under the old key, then switch (§4.6.3)."""
+        with self._write_lock:
+            if self.write_closed:
+                return
+            self._send_buffer += self._write.seal(ContentType.HANDSHAKE, key_update(request_peer_update))
+            secret = next_traffic_secret(self.cipher_suite, self._write.traffic_secret)
+            self._write = RecordProtection.from_secret(self.cipher_suite, secret)
+
+    # -- sending ---------------------------------------------------------------------------------
+    def send_data(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        with self._write_lock:
+            if self.write_closed:
+                raise LocalProtocolError("send after close_notify")
+            for i in range(0, len(view), self.max_fragment):
+                self._send_buffer += self._write.seal(ContentType.APPLICATION_DATA, view[i : i + self.max_fragment])
+
+    def send_close_notify(self) -> None:
+        if not self.write_closed:
+            self.send_alert(AlertDescription.close_notify)
+
+    def send_alert(self, description: AlertDescription) -> None:
+        level = AlertLevel.WARNING if description == AlertDescription.close_notify else AlertLevel.FATAL
+        with self._write_lock:
+            if self.write_closed:
+                return
+            self._send_buffer += self._write.seal(ContentType.ALERT, bytes((level, description)))
+            self.write_closed = True
+
+    def data_to_send(self) -> bytes:
+        with self._write_lock:
+            out = bytes(self._send_buffer)
+            self._send_buffer.clear()
+        return out
+
+    # -- state -----------------------------------------------------------------------------------
+    def snapshot(self) -> Handoff:
+        """The exact state now (for an exec upgrade); only valid with no buffered records."""
+        t = self.handoff_template
+        return Handoff(
+            cipher_suite=t.cipher_suite,
+            group=t.group,
+            read=self._read.traffic_keys(),
+            write=self._write.traffic_keys(),
+            server_name=t.server_name,
+            alpn_protocol=t.alpn_protocol,
+            plaintext=self._pending_plaintext,
+            unprocessed=bytes(self._buffer),
+            record_size_limit=t.record_size_limit,
+        )

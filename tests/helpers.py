@@ -1,0 +1,88 @@
+"""Shared test helpers: fixtures paths, an in-memory CPython ssl client, fd/thread counting."""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import threading
+from pathlib import Path
+
+from ironsocket.tls13.credentials import CertificateStore, load_credential
+from ironsocket.tls13.events import NEED_DATA, Event
+from ironsocket.tls13.server import ServerConfig, TLSServer
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+CERTS = FIXTURES / "certs"
+
+
+def rfc8448(name: str) -> dict[str, bytes]:
+    raw = json.loads((FIXTURES / "rfc8448" / f"{name}.json").read_text())
+    return {k: bytes.fromhex(v) for k, v in raw.items() if isinstance(v, str) and k not in ("source",) and not k.endswith("_pem")} | {
+        k: v.encode() for k, v in raw.items() if k.endswith("_pem")
+    }
+
+
+def credential(name: str):
+    return load_credential(CERTS / f"{name}.pem", CERTS / f"{name}.key")
+
+
+def store(*names: str) -> CertificateStore:
+    return CertificateStore(tuple(credential(n) for n in names or ("ecdsa-p256",)))
+
+
+def client_context(**kw) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(CERTS / "ca.pem"))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    for k, v in kw.items():
+        setattr(ctx, k, v)
+    return ctx
+
+
+def drain(engine: TLSServer) -> list[Event]:
+    events = []
+    while (ev := engine.next_event()) is not NEED_DATA:
+        events.append(ev)
+    return events
+
+
+class MemoryClient:
+    """CPython's ssl over MemoryBIOs, wired to a TLSServer in memory (h11's ConnectionPair idea)."""
+
+    def __init__(self, ctx: ssl.SSLContext, server_hostname: str | None = "localhost") -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname=server_hostname)
+
+    def step(self) -> bool:
+        try:
+            self.obj.do_handshake()
+            return True
+        except ssl.SSLWantReadError:
+            return False
+
+
+def handshake(engine: TLSServer, client: MemoryClient, max_rounds: int = 6) -> list[Event]:
+    events: list[Event] = []
+    for _ in range(max_rounds):
+        done = client.step()
+        engine.receive_data(client.outgoing.read())
+        events += drain(engine)
+        client.incoming.write(engine.data_to_send())
+        if done and any(type(e).__name__ == "HandshakeComplete" for e in events):
+            return events
+    client.step()
+    return events
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def thread_count() -> int:
+    return threading.active_count()
+
+
+def config(**kw) -> ServerConfig:
+    kw.setdefault("certificates", store())
+    return ServerConfig(**kw)
