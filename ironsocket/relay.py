@@ -170,8 +170,13 @@ class KtlsChannel(ClientChannel):
         self._send_lock = threading.Lock()
         self._write_closed = False
         self.truncated = False
+        # Plaintext the handshake already decrypted past Finished: delivered before the socket.
+        self._pending = handoff.plaintext
 
     def read(self) -> bytes:
+        if self._pending:
+            data, self._pending = self._pending, b""
+            return data
         while True:
             content_type, data = ktls.recv_record(self.sock, READ_SIZE)
             if content_type == ContentType.APPLICATION_DATA:

@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from . import ktls
 from .relay import ClientChannel, KtlsChannel, RecordMode, Relay, UserspaceChannel
 from .tls13.alerts import RemoteProtocolError
-from .tls13.constants import AlertDescription, AlertLevel, ContentType
+from .tls13.constants import AlertDescription
 from .tls13.events import NEED_DATA, ClientHelloReceived, HandshakeComplete
 from .tls13.handoff import Handoff
-from .tls13.records import record_header
 from .tls13.server import ServerConfig, TLSServer
 from .tls13.session import Session
 
@@ -208,8 +207,6 @@ class ProxyServer:
             info.backend_local_addr = backend.getsockname()[:2]
             channel = self._client_channel(sock, handoff, info)
             info.mode = channel.mode
-            if handoff.plaintext:  # only in userspace mode; kTLS reads never pass Finished
-                backend.sendall(handoff.plaintext)
             log.info("conn=%d open client=%s:%d sni=%s alpn=%s suite=%s group=%s mode=%s",
                      info.conn_id, *info.client_addr, info.server_name, info.alpn_protocol,
                      info.cipher_suite, info.group, info.mode.value)
@@ -313,6 +310,3 @@ class ProxyServer:
                     return info
         return None
 
-
-def plaintext_alert(description: AlertDescription) -> bytes:
-    return record_header(ContentType.ALERT, 2) + bytes((AlertLevel.FATAL, description))

@@ -77,7 +77,12 @@ def parse_client_hello(body: bytes) -> ClientHello:
         exts: list[object] = []
     else:
         exts = list(msg.extensions)
-    raw_exts = tuple((e.extType, bytes(e.extData)) for e in exts)  # type: ignore[attr-defined]
+    try:
+        # tlslite re-encodes extData from what it parsed; for some malformed extensions (an
+        # empty key_share body leaves client_shares None) that raises TypeError.
+        raw_exts = tuple((e.extType, bytes(e.extData)) for e in exts)  # type: ignore[attr-defined]
+    except Exception as exc:
+        raise AlertDecodeError(f"malformed ClientHello extension: {exc}") from exc
     types = tuple(t for t, _ in raw_exts)
     values: dict[str, object] = {}
     try:

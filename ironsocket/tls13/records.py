@@ -82,8 +82,9 @@ class RecordProtection:
     def seal(self, content_type: int, data: bytes | memoryview, padding: int = 0) -> bytes:
         """Protect one record: TLSInnerPlaintext = content || type || zeros (§5.2)."""
         inner_len = len(data) + 1 + padding
-        if inner_len > MAX_INNER_PLAINTEXT + 255:
-            raise ValueError("record too large")
+        if inner_len > MAX_INNER_PLAINTEXT:
+            # §5.4: padding does not change the limit; TLSInnerPlaintext <= 2^14 + 1 octets.
+            raise ValueError("TLSInnerPlaintext (content, type and padding) over 2^14 + 1 bytes")
         header = record_header(ContentType.APPLICATION_DATA, inner_len + SUITES[self.cipher_suite].tag_len)
         inner = b"".join((data, bytes((content_type,)), bytes(padding)))
         sealed = self._aead.encrypt(self._nonce(), inner, header)

@@ -250,14 +250,26 @@ class TLSServer:
         assert negotiated and negotiated.group and read and write
         plaintext = bytearray()
         offset = 0
+        if drain:
+            # Decrypt with a copy: handoff() must not change the engine (calling it twice gives
+            # the same Handoff, and handoff() after handoff(drain=True) stays consistent).
+            read = RecordProtection.from_keys(negotiated.cipher_suite, read.traffic_keys())
         while drain:
-            framed = split_record(self._receive_buffer, offset)
-            if framed is None or offset + framed[2] > len(self._receive_buffer):
+            try:
+                framed = split_record(self._receive_buffer, offset)
+                if framed is None or offset + framed[2] > len(self._receive_buffer):
+                    break
+                _, header, total = framed
+                body = bytes(self._receive_buffer[offset + HEADER_SIZE : offset + total])
+                content_type, content = read.open(header, body)
+            except Alert:
+                # A bad record is left in `unprocessed` for the record layer that carries on:
+                # it will send the alert (Alert must not escape the public API).
                 break
-            _, header, total = framed
-            content_type, content = read.open(header, memoryview(self._receive_buffer)[offset + HEADER_SIZE : offset + total])
             if content_type is not ContentType.APPLICATION_DATA:
-                raise LocalProtocolError("a control record follows Finished; continue in userspace")
+                # close_notify, KeyUpdate...: leave it (and all after it) to the record layer.
+                read.rec_seq -= 1
+                break
             plaintext += content
             offset += total
         return Handoff(

@@ -1,0 +1,468 @@
+"""The proxy end to end: real clients, a real backend process, the record layer this kernel has.
+
+These tests are marked ``ktls`` and run twice in CI: on the host (no kTLS: the userspace record
+layer) and inside the kTLS VM (``tools/vm/ktls-vm``), where every connection must be in kTLS
+mode (the ``record_mode`` fixture fails the test if the VM kernel cannot do kTLS).
+
+The proxy runs in-process (`ProxyServer`) so a test can read the kernel's view of a connection
+(`ktls.read_back`) from the proxy's own socket; clients and the backend are separate processes,
+except `RecordClient`, a CPython ssl client over MemoryBIOs on a raw socket that counts the
+records it sends and receives (so the kernel's rec_seq can be checked exactly).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ironsocket import ktls
+from ironsocket.relay import RecordMode
+from ironsocket.server import KtlsMode, ProxyConfig, ProxyServer
+from ironsocket.tls13.constants import CipherSuite, ContentType
+from ironsocket.tls13.records import RecordProtection
+from ironsocket.tls13.server import ServerConfig
+from tests.helpers import CERTS, ROOT, client_context, store
+
+pytestmark = pytest.mark.ktls
+
+SUITES = list(CipherSuite)
+TIMEOUT = 20.0
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def record_mode() -> RecordMode:
+    probe = ktls.probe()
+    if probe.available:
+        return RecordMode.KTLS_SW
+    if os.environ.get("IRONSOCKET_REQUIRE_KTLS"):
+        pytest.fail(f"IRONSOCKET_REQUIRE_KTLS is set but kTLS is unavailable: {probe.reason}")
+    return RecordMode.USERSPACE
+
+
+def _start_backend(script: str) -> tuple[subprocess.Popen[str], tuple[str, int]]:
+    proc = subprocess.Popen([sys.executable, "-c", script] if not script.endswith(".py") else [sys.executable, script],
+                            stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    host, port = line.rsplit(" ", 1)[-1].strip().rsplit(":", 1)
+    return proc, (host, int(port))
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    proc.wait(5)
+    if proc.stdout:
+        proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def echo_backend() -> Iterator[tuple[str, int]]:
+    proc, addr = _start_backend(str(ROOT / "tests" / "echo_backend.py"))
+    yield addr
+    _stop(proc)
+
+
+# A backend that sends a greeting and closes first (the backend-initiated close_notify case).
+GREETER = """
+import socket
+s = socket.create_server(("127.0.0.1", 0))
+print("greeter: listening on %s:%d" % s.getsockname(), flush=True)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"hello from the backend\\n")
+    c.shutdown(socket.SHUT_WR)
+    c.settimeout(10)
+    try:
+        while c.recv(4096):
+            pass
+    except OSError:
+        pass
+    c.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def greeter_backend() -> Iterator[tuple[str, int]]:
+    proc, addr = _start_backend(GREETER)
+    yield addr
+    _stop(proc)
+
+
+@pytest.fixture
+def make_proxy() -> Iterator[Callable[..., ProxyServer]]:
+    servers: list[ProxyServer] = []
+
+    def make(backend: tuple[str, int], *, suites: tuple[CipherSuite, ...] = tuple(SUITES), keylog: list[str] | None = None,
+             ktls_mode: KtlsMode = KtlsMode.AUTO) -> ProxyServer:
+        tls = ServerConfig(certificates=store("ecdsa-p256"), cipher_suites=suites,
+                           keylog=keylog.append if keylog is not None else None)
+        server = ProxyServer(ProxyConfig(listen=("127.0.0.1", 0), backend=backend, tls=tls, ktls=ktls_mode,
+                                         handshake_timeout=10))
+        server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = TIMEOUT, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+# -- a record-counting CPython client ------------------------------------------------------------
+class RecordClient:
+    """CPython ssl over MemoryBIOs on a plain socket, counting records each way after the
+    handshake (one `send` of <= 16 KiB is exactly one record with OpenSSL)."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.sock = socket.create_connection(address, timeout=TIMEOUT)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = client_context().wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        self.records_sent = 0
+        self.records_received = 0
+        self._raw = bytearray()
+        self.handshake_done = False
+
+    def handshake(self, *, hold_finished: bool = False) -> bytes:
+        """Run the handshake; with ``hold_finished`` return the client's last flight unsent."""
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.outgoing.read())
+                data = self.sock.recv(65536)
+                if not data:
+                    raise ConnectionError("server closed during the handshake")
+                self.incoming.write(data)
+        self.handshake_done = True
+        flight = self.outgoing.read()
+        if hold_finished:
+            return flight
+        self.sock.sendall(flight)
+        return b""
+
+    def send(self, data: bytes, *, extra_prefix: bytes = b"") -> None:
+        for i in range(0, len(data), 16384):
+            self.tls.write(data[i : i + 16384])
+            self.records_sent += 1
+        self.sock.sendall(extra_prefix + self.outgoing.read())
+
+    def _pump(self) -> bool:
+        data = self.sock.recv(65536)
+        if not data:
+            return False
+        self._raw += data
+        while len(self._raw) >= 5:
+            total = 5 + int.from_bytes(self._raw[3:5], "big")
+            if len(self._raw) < total:
+                break
+            self.records_received += 1
+            self.incoming.write(bytes(self._raw[:total]))
+            del self._raw[:total]
+        return True
+
+    def recv_exact(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            try:
+                out += self.tls.read(n - len(out))
+            except ssl.SSLWantReadError:
+                if not self._pump():
+                    raise ConnectionError(f"EOF after {len(out)} of {n} bytes") from None
+        return bytes(out)
+
+    def recv_until_close(self) -> tuple[bytes, bool]:
+        """Read until the server's close_notify (True) or a bare EOF (False)."""
+        out = bytearray()
+        while True:
+            try:
+                chunk = self.tls.read(65536)
+                if not chunk:
+                    return bytes(out), True
+                out += chunk
+            except ssl.SSLZeroReturnError:
+                return bytes(out), True
+            except ssl.SSLWantReadError:
+                if not self._pump():
+                    return bytes(out), False
+
+    def close_notify(self) -> None:
+        try:
+            self.tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        self.sock.sendall(self.outgoing.read())
+        self.records_sent += 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def only_connection(server: ProxyServer):
+    wait_until(lambda: len(server.connections) == 1 and next(iter(server.connections.values())).relay is not None,
+               what="one relayed connection")
+    return next(iter(server.connections.values()))
+
+
+# -- tests ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s.name)
+def test_bytes_exact_both_ways_and_rec_seq(suite: CipherSuite, record_mode, echo_backend, make_proxy) -> None:
+    before = ktls.tls_stat()
+    server = make_proxy(echo_backend, suites=(suite,))
+    client = RecordClient(server.address)
+    client.handshake()
+    payload = os.urandom(200_000)
+    client.send(payload)
+    assert client.recv_exact(len(payload)) == payload
+    info = only_connection(server)
+    assert info.mode is record_mode
+    assert info.cipher_suite == suite.name
+    if record_mode is not RecordMode.USERSPACE:
+        during = ktls.tls_stat()
+        assert during["TlsCurrTxSw"] >= before.get("TlsCurrTxSw", 0) + 1
+        assert during["TlsCurrRxSw"] >= before.get("TlsCurrRxSw", 0) + 1
+        assert during["TlsTxSw"] >= before.get("TlsTxSw", 0) + 1
+    # The kernel's (or the userspace layer's) sequence numbers are exactly the records since the
+    # handover: every record the client sent, every record it received.
+    tx, rx = info.relay.client.rec_seqs()
+    assert rx == client.records_sent
+    assert tx == client.records_received
+    if record_mode is not RecordMode.USERSPACE:
+        state = ktls.read_back(info.relay.client.sock)
+        assert state.cipher_suite is suite
+        assert (state.tx_rec_seq, state.rx_rec_seq) == (client.records_received, client.records_sent)
+    client.close_notify()
+    data, clean = client.recv_until_close()
+    assert (data, clean) == (b"", True)
+    wait_until(lambda: not server.connections, what="connection closed")
+    client.close()
+
+
+def test_backend_closes_first_close_notify_to_client(record_mode, greeter_backend, make_proxy) -> None:
+    server = make_proxy(greeter_backend)
+    client = RecordClient(server.address)
+    client.handshake()
+    data, clean = client.recv_until_close()
+    assert data == b"hello from the backend\n" and clean
+    # Half-close: the client can still send after the server's close_notify.
+    client.send(b"late bytes")
+    client.close_notify()
+    wait_until(lambda: not server.connections, what="connection closed")
+    client.close()
+
+
+def test_app_data_in_the_same_segment_as_finished(record_mode, echo_backend, make_proxy) -> None:
+    server = make_proxy(echo_backend)
+    payload = b"first bytes right behind Finished" * 100
+    client = RecordClient(server.address)
+    flight = client.handshake(hold_finished=True)
+    assert flight  # the client Finished, not yet sent
+    # One sendall: Finished and two application records leave in one TCP segment.
+    client.tls.write(payload[:1500])
+    client.tls.write(payload[1500:])
+    client.records_sent += 2
+    client.sock.sendall(flight + client.outgoing.read())
+    assert client.recv_exact(len(payload)) == payload
+    info = only_connection_with_data(server)
+    assert info.mode is record_mode
+    tx, rx = info.relay.client.rec_seqs()
+    assert rx == 2
+    client.close_notify()
+    client.recv_until_close()
+    client.close()
+
+
+def only_connection_with_data(server: ProxyServer):
+    wait_until(lambda: any(i.relay is not None and i.relay.stats.bytes_from_client for i in server.connections.values()),
+               what="a relayed connection with data")
+    return next(i for i in server.connections.values() if i.relay is not None and i.relay.stats.bytes_from_client)
+
+
+def test_client_fatal_alert_closes_both_sides(record_mode, echo_backend, make_proxy, caplog) -> None:
+    keylog: list[str] = []
+    server = make_proxy(echo_backend, suites=(CipherSuite.TLS_AES_128_GCM_SHA256,), keylog=keylog)
+    client = RecordClient(server.address)
+    client.handshake()
+    client.send(b"ping")
+    assert client.recv_exact(4) == b"ping"
+    info = only_connection(server)
+    # Seal a fatal alert (unexpected_message) under the client's application key ourselves,
+    # with the keylog secret: CPython has no API to send an arbitrary alert.
+    secret = bytes.fromhex(next(l for l in keylog if l.startswith("CLIENT_TRAFFIC_SECRET_0")).split()[2])
+    protection = RecordProtection.from_secret(CipherSuite.TLS_AES_128_GCM_SHA256, secret, rec_seq=client.records_sent)
+    with caplog.at_level(logging.INFO, logger="ironsocket"):
+        client.sock.sendall(protection.seal(ContentType.ALERT, b"\x02\x0a"))
+        wait_until(lambda: not server.connections, what="connection closed after the alert")
+    assert info.relay.stats.close_reason.startswith("client protocol error")
+    assert "alert" in info.relay.stats.close_reason
+    client.close()
+
+
+def test_dead_backend_gets_alert(record_mode, make_proxy) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()  # bound, never listening: connect is refused
+        server = make_proxy(dead)
+        raw = socket.create_connection(server.address, timeout=TIMEOUT)
+        with client_context().wrap_socket(raw, server_hostname="localhost") as tls:
+            with pytest.raises(ssl.SSLError, match="INTERNAL_ERROR|internal error"):
+                tls.recv(10)
+    wait_until(lambda: not server.connections, what="connection gone")
+
+
+def _s_client(port: int, *args: str) -> list[str]:
+    return ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost",
+            "-CAfile", str(CERTS / "ca.pem"), "-verify_return_error", *args]
+
+
+_S_CLIENTS: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_s_clients() -> Iterator[None]:
+    yield
+    while _S_CLIENTS:
+        proc = _S_CLIENTS.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        for stream in (proc.stdin, proc.stdout):
+            if stream and not stream.closed:
+                stream.close()
+
+
+class SClient:
+    """An interactive ``openssl s_client`` (no -quiet/-ign_eof: stdin EOF sends close_notify)."""
+
+    def __init__(self, port: int, *args: str) -> None:
+        self.proc = subprocess.Popen(_s_client(port, *args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, bufsize=0)
+        _S_CLIENTS.append(self.proc)
+        self.seen: list[str] = []
+        self._partial = b""
+
+    def send(self, text: str) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.write(text.encode())
+
+    def expect(self, line: str, timeout: float = TIMEOUT) -> None:
+        assert self.proc.stdout
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while line not in self.seen:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"s_client did not print {line!r}; saw {self.seen[-10:]}")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError(f"s_client exited before printing {line!r}; saw {self.seen[-10:]}")
+            *lines, self._partial = (self._partial + chunk).split(b"\n")
+            self.seen += [l.decode(errors="replace") for l in lines]
+
+    def close(self) -> tuple[int, str]:
+        """Close stdin (s_client sends close_notify), return (exit status, rest of output)."""
+        assert self.proc.stdin and self.proc.stdout
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        rest = self.proc.stdout.read().decode(errors="replace")
+        self.proc.stdout.close()
+        return self.proc.wait(TIMEOUT), rest
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s.name)
+def test_openssl_s_client(suite: CipherSuite, record_mode, echo_backend, make_proxy) -> None:
+    server = make_proxy(echo_backend, suites=(suite,))
+    client = SClient(server.address[1])
+    for i in range(20):
+        client.send(f"line {i} through {suite.name}\n")
+    for i in range(20):
+        client.expect(f"line {i} through {suite.name}")
+    assert any(f"Cipher is {suite.name}" in line for line in client.seen)
+    assert only_connection(server).mode is record_mode
+    status, rest = client.close()
+    assert status == 0, rest
+    wait_until(lambda: not server.connections, what="connection closed after s_client's close_notify")
+
+
+def test_openssl_key_update(record_mode, echo_backend, make_proxy) -> None:
+    """s_client's ``k`` sends a KeyUpdate (update_requested). Userspace: rekey and carry on.
+    kTLS on a kernel that cannot rekey RX (6.1, 6.12): close cleanly, with the reason logged."""
+    server = make_proxy(echo_backend)
+    client = SClient(server.address[1])
+    client.send("before\n")
+    client.expect("before")
+    info = only_connection(server)
+    client.send("k\n")
+    client.expect("KEYUPDATE")
+    if record_mode is RecordMode.USERSPACE:
+        client.send("after\n")
+        client.expect("after")
+        status, _ = client.close()
+        assert status == 0
+    else:
+        wait_until(lambda: not server.connections, what="clean close after KeyUpdate")
+        assert "KeyUpdate" in info.relay.stats.close_reason and "rekey" in info.relay.stats.close_reason
+        try:
+            client.send("after\n")
+        except BrokenPipeError:
+            pass  # s_client already saw the close and exited
+        _, rest = client.close()
+        assert "after" not in rest
+    # Either way the proxy still serves.
+    again = SClient(server.address[1])
+    again.send("still here\n")
+    again.expect("still here")
+    assert again.close()[0] == 0
+
+
+def test_curl_through_demo_backend(record_mode, make_proxy) -> None:
+    from ironsocket.demo import DemoBackend
+
+    holder: list[ProxyServer] = []
+    demo = DemoBackend(lambda addr: holder[0].connection_for_backend_peer(addr))
+    demo.start()
+    try:
+        server = make_proxy(demo.address)
+        holder.append(server)
+        out = subprocess.run(["curl", "-sS", "--cacert", str(CERTS / "ca.pem"), "--tlsv1.3", "-H", "Accept: text/plain",
+                              f"https://localhost:{server.address[1]}/"], capture_output=True, text=True, timeout=TIMEOUT)
+        assert out.returncode == 0, out.stderr
+        assert f"record layer: {record_mode.value}" in out.stdout
+        assert "cipher suite: TLS_" in out.stdout
+    finally:
+        demo.stop()
+
+
+def test_ktls_require(record_mode) -> None:
+    """``--ktls require`` starts only where the kernel has kTLS, and says why not elsewhere."""
+    proc = subprocess.run([sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0", "--ktls", "require",
+                           "--backend", "127.0.0.1:9"], capture_output=True, text=True, timeout=TIMEOUT,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)}) if record_mode is RecordMode.USERSPACE else None
+    if proc is not None:
+        assert proc.returncode == 2
+        assert "kernel TLS is not available here" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    else:
+        server = ProxyServer(ProxyConfig(listen=("127.0.0.1", 0), backend=("127.0.0.1", 9),
+                                         tls=ServerConfig(certificates=store()), ktls=KtlsMode.REQUIRE))
+        assert server.use_ktls
