@@ -80,6 +80,12 @@ class ClientChannel:
 
     def rec_seqs(self) -> tuple[int, int]:
         """(next write seq, next read seq) as the record layer knows them now."""
+        write, read = self.traffic_keys()
+        return write.rec_seq, read.rec_seq
+
+    def traffic_keys(self) -> tuple[TrafficKeys, TrafficKeys]:
+        """(write, read) keys as the record layer holds them now: for kTLS, read back from
+        the kernel (key, iv, rec_seq), for userspace from the Session."""
         raise NotImplementedError
 
 
@@ -152,9 +158,9 @@ class UserspaceChannel(ClientChannel):
         self.session.send_alert(description)
         self._flush_quietly()
 
-    def rec_seqs(self) -> tuple[int, int]:
+    def traffic_keys(self) -> tuple[TrafficKeys, TrafficKeys]:
         snap = self.session.snapshot()
-        return snap.write.rec_seq, snap.read.rec_seq
+        return snap.write, snap.read
 
 
 class KtlsChannel(ClientChannel):
@@ -236,9 +242,14 @@ class KtlsChannel(ClientChannel):
             except (OSError, ktls.KtlsError):
                 pass
 
-    def rec_seqs(self) -> tuple[int, int]:
+    def traffic_keys(self) -> tuple[TrafficKeys, TrafficKeys]:
         state = ktls.read_back(self.sock)
-        return state.tx_rec_seq or 0, state.rx_rec_seq or 0
+        if state.tx is None or state.rx is None:
+            raise ktls.KtlsError("kTLS is not installed in both directions on this socket")
+        return (
+            TrafficKeys(traffic_secret=self._write_secret, key=state.tx.key, iv=state.tx.iv, rec_seq=state.tx.rec_seq),
+            TrafficKeys(traffic_secret=self._read_secret, key=state.rx.key, iv=state.rx.iv, rec_seq=state.rx.rec_seq),
+        )
 
 
 def _keys(cipher_suite: object, secret: bytes) -> TrafficKeys:

@@ -7,3 +7,139 @@ import pytest
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "ktls: needs a kernel with kTLS; runs in the VM (tools/vm/ktls-vm)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Interop fixtures (tests/test_interop.py): real processes, each killed in a finalizer.
+# ---------------------------------------------------------------------------------------------
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_ROOT = Path(__file__).resolve().parent.parent
+_CERTS = _ROOT / "fixtures" / "certs"
+_READY_TIMEOUT = 20.0
+
+
+class ManagedProcess:
+    """A subprocess whose stdout/stderr lines are collected by reader threads, so a test can
+    wait for a line (a readiness check) and read the log, without ever blocking forever."""
+
+    def __init__(self, argv: list[str], name: str) -> None:
+        self.name = name
+        self.argv = argv
+        self.proc = subprocess.Popen(
+            argv, cwd=_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.pid = self.proc.pid
+        self._lines: list[str] = []
+        self._cond = threading.Condition()
+        self._readers = [
+            threading.Thread(target=self._pump, args=(stream,), daemon=True)
+            for stream in (self.proc.stdout, self.proc.stderr)
+        ]
+        for t in self._readers:
+            t.start()
+
+    def _pump(self, stream) -> None:
+        for raw in iter(stream.readline, b""):
+            with self._cond:
+                self._lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._cond:
+            return "\n".join(self._lines)
+
+    def wait_for_line(self, pattern: str, timeout: float = _READY_TIMEOUT, start: int = 0) -> re.Match[str]:
+        """Wait until a line (at index >= start) matches ``pattern``; fail with the log if not."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self._lines[start:]:
+                    if m := regex.search(line):
+                        return m
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not any(t.is_alive() for t in self._readers)):
+                    raise AssertionError(
+                        f"{self.name}: no line matching {pattern!r} within {timeout}s "
+                        f"(exit code {self.proc.poll()}); output:\n{chr(10).join(self._lines)}"
+                    )
+                self._cond.wait(min(remaining, 0.2))
+
+    def line_count(self) -> int:
+        with self._cond:
+            return len(self._lines)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        for t in self._readers:
+            t.join(timeout=5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+class ProxyProcess(ManagedProcess):
+    port: int
+    host: str = "127.0.0.1"
+
+
+@pytest.fixture
+def echo_backend() -> Iterator[tuple[str, int]]:
+    """tests/echo_backend.py as a subprocess; yields (host, port)."""
+    proc = ManagedProcess([sys.executable, str(_ROOT / "tests" / "echo_backend.py")], "echo backend")
+    try:
+        m = proc.wait_for_line(r"echo-backend: listening on ([\d.]+):(\d+)")
+        yield m.group(1), int(m.group(2))
+    finally:
+        proc.stop()
+
+
+def cert_args(*names: str) -> list[str]:
+    """--cert/--key pairs for fixtures/certs/<name>.pem/.key."""
+    out: list[str] = []
+    for n in names:
+        out += ["--cert", str(_CERTS / f"{n}.pem"), "--key", str(_CERTS / f"{n}.key")]
+    return out
+
+
+@pytest.fixture
+def start_proxy(request: pytest.FixtureRequest) -> Iterator[Callable[..., ProxyProcess]]:
+    """Factory: ``start_proxy(*extra_args, certs=("ecdsa-p256",), backend="echo")`` runs
+    ``python -m ironsocket serve --listen 127.0.0.1:0 ...`` and waits for its "serving" line.
+    backend="echo" uses the echo_backend fixture, None the built-in demo HTTP backend."""
+    started: list[ProxyProcess] = []
+
+    def start(*extra: str, certs: tuple[str, ...] = ("ecdsa-p256",), backend: str | None = "echo",
+              handshake_timeout: float = 3) -> ProxyProcess:
+        argv = [sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0",
+                "--handshake-timeout", f"{handshake_timeout:g}", *cert_args(*certs), *extra]
+        if backend == "echo":
+            host, port = request.getfixturevalue("echo_backend")
+            argv += ["--backend", f"{host}:{port}"]
+        proc = ProxyProcess(argv, "ironsocket serve")
+        started.append(proc)
+        m = proc.wait_for_line(r"ironsocket: serving TLS 1\.3 on ([\d.]+):(\d+)")
+        proc.host, proc.port = m.group(1), int(m.group(2))
+        return proc
+
+    try:
+        yield start
+    finally:
+        for p in started:
+            p.stop()

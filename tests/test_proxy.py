@@ -286,7 +286,7 @@ def test_app_data_in_the_same_segment_as_finished(record_mode, echo_backend, mak
     tx, rx = info.relay.client.rec_seqs()
     assert rx == 2
     client.close_notify()
-    client.recv_until_close()
+    assert client.recv_until_close() == (b"", True)  # nothing delivered twice
     client.close()
 
 
