@@ -2,33 +2,48 @@
 
 Theory of operation
 -------------------
-Two blocking threads per connection, one per direction (the design card's relay):
+Two threads per connection, one per direction (the design card's blocking-thread relay), each
+a `Pump` that moves bytes from a source fd to a destination fd:
 
-- ``c2b``: client channel → backend. Reads plaintext from the client channel (userspace AEAD
-  or a kTLS socket), writes it to the backend.
-- ``b2c``: backend → client channel. Reads the backend, writes plaintext into the channel,
-  which seals it (userspace) or lets the kernel seal it (kTLS TX).
+- ``c2b``: client → backend. With kTLS the client socket yields plaintext and the bytes move
+  ``client ─splice→ pipe ─splice→ backend`` without entering Python. In userspace mode the
+  pump reads ciphertext, opens records with the `tls13.Session` and writes plaintext.
+- ``b2c``: backend → client. With kTLS, ``backend ─splice→ pipe ─splice→ client`` and the kernel
+  seals records. In userspace mode the pump seals what it reads into the client channel's
+  outgoing stream and writes that.
 
-The client channel hides which record layer is in use: `UserspaceChannel` wraps a
-`tls13.Session`; `KtlsChannel` wraps a socket with kTLS installed and handles control records
-(alerts, KeyUpdate) via the record-type cmsg.
+Sockets are non-blocking and every wait is a ``poll`` on the fd *and* on the process-wide
+`PauseControl` waker. That is what makes the exec upgrade possible: `PauseControl.pause()`
+makes every pump reach a safe point and park, with whatever it holds described by its state:
+bytes in a splice pipe (the pipe fd is carried over exec), or bytes in a Python buffer (carried
+in the upgrade document). Nothing is ever held only in a local variable across a wait.
 
 Half-close (RFC 8446 §6.1 lets each side close its write half): close_notify (or FIN) from the
-client → ``shutdown(SHUT_WR)`` toward the backend, while backend → client keeps flowing; backend
-EOF → close_notify to the client and ``shutdown(SHUT_WR)``, while client → backend keeps flowing.
-The connection ends when both directions have ended, or at once on an error in either.
+client → ``shutdown(SHUT_WR)`` toward the backend while backend → client keeps flowing; backend
+EOF → close_notify to the client and ``shutdown(SHUT_WR)`` while client → backend keeps
+flowing. The connection ends when both directions have ended, or at once on an error.
+
+Control records on a kTLS socket (tls.rst "Receive TLS control messages"): splice stops at a
+non-data record (EINVAL/EIO); the pump then reads it with ``recvmsg`` and its record-type cmsg.
+close_notify → half-close; another alert → close both; KeyUpdate → rekey the kernel if it can,
+else close cleanly with the reason logged (Linux 6.1 and 6.12 cannot rekey an installed RX).
 
 Guarantees:
-- every socket belongs to one `Relay`, which closes both exactly once (``close()``);
-- an error in one direction shuts both sockets down, which wakes the other thread;
-- a blocking read waits at most ``idle_timeout``; a connection with no bytes in either direction
-  for that long is closed.
+- every socket and pipe belongs to one `Relay`, which closes each exactly once (``close()``);
+- an error in one direction shuts both sockets down, which wakes the other pump;
+- a wait lasts at most ``idle_timeout``; a connection with no bytes either way for that long
+  is closed with close_notify;
+- while paused, a pump touches nothing and no idle timer runs.
 """
 
 from __future__ import annotations
 
 import enum
+import errno
+import fcntl
 import logging
+import os
+import select
 import socket
 import threading
 import time
@@ -37,7 +52,7 @@ from dataclasses import dataclass, field
 
 from . import ktls
 from .tls13.alerts import RemoteProtocolError
-from .tls13.constants import AlertDescription, AlertLevel, ContentType, HandshakeType
+from .tls13.constants import AlertDescription, AlertLevel, CipherSuite, ContentType, HandshakeType
 from .tls13.events import NEED_DATA, ApplicationData, ConnectionClosed, KeyUpdateReceived
 from .tls13.handoff import Handoff, TrafficKeys
 from .tls13.keyschedule import derive_traffic_keys, next_traffic_secret
@@ -46,6 +61,10 @@ from .tls13.session import Session
 log = logging.getLogger("ironsocket.relay")
 
 READ_SIZE = 64 * 1024
+SPLICE_CHUNK = 256 * 1024
+PIPE_SIZE = 256 * 1024
+F_SETPIPE_SZ = 1031
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
 class RecordMode(enum.Enum):
@@ -55,38 +74,11 @@ class RecordMode(enum.Enum):
 
 
 class RelayClosed(Exception):
-    """The connection ended for a reason worth logging (not an error of ours)."""
+    """The connection ends for a reason worth logging that is not an error of ours."""
 
 
-class ClientChannel:
-    """The client side of a relay: plaintext in and out, whatever the record layer."""
-
-    mode: RecordMode
-    sock: socket.socket
-
-    def read(self) -> bytes:
-        """Next plaintext; ``b""`` once the client closed its write half (close_notify/FIN)."""
-        raise NotImplementedError
-
-    def write(self, data: bytes | memoryview) -> None:
-        raise NotImplementedError
-
-    def close_write(self) -> None:
-        """close_notify, then TCP half-close."""
-        raise NotImplementedError
-
-    def send_fatal_alert(self, description: AlertDescription) -> None:
-        raise NotImplementedError
-
-    def rec_seqs(self) -> tuple[int, int]:
-        """(next write seq, next read seq) as the record layer knows them now."""
-        write, read = self.traffic_keys()
-        return write.rec_seq, read.rec_seq
-
-    def traffic_keys(self) -> tuple[TrafficKeys, TrafficKeys]:
-        """(write, read) keys as the record layer holds them now: for kTLS, read back from
-        the kernel (key, iv, rec_seq), for userspace from the Session."""
-        raise NotImplementedError
+class _Paused(Exception):
+    """A wait was interrupted by `PauseControl.pause()`."""
 
 
 def _shutdown(sock: socket.socket, how: int) -> None:
@@ -96,71 +88,150 @@ def _shutdown(sock: socket.socket, how: int) -> None:
         pass
 
 
+# -- pausing (for the exec upgrade) ---------------------------------------------------------------
+class PauseControl:
+    """Parks every pump of a process at a safe point, and lets them go again.
+
+    ``running`` counts pumps that are between safe points; ``pause()`` wakes every poll (one
+    pipe, level-triggered, shared by all pumps), and `wait_parked` returns once ``running`` is
+    zero: then no byte moves and every pump's state is complete in its fields.
+    """
+
+    def __init__(self) -> None:
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._cond = threading.Condition()
+        self.paused = False
+        self.running = 0
+
+    def pause(self) -> None:
+        with self._cond:
+            self.paused = True
+        try:
+            os.write(self.wake_w, b"!")
+        except BlockingIOError:
+            pass
+
+    def wait_parked(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.running == 0, timeout)
+
+    def resume(self) -> None:
+        with self._cond:
+            self.paused = False
+            try:
+                while os.read(self.wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+            self._cond.notify_all()
+
+    def enter(self) -> None:
+        with self._cond:
+            self.running += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self.running -= 1
+            self._cond.notify_all()
+
+    def park(self) -> None:
+        """Called by a pump at a safe point while paused: blocks until resumed."""
+        with self._cond:
+            self.running -= 1
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: not self.paused)
+            self.running += 1
+
+    def close(self) -> None:
+        for fd in (self.wake_r, self.wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+# -- client channels ------------------------------------------------------------------------------
+class ClientChannel:
+    """The client side of a relay, whatever the record layer."""
+
+    mode: RecordMode
+    sock: socket.socket
+    cipher_suite: CipherSuite
+
+    def traffic_keys(self) -> tuple[TrafficKeys, TrafficKeys]:
+        """(write, read) keys as the record layer holds them now: for kTLS, read back from
+        the kernel (key, iv, rec_seq), for userspace from the Session."""
+        raise NotImplementedError
+
+    def rec_seqs(self) -> tuple[int, int]:
+        """(next write seq, next read seq) as the record layer knows them now."""
+        write, read = self.traffic_keys()
+        return write.rec_seq, read.rec_seq
+
+    def send_fatal_alert(self, description: AlertDescription) -> None:
+        raise NotImplementedError
+
+    def send_close_notify(self) -> None:
+        raise NotImplementedError
+
+
 class UserspaceChannel(ClientChannel):
-    """Records sealed and opened in Python (`tls13.Session`), for kernels without kTLS."""
+    """Records sealed and opened in Python (`tls13.Session`), for kernels without kTLS.
+
+    The outgoing byte stream to the client (sealed records) is one buffer, appended to under
+    ``out_lock`` by whichever thread seals (b2c for data, c2b for a KeyUpdate answer), so
+    records never interleave; the b2c pump writes it out.
+    """
 
     mode = RecordMode.USERSPACE
 
-    def __init__(self, sock: socket.socket, session: Session) -> None:
+    def __init__(self, sock: socket.socket, session: Session, out: bytes = b"") -> None:
         self.sock = sock
         self.session = session
-        self._send_lock = threading.Lock()
-        self._buf = bytearray(READ_SIZE)
+        self.cipher_suite = session.cipher_suite
+        self.out = bytearray(out)
+        self.out_lock = threading.Lock()
         self.truncated = False
-
-    def _flush(self) -> None:
-        with self._send_lock:
-            out = self.session.data_to_send()
-            if out:
-                self.sock.sendall(out)
-
-    def read(self) -> bytes:
-        view = memoryview(self._buf)
-        while True:
-            try:
-                event = self.session.next_event()
-            except RemoteProtocolError:
-                self._flush_quietly()
-                raise
-            if isinstance(event, ApplicationData):
-                return event.data
-            if isinstance(event, ConnectionClosed):
-                return b""
-            if isinstance(event, KeyUpdateReceived):
-                self._flush()
-                continue
-            if event is not NEED_DATA:
-                continue
-            n = self.sock.recv_into(view)
-            if n == 0:
-                self.truncated = True  # FIN without close_notify: treat as a half-close
-                return b""
-            self.session.receive_data(view[:n])
-
-    def _flush_quietly(self) -> None:
-        try:
-            self._flush()
-        except OSError:
-            pass
-
-    def write(self, data: bytes | memoryview) -> None:
-        with self._send_lock:
-            self.session.send_data(data)
-            self.sock.sendall(self.session.data_to_send())
-
-    def close_write(self) -> None:
-        with self._send_lock:
-            self.session.send_close_notify()
-            self.sock.sendall(self.session.data_to_send())
-        _shutdown(self.sock, socket.SHUT_WR)
-
-    def send_fatal_alert(self, description: AlertDescription) -> None:
-        self.session.send_alert(description)
-        self._flush_quietly()
 
     def traffic_keys(self) -> tuple[TrafficKeys, TrafficKeys]:
         snap = self.session.snapshot()
         return snap.write, snap.read
+
+    def queue(self, data: bytes | memoryview) -> None:
+        with self.out_lock:
+            self.session.send_data(data)
+            self.out += self.session.data_to_send()
+
+    def queue_pending_session_output(self) -> None:
+        with self.out_lock:
+            self.out += self.session.data_to_send()
+
+    def send_close_notify(self) -> None:
+        with self.out_lock:
+            self.session.send_close_notify()
+            self.out += self.session.data_to_send()
+
+    def send_fatal_alert(self, description: AlertDescription) -> None:
+        """Best effort, non-blocking: used on the way out."""
+        with self.out_lock:
+            self.session.send_alert(description)
+            self.out += self.session.data_to_send()
+            try:
+                n = self.sock.send(self.out)
+                del self.out[:n]
+            except OSError:
+                pass
+
+    def flush(self) -> bool:
+        """Write what the kernel takes now; True when nothing is left."""
+        with self.out_lock:
+            while self.out:
+                try:
+                    n = self.sock.send(self.out)
+                except BlockingIOError:
+                    return False
+                del self.out[:n]
+            return True
 
 
 class KtlsChannel(ClientChannel):
@@ -168,106 +239,133 @@ class KtlsChannel(ClientChannel):
 
     mode = RecordMode.KTLS_SW
 
-    def __init__(self, sock: socket.socket, handoff: Handoff) -> None:
+    def __init__(self, sock: socket.socket, cipher_suite: CipherSuite, read_secret: bytes, write_secret: bytes) -> None:
         self.sock = sock
-        self.cipher_suite = handoff.cipher_suite
-        self._read_secret = handoff.read.traffic_secret
-        self._write_secret = handoff.write.traffic_secret
-        self._send_lock = threading.Lock()
-        self._write_closed = False
+        self.cipher_suite = cipher_suite
+        self.read_secret = read_secret
+        self.write_secret = write_secret
+        self.send_lock = threading.Lock()
+        self.write_closed = False
         self.truncated = False
-        # Plaintext the handshake already decrypted past Finished: delivered before the socket.
-        self._pending = handoff.plaintext
 
-    def read(self) -> bytes:
-        if self._pending:
-            data, self._pending = self._pending, b""
-            return data
-        while True:
-            content_type, data = ktls.recv_record(self.sock, READ_SIZE)
-            if content_type == ContentType.APPLICATION_DATA:
-                if not data:
-                    self.truncated = True
-                return data
-            if content_type == ContentType.ALERT:
-                if len(data) == 2 and data[1] == AlertDescription.close_notify:
-                    return b""
-                if len(data) == 2 and data[1] == AlertDescription.user_canceled:
-                    continue
-                raise RemoteProtocolError(f"client sent alert {data.hex()}", received=data[1] if len(data) == 2 else None)
-            if content_type == ContentType.HANDSHAKE:
-                self._handle_post_handshake(data)
-                continue
-            self.send_fatal_alert(AlertDescription.unexpected_message)
-            raise RemoteProtocolError(f"record type {content_type} after the handshake", alert=AlertDescription.unexpected_message)
-
-    def _handle_post_handshake(self, data: bytes) -> None:
-        if len(data) != 5 or data[0] != HandshakeType.KEY_UPDATE or data[1:4] != b"\x00\x00\x01" or data[4] > 1:
-            self.send_fatal_alert(AlertDescription.unexpected_message)
-            raise RemoteProtocolError("unexpected post-handshake message", alert=AlertDescription.unexpected_message)
-        update_requested = bool(data[4])
-        new_read = next_traffic_secret(self.cipher_suite, self._read_secret)
-        try:
-            ktls.update_rx(self.sock, self.cipher_suite, _keys(self.cipher_suite, new_read))
-        except ktls.KtlsError as exc:
-            # Linux 6.1 cannot rekey an installed RX: every later record would fail to decrypt.
-            # Close cleanly rather than corrupt the stream (the client may reconnect).
-            raise RelayClosed(f"client KeyUpdate but {exc}; closing the connection cleanly") from None
-        self._read_secret = new_read
-        if update_requested:
-            with self._send_lock:
-                ktls.send_record(self.sock, ContentType.HANDSHAKE, bytes((HandshakeType.KEY_UPDATE, 0, 0, 1, 0)))
-                new_write = next_traffic_secret(self.cipher_suite, self._write_secret)
-                ktls.update_tx(self.sock, self.cipher_suite, _keys(self.cipher_suite, new_write))
-                self._write_secret = new_write
-
-    def write(self, data: bytes | memoryview) -> None:
-        with self._send_lock:
-            self.sock.sendall(data)
-
-    def close_write(self) -> None:
-        with self._send_lock:
-            if not self._write_closed:
-                self._write_closed = True
-                ktls.send_record(self.sock, ContentType.ALERT, bytes((AlertLevel.WARNING, AlertDescription.close_notify)))
-        _shutdown(self.sock, socket.SHUT_WR)
-
-    def send_fatal_alert(self, description: AlertDescription) -> None:
-        with self._send_lock:
-            if self._write_closed:
-                return
-            self._write_closed = True
-            try:
-                ktls.send_record(self.sock, ContentType.ALERT, bytes((AlertLevel.FATAL, description)))
-            except (OSError, ktls.KtlsError):
-                pass
+    @classmethod
+    def from_handoff(cls, sock: socket.socket, handoff: Handoff) -> KtlsChannel:
+        return cls(sock, handoff.cipher_suite, handoff.read.traffic_secret, handoff.write.traffic_secret)
 
     def traffic_keys(self) -> tuple[TrafficKeys, TrafficKeys]:
         state = ktls.read_back(self.sock)
         if state.tx is None or state.rx is None:
             raise ktls.KtlsError("kTLS is not installed in both directions on this socket")
         return (
-            TrafficKeys(traffic_secret=self._write_secret, key=state.tx.key, iv=state.tx.iv, rec_seq=state.tx.rec_seq),
-            TrafficKeys(traffic_secret=self._read_secret, key=state.rx.key, iv=state.rx.iv, rec_seq=state.rx.rec_seq),
+            TrafficKeys(traffic_secret=self.write_secret, key=state.tx.key, iv=state.tx.iv, rec_seq=state.tx.rec_seq),
+            TrafficKeys(traffic_secret=self.read_secret, key=state.rx.key, iv=state.rx.iv, rec_seq=state.rx.rec_seq),
         )
 
+    def _send_control(self, content_type: int, body: bytes) -> None:
+        # The socket is non-blocking; a 2-byte record always fits unless the peer stopped reading.
+        ktls.send_record(self.sock, content_type, body)
 
-def _keys(cipher_suite: object, secret: bytes) -> TrafficKeys:
-    key, iv = derive_traffic_keys(cipher_suite, secret)  # type: ignore[arg-type]
+    def send_close_notify(self) -> None:
+        """May raise BlockingIOError (socket full): then nothing was sent; call again."""
+        with self.send_lock:
+            if not self.write_closed:
+                self._send_control(ContentType.ALERT, bytes((AlertLevel.WARNING, AlertDescription.close_notify)))
+                self.write_closed = True
+
+    def send_fatal_alert(self, description: AlertDescription) -> None:
+        with self.send_lock:
+            if self.write_closed:
+                return
+            self.write_closed = True
+            try:
+                self._send_control(ContentType.ALERT, bytes((AlertLevel.FATAL, description)))
+            except (OSError, ktls.KtlsError):
+                pass
+
+    def control_record(self) -> bool:
+        """Read and act on one non-data record. Returns True at close_notify (client EOF)."""
+        content_type, data = ktls.recv_record(self.sock, READ_SIZE)
+        if content_type == ContentType.ALERT:
+            if len(data) == 2 and data[1] == AlertDescription.close_notify:
+                return True
+            if len(data) == 2 and data[1] == AlertDescription.user_canceled:
+                return False
+            code = data[1] if len(data) == 2 else None
+            name = AlertDescription(code).name if code in AlertDescription._value2member_map_ else data.hex()
+            raise RemoteProtocolError(f"client sent alert {name}", received=code)
+        if content_type == ContentType.HANDSHAKE:
+            self._post_handshake(data)
+            return False
+        if content_type == ContentType.APPLICATION_DATA:
+            raise ktls.KtlsRecordError("splice refused an application-data record")
+        self.send_fatal_alert(AlertDescription.unexpected_message)
+        raise RemoteProtocolError(f"record type {content_type} after the handshake", alert=AlertDescription.unexpected_message)
+
+    def _post_handshake(self, data: bytes) -> None:
+        if len(data) != 5 or data[0] != HandshakeType.KEY_UPDATE or data[1:4] != b"\x00\x00\x01" or data[4] > 1:
+            self.send_fatal_alert(AlertDescription.unexpected_message)
+            raise RemoteProtocolError("unexpected post-handshake message", alert=AlertDescription.unexpected_message)
+        update_requested = bool(data[4])
+        new_read = next_traffic_secret(self.cipher_suite, self.read_secret)
+        try:
+            ktls.update_rx(self.sock, self.cipher_suite, _keys(self.cipher_suite, new_read))
+        except ktls.KtlsError as exc:
+            # Every later record would fail to decrypt: close cleanly instead of corrupting.
+            raise RelayClosed(f"client KeyUpdate but {exc}; closing the connection cleanly") from None
+        self.read_secret = new_read
+        if update_requested:
+            with self.send_lock:
+                self._send_control(ContentType.HANDSHAKE, bytes((HandshakeType.KEY_UPDATE, 0, 0, 1, 0)))
+                new_write = next_traffic_secret(self.cipher_suite, self.write_secret)
+                ktls.update_tx(self.sock, self.cipher_suite, _keys(self.cipher_suite, new_write))
+                self.write_secret = new_write
+
+
+def _keys(cipher_suite: CipherSuite, secret: bytes) -> TrafficKeys:
+    key, iv = derive_traffic_keys(cipher_suite, secret)
     return TrafficKeys(traffic_secret=secret, key=key, iv=iv, rec_seq=0)
 
 
+def make_pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass
+    return r, w
+
+
+def pipe_bytes(fd: int) -> int:
+    """Bytes currently in a pipe (FIONREAD)."""
+    import array
+    import termios
+
+    buf = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, buf, True)
+    return buf[0]
+
+
+# -- the relay ------------------------------------------------------------------------------------
 @dataclass
 class RelayStats:
     bytes_from_client: int = 0
     bytes_to_client: int = 0
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.time)
     last_activity: float = field(default_factory=time.monotonic)
     close_reason: str = ""
 
 
+@dataclass
+class PumpState:
+    """What one direction holds at a safe point (all of it is carried over an exec)."""
+
+    done: bool = False  # this direction has ended (EOF passed on)
+    pending: bytearray = field(default_factory=bytearray)  # bytes read, not yet written
+    pipe: tuple[int, int] | None = None  # splice pipe (kTLS); may hold bytes
+
+
 class Relay:
-    """Both directions of one connection; owns (and closes) the client and backend sockets."""
+    """Both directions of one connection; owns (and closes) sockets and pipes."""
 
     def __init__(
         self,
@@ -275,80 +373,301 @@ class Relay:
         client: ClientChannel,
         backend: socket.socket,
         *,
+        control: PauseControl,
         idle_timeout: float | None = 300.0,
         on_done: Callable[[Relay], None] | None = None,
+        c2b: PumpState | None = None,
+        b2c: PumpState | None = None,
+        stats: RelayStats | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.client = client
         self.backend = backend
+        self.control = control
         self.idle_timeout = idle_timeout
-        self.stats = RelayStats()
+        self.stats = stats or RelayStats()
+        self.splice = isinstance(client, KtlsChannel)
+        self.c2b = c2b or PumpState(pipe=make_pipe() if self.splice else None)
+        self.b2c = b2c or PumpState(pipe=make_pipe() if self.splice else None)
         self._on_done = on_done
         self._lock = threading.Lock()
-        self._ended = 0
         self._closed = False
         self._aborted = False
+        self._threads: list[threading.Thread] = []
+        self._live = 0
         for s in (client.sock, backend):
-            s.settimeout(idle_timeout)
+            s.setblocking(False)
 
-    # The thread calling run() is the c2b pump; it starts the b2c pump itself.
+    @property
+    def fds(self) -> list[int]:
+        """Every fd this relay owns (for the upgrade and the leak checks)."""
+        out = [self.client.sock.fileno(), self.backend.fileno()]
+        for state in (self.c2b, self.b2c):
+            if state.pipe:
+                out += list(state.pipe)
+        return out
+
+    def start(self) -> None:
+        """Start both pumps (each counted as running until it parks or ends)."""
+        for name, state, fn in (("c2b", self.c2b, self._c2b), ("b2c", self.b2c, self._b2c)):
+            if state.done:
+                continue
+            self.control.enter()
+            t = threading.Thread(target=self._run_pump, args=(name, fn), name=f"is-{self.conn_id}-{name}", daemon=True)
+            self._threads.append(t)
+        self._live = len(self._threads)
+        for t in self._threads:
+            t.start()
+        if not self._threads:
+            self.close()
+
     def run(self) -> None:
-        other = threading.Thread(target=self._pump, args=("b2c",), name=f"is-{self.conn_id}-b2c", daemon=True)
-        other.start()
-        self._pump("c2b")
-        other.join()
-        self.close()
+        """Start the pumps and wait for them (in the calling thread) — used by the server."""
+        self.start()
+        self.join()
 
-    def _read(self, what: str, fn: Callable[[], bytes]) -> bytes:
-        while True:
-            try:
-                return fn()
-            except TimeoutError:
-                idle = time.monotonic() - self.stats.last_activity
-                if self.idle_timeout is not None and idle >= self.idle_timeout:
-                    raise RelayClosed(f"idle for {idle:.0f}s") from None
+    def join(self, timeout: float | None = None) -> None:
+        for t in self._threads:
+            t.join(timeout)
 
-    def _pump(self, direction: str) -> None:
+    def _run_pump(self, name: str, fn: Callable[[], None]) -> None:
         try:
-            if direction == "c2b":
-                while True:
-                    data = self._read("client", self.client.read)
-                    if not data:
-                        _shutdown(self.backend, socket.SHUT_WR)
-                        return
-                    self.stats.last_activity = time.monotonic()
-                    self.stats.bytes_from_client += len(data)
-                    self.backend.sendall(data)
-            else:
-                buf = bytearray(READ_SIZE)
-                view = memoryview(buf)
-                while True:
-                    n = self._read("backend", lambda: self.backend.recv_into(view))  # type: ignore[arg-type, return-value]
-                    if not n:
-                        self.client.close_write()
-                        return
-                    self.stats.last_activity = time.monotonic()
-                    self.stats.bytes_to_client += n  # type: ignore[operator]
-                    self.client.write(view[:n])  # type: ignore[misc]
+            fn()
         except RelayClosed as exc:
             self._abort(str(exc), graceful=True)
         except RemoteProtocolError as exc:
             self._abort(f"client protocol error: {exc}")
         except (OSError, ktls.KtlsError) as exc:
             if not self._aborted:
-                self._abort(f"{direction}: {exc.__class__.__name__}: {exc}")
+                self._abort(f"{name}: {exc.__class__.__name__}: {exc}")
+        except Exception:  # noqa: BLE001 - a bug costs one connection, not the process
+            log.exception("conn=%d %s pump crashed", self.conn_id, name)
+            self._abort(f"{name}: internal error")
+        finally:
+            self.control.leave()
+            with self._lock:
+                self._live -= 1
+                last = self._live == 0
+            if last:
+                self.close()
 
+    # -- waiting -------------------------------------------------------------------------------
+    def _wait(self, fd: int, events: int) -> None:
+        """Wait for ``events`` on ``fd``, a pause, or the idle timeout (raises RelayClosed)."""
+        poller = select.poll()
+        poller.register(fd, events)
+        poller.register(self.control.wake_r, select.POLLIN)
+        while True:
+            if self.control.paused:
+                raise _Paused
+            if self.idle_timeout is None:
+                timeout_ms = -1
+            else:
+                left = self.idle_timeout - (time.monotonic() - self.stats.last_activity)
+                if left <= 0:
+                    raise RelayClosed(f"idle for {self.idle_timeout:g}s")
+                timeout_ms = int(left * 1000) + 1
+            ready = poller.poll(timeout_ms)
+            if any(rfd == fd for rfd, _ in ready):
+                return
+
+    def _checkpoint(self) -> None:
+        """A safe point: park here while paused."""
+        if self.control.paused:
+            self.control.park()
+
+    def _pump_loop(self, step: Callable[[], bool]) -> None:
+        while True:
+            self._checkpoint()
+            try:
+                if step():
+                    return
+            except _Paused:
+                continue
+
+    # -- client → backend ----------------------------------------------------------------------
+    def _c2b(self) -> None:
+        state = self.c2b
+        if self.splice:
+            assert state.pipe is not None
+            pipe_r, pipe_w = state.pipe
+            channel = self.client
+            assert isinstance(channel, KtlsChannel)
+
+            def step() -> bool:
+                if state.pending:
+                    return self._write_pending(state, self.backend)
+                in_pipe = pipe_bytes(pipe_r)
+                if in_pipe:
+                    try:
+                        os.splice(pipe_r, self.backend.fileno(), in_pipe, flags=_SPLICE_FLAGS)
+                    except BlockingIOError:
+                        self._wait(self.backend.fileno(), select.POLLOUT)
+                    return False
+                try:
+                    n = os.splice(self.client.sock.fileno(), pipe_w, SPLICE_CHUNK, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    self._wait(self.client.sock.fileno(), select.POLLIN)
+                    return False
+                except OSError as exc:
+                    if exc.errno not in (errno.EINVAL, errno.EIO):
+                        raise
+                    # A control record is next (splice moves only application data).
+                    if channel.control_record():
+                        return self._client_eof()
+                    return False
+                if n == 0:
+                    channel.truncated = True
+                    return self._client_eof()
+                self._count_from_client(n)
+                return False
+
+        else:
+            channel = self.client
+            assert isinstance(channel, UserspaceChannel)
+            buf = bytearray(READ_SIZE)
+            view = memoryview(buf)
+
+            def step() -> bool:
+                if state.pending:
+                    return self._write_pending(state, self.backend)
+                event = channel.session.next_event()
+                if isinstance(event, ApplicationData):
+                    state.pending += event.data
+                    self._count_from_client(len(event.data))
+                    return False
+                if isinstance(event, ConnectionClosed):
+                    return self._client_eof()
+                if isinstance(event, KeyUpdateReceived):
+                    channel.queue_pending_session_output()
+                    self._flush_client_blocking(channel)
+                    return False
+                if event is not NEED_DATA:
+                    return False
+                try:
+                    n = channel.sock.recv_into(view)
+                except BlockingIOError:
+                    self._wait(channel.sock.fileno(), select.POLLIN)
+                    return False
+                if n == 0:
+                    channel.truncated = True
+                    return self._client_eof()
+                channel.session.receive_data(view[:n])
+                return False
+
+        try:
+            self._pump_loop(step)
+        except RemoteProtocolError:
+            if isinstance(self.client, UserspaceChannel):
+                self.client.queue_pending_session_output()  # the alert the Session queued
+                self.client.flush()
+            raise
+
+    def _client_eof(self) -> bool:
+        _shutdown(self.backend, socket.SHUT_WR)
+        self.c2b.done = True
+        return True
+
+    def _count_from_client(self, n: int) -> None:
+        self.stats.bytes_from_client += n
+        self.stats.last_activity = time.monotonic()
+
+    def _write_pending(self, state: PumpState, sock: socket.socket) -> bool:
+        try:
+            n = sock.send(state.pending)
+        except BlockingIOError:
+            self._wait(sock.fileno(), select.POLLOUT)
+            return False
+        del state.pending[:n]
+        return False
+
+    def _flush_client_blocking(self, channel: UserspaceChannel) -> None:
+        while not channel.flush():
+            try:
+                self._wait(channel.sock.fileno(), select.POLLOUT)
+            except _Paused:
+                return  # the bytes stay in channel.out and travel with the state
+
+    # -- backend → client ----------------------------------------------------------------------
+    def _b2c(self) -> None:
+        state = self.b2c
+        if self.splice:
+            assert state.pipe is not None
+            pipe_r, pipe_w = state.pipe
+            channel = self.client
+            assert isinstance(channel, KtlsChannel)
+
+            def step() -> bool:
+                in_pipe = pipe_bytes(pipe_r)
+                if in_pipe:
+                    try:
+                        with channel.send_lock:
+                            os.splice(pipe_r, channel.sock.fileno(), in_pipe, flags=_SPLICE_FLAGS)
+                    except BlockingIOError:
+                        self._wait(channel.sock.fileno(), select.POLLOUT)
+                    return False
+                try:
+                    n = os.splice(self.backend.fileno(), pipe_w, SPLICE_CHUNK, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    self._wait(self.backend.fileno(), select.POLLIN)
+                    return False
+                if n == 0:
+                    try:
+                        channel.send_close_notify()
+                    except BlockingIOError:
+                        self._wait(channel.sock.fileno(), select.POLLOUT)
+                        return False  # the next step reads EOF again and retries
+                    _shutdown(channel.sock, socket.SHUT_WR)
+                    state.done = True
+                    return True
+                self.stats.bytes_to_client += n
+                self.stats.last_activity = time.monotonic()
+                return False
+
+        else:
+            channel = self.client
+            assert isinstance(channel, UserspaceChannel)
+            buf = bytearray(READ_SIZE)
+            view = memoryview(buf)
+
+            def step() -> bool:
+                if channel.out:
+                    if not channel.flush():
+                        self._wait(channel.sock.fileno(), select.POLLOUT)
+                    return False
+                if state.done:
+                    _shutdown(channel.sock, socket.SHUT_WR)
+                    return True
+                try:
+                    n = self.backend.recv_into(view)
+                except BlockingIOError:
+                    self._wait(self.backend.fileno(), select.POLLIN)
+                    return False
+                if n == 0:
+                    channel.send_close_notify()
+                    state.done = True  # flushed on the next steps, then SHUT_WR
+                    return False
+                self.stats.bytes_to_client += n
+                self.stats.last_activity = time.monotonic()
+                channel.queue(view[:n])
+                return False
+
+        self._pump_loop(step)
+
+    # -- ending --------------------------------------------------------------------------------
     def _abort(self, reason: str, *, graceful: bool = False) -> None:
         with self._lock:
             if self._aborted:
                 return
             self._aborted = True
             self.stats.close_reason = reason
-        if graceful:
-            try:
-                self.client.close_write()
-            except (OSError, ktls.KtlsError):
-                pass
+        try:
+            if graceful:
+                self.client.send_close_notify()
+                if isinstance(self.client, UserspaceChannel):
+                    self.client.flush()
+        except (OSError, ktls.KtlsError):
+            pass
         for s in (self.client.sock, self.backend):
             _shutdown(s, socket.SHUT_RDWR)
 
@@ -366,6 +685,12 @@ class Relay:
                 s.close()
             except OSError:
                 pass
+        for state in (self.c2b, self.b2c):
+            for fd in state.pipe or ():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         if not self.stats.close_reason:
             self.stats.close_reason = "closed by both sides"
         if self._on_done is not None:

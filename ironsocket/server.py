@@ -2,7 +2,11 @@
 
 Each accepted connection gets one thread: it runs the TLS 1.3 handshake (bounded by
 ``handshake_timeout``), connects to the backend, hands the record layer to the kernel (kTLS) or
-keeps it in userspace, then becomes the client→backend pump of its `relay.Relay`.
+keeps it in userspace, then starts the two pumps of its `relay.Relay` and ends.
+
+The accept loop and every pump wait in ``poll`` together with the `relay.PauseControl` waker,
+so `pause()` can bring the whole process to a safe point for an exec upgrade (`upgrade.py`),
+and `adopt()` takes over the listener and connections a previous program left in the state.
 
 While the handshake runs on a connection that may get kTLS, the thread reads exactly one record
 at a time (``TLSServer.bytes_wanted()``): nothing past the client Finished leaves the kernel's
@@ -14,13 +18,17 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import os
+import select
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
+from . import backend as backend_mod
+from .backend import Routes
 from . import ktls
-from .relay import ClientChannel, KtlsChannel, RecordMode, Relay, UserspaceChannel
+from .relay import ClientChannel, KtlsChannel, PauseControl, RecordMode, Relay, UserspaceChannel
 from .tls13.alerts import RemoteProtocolError
 from .tls13.constants import AlertDescription
 from .tls13.events import NEED_DATA, ClientHelloReceived, HandshakeComplete
@@ -29,6 +37,15 @@ from .tls13.server import ServerConfig, TLSServer
 from .tls13.session import Session
 
 log = logging.getLogger("ironsocket")
+
+
+# -- admin /metrics: the label of a failed handshake (ironsocket.admin) --
+def _alert_label(exc: RemoteProtocolError) -> str:
+    if exc.alert is not None:
+        return getattr(exc.alert, "name", str(exc.alert))
+    if exc.received is not None:
+        return "received_" + getattr(exc.received, "name", str(exc.received))
+    return "none"
 
 THREAD_STACK_SIZE = 256 * 1024  # relay threads hold a few frames; the default 8 MiB is waste
 
@@ -54,6 +71,11 @@ class ProxyConfig:
     idle_timeout: float | None = 300.0
     max_connections: int = 10_000
     backlog: int = 1024
+    # -- backend selection (ironsocket.backend; defaults keep the single-backend behaviour) --
+    routes: Routes | None = None  # SNI → BackendSpec; unmatched names fall back to `backend`
+    proxy_protocol: str | None = None  # None, "v1" or "v2", for `backend`
+    transparent: bool = False  # connect to `backend` from the client's own address
+    name: str = ""  # a label for logs and the admin endpoint
 
 
 @dataclass
@@ -70,6 +92,8 @@ class ConnectionInfo:
     mode: RecordMode | None = None
     backend_local_addr: tuple[str, int] | None = None
     relay: Relay | None = None
+    backend_addr: tuple[str, int] | None = None  # the backend chosen for this connection (admin)
+    closed: bool = False  # relay done, bytes counted in ProxyServer.bytes_closed (admin)
 
 
 def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -110,6 +134,12 @@ class ProxyServer:
         self._threads: set[threading.Thread] = set()
         self.handshakes_ok = 0
         self.handshakes_failed = 0
+        self.handshake_failures: dict[str, int] = {}  # by alert name (admin /metrics)
+        self.bytes_closed = [0, 0]  # [from client, to client] of closed connections (admin /metrics)
+        self.control = PauseControl()
+        self._handshaking = 0
+        self._handshake_cond = threading.Condition(self._lock)
+        self._adopted: list[tuple[ConnectionInfo, Relay]] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -126,19 +156,24 @@ class ProxyServer:
         return f"userspace (kTLS unavailable: {self.ktls_probe.reason})"
 
     def start(self) -> None:
-        host, port = self.config.listen
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((host, port))
-            listener.listen(self.config.backlog)
-        except OSError as exc:
-            listener.close()
-            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        listener.settimeout(0.5)
-        self._listener = listener
+        if self._listener is None:
+            host, port = self.config.listen
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind((host, port))
+                listener.listen(self.config.backlog)
+            except OSError as exc:
+                listener.close()
+                raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            self._listener = listener
+        self._listener.setblocking(False)
         threading.stack_size(THREAD_STACK_SIZE)
+        for info, relay in self._adopted:
+            self._start_relay(info, relay)
+        self._adopted = []
+        self.control.enter()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="is-accept", daemon=True)
         self._accept_thread.start()
         log.info("listening on %s:%d → backend %s:%d; record layer: %s",
@@ -147,45 +182,135 @@ class ProxyServer:
     def stop(self, deadline: float = 5.0) -> None:
         """Stop accepting, close every connection (close_notify first), join the threads."""
         self._stopping.set()
+        self.control.resume()
         if self._accept_thread is not None:
             self._accept_thread.join()
         if self._listener is not None:
             self._listener.close()
+        end = time.monotonic() + deadline
+        for t in list(self._threads):
+            t.join(max(0.0, end - time.monotonic()))
         with self._lock:
             infos = list(self.connections.values())
         for info in infos:
             if info.relay is not None:
                 info.relay.abort("server stopping")
-        end = time.monotonic() + deadline
-        for t in list(self._threads):
-            t.join(max(0.0, end - time.monotonic()))
+        for info in infos:
+            if info.relay is not None:
+                info.relay.join(max(0.0, end - time.monotonic()))
+        self.control.close()
+
+    # -- pausing and the exec upgrade (upgrade.py) -----------------------------------------------
+    def pause(self, handshake_deadline: float, park_deadline: float) -> None:
+        """Bring everything to a safe point: no accept, no handshake, no pump moving bytes.
+        Raises UpgradeError (after resuming) if that does not happen within the deadlines."""
+        from .upgrade import UpgradeError
+
+        self.control.pause()
+        with self._lock:
+            done = self._handshake_cond.wait_for(lambda: self._handshaking == 0, handshake_deadline)
+        if not done:
+            self.control.resume()
+            raise UpgradeError(f"{self._handshaking} handshakes still running after {handshake_deadline:g}s")
+        if not self.control.wait_parked(park_deadline):
+            self.control.resume()
+            raise UpgradeError(f"{self.control.running} pumps did not reach a safe point in {park_deadline:g}s")
+
+    def resume(self) -> None:
+        self.control.resume()
+
+    def snapshot(self) -> dict:
+        """The upgrade document's server part (only while paused)."""
+        from .upgrade import connection_doc
+
+        assert self.control.paused and self.control.running == 0
+        assert self._listener is not None
+        with self._lock:
+            live = [i for i in self.connections.values() if i.relay is not None and not i.closed]
+        return {
+            "listener_fd": self._listener.fileno(),
+            "listen": list(self.address),
+            "next_conn_id": next(self._ids),
+            "connections": [connection_doc(info) for info in live],
+            "counters": {"handshakes_ok": self.handshakes_ok, "handshakes_failed": self.handshakes_failed,
+                         "handshake_failures": self.handshake_failures, "bytes_closed": self.bytes_closed},
+        }
+
+    def adopt(self, doc: dict) -> None:
+        """Take over the listener and connections of the previous program (before `start`)."""
+        from .upgrade import restore_connection
+
+        listener = socket.socket(fileno=doc["listener_fd"])
+        restored = [restore_connection(conn, self.control, self.config.idle_timeout) for conn in doc["connections"]]
+        self._listener = listener
+        self._ids = itertools.count(doc["next_conn_id"])
+        counters = doc.get("counters", {})
+        self.handshakes_ok = counters.get("handshakes_ok", 0)
+        self.handshakes_failed = counters.get("handshakes_failed", 0)
+        self.handshake_failures = dict(counters.get("handshake_failures", {}))
+        self.bytes_closed = list(counters.get("bytes_closed", [0, 0]))
+        for info, relay in restored:
+            if not self._slots.acquire(blocking=False):
+                raise StartupError("more connections in the state than --max-connections")
+            info.relay = relay
+            info.backend_local_addr = relay.backend.getsockname()[:2]
+            self._adopted.append((info, relay))
+            with self._lock:
+                self.connections[info.conn_id] = info
+
+    def _start_relay(self, info: ConnectionInfo, relay: Relay) -> None:
+        relay._on_done = lambda r: self._relay_done(info, r)
+        relay.start()
+
+    def _relay_done(self, info: ConnectionInfo, relay: Relay) -> None:
+        self._log_close(info, relay)
+        with self._lock:
+            self.connections.pop(info.conn_id, None)
+        self._slots.release()
 
     # -- accept ----------------------------------------------------------------------------------
     def _accept_loop(self) -> None:
         assert self._listener is not None
-        while not self._stopping.is_set():
-            # At max_connections we stop calling accept(): new clients wait in the backlog.
-            if not self._slots.acquire(timeout=0.5):
-                continue
-            try:
-                sock, addr = self._listener.accept()
-            except TimeoutError:
-                self._slots.release()
-                continue
-            except OSError as exc:
-                self._slots.release()
-                if self._stopping.is_set():
-                    return
-                log.warning("accept failed: %s", exc)
-                time.sleep(0.05)
-                continue
-            conn_id = next(self._ids)
-            info = ConnectionInfo(conn_id=conn_id, client_addr=addr[:2])
-            thread = threading.Thread(target=self._serve_connection, args=(sock, info), name=f"is-{conn_id}-c2b", daemon=True)
-            with self._lock:
-                self.connections[conn_id] = info
-                self._threads.add(thread)
-            thread.start()
+        poller = select.poll()
+        poller.register(self._listener.fileno(), select.POLLIN)
+        poller.register(self.control.wake_r, select.POLLIN)
+        try:
+            while not self._stopping.is_set():
+                if self.control.paused:  # an upgrade: stop accepting, the backlog keeps clients
+                    self.control.park()
+                    continue
+                # At max_connections we stop calling accept(): new clients wait in the backlog.
+                if not self._slots.acquire(timeout=0.5):
+                    continue
+                if not any(fd == self._listener.fileno() for fd, _ in poller.poll(500)):
+                    self._slots.release()
+                    continue
+                try:
+                    sock, addr = self._listener.accept()
+                except BlockingIOError:
+                    self._slots.release()
+                    continue
+                except OSError as exc:
+                    self._slots.release()
+                    if self._stopping.is_set():
+                        return
+                    log.warning("accept failed: %s", exc)
+                    time.sleep(0.05)
+                    continue
+                sock.setblocking(True)
+                self._spawn(sock, addr)
+        finally:
+            self.control.leave()
+
+    def _spawn(self, sock: socket.socket, addr: tuple) -> None:
+        conn_id = next(self._ids)
+        info = ConnectionInfo(conn_id=conn_id, client_addr=addr[:2])
+        thread = threading.Thread(target=self._serve_connection, args=(sock, info), name=f"is-{conn_id}-hs", daemon=True)
+        with self._lock:
+            self.connections[conn_id] = info
+            self._threads.add(thread)
+            self._handshaking += 1
+        thread.start()
 
     # -- one connection --------------------------------------------------------------------------
     def _serve_connection(self, sock: socket.socket, info: ConnectionInfo) -> None:
@@ -198,9 +323,14 @@ class ProxyServer:
                 return
             handoff = engine.handoff(drain=not self.use_ktls)
             try:
-                backend = socket.create_connection(self.config.backend, timeout=self.config.connect_timeout)
+                # -- backend connect: ironsocket.backend (SNI routes, PROXY protocol, transparent) --
+                spec = backend_mod.select(self.config, info.server_name)
+                info.backend_addr = spec.address
+                backend = backend_mod.connect(spec, client_addr=info.client_addr, local_addr=sock.getsockname()[:2],
+                                              server_name=info.server_name, alpn=info.alpn_protocol,
+                                              cipher=info.cipher_suite)
             except OSError as exc:
-                log.warning("conn=%d backend %s:%d unreachable: %s", info.conn_id, *self.config.backend, exc)
+                log.warning("conn=%d backend %s:%d unreachable: %s", info.conn_id, *spec.address, exc)
                 self._alert_after_handshake(sock, handoff, AlertDescription.internal_error)
                 return
             backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -210,22 +340,25 @@ class ProxyServer:
             log.info("conn=%d open client=%s:%d sni=%s alpn=%s suite=%s group=%s mode=%s",
                      info.conn_id, *info.client_addr, info.server_name, info.alpn_protocol,
                      info.cipher_suite, info.group, info.mode.value)
-            relay = Relay(info.conn_id, channel, backend, idle_timeout=self.config.idle_timeout,
-                          on_done=lambda r: self._log_close(info, r))
+            relay = Relay(info.conn_id, channel, backend, control=self.control,
+                          idle_timeout=self.config.idle_timeout)
             info.relay = relay
             relay_started = True
-            relay.run()
+            self._start_relay(info, relay)  # from here the relay owns the sockets and the slot
         except Exception:  # noqa: BLE001 - a bug must cost one connection, not the server
             log.exception("conn=%d internal error", info.conn_id)
         finally:
+            with self._lock:
+                if not relay_started:
+                    self.connections.pop(info.conn_id, None)
+                self._threads.discard(threading.current_thread())
+                self._handshaking -= 1
+                self._handshake_cond.notify_all()
             if not relay_started:
                 sock.close()
                 if backend is not None:
                     backend.close()
-            with self._lock:
-                self.connections.pop(info.conn_id, None)
-                self._threads.discard(threading.current_thread())
-            self._slots.release()
+                self._slots.release()
 
     def _handshake(self, sock: socket.socket, engine: TLSServer, info: ConnectionInfo) -> bool:
         deadline = time.monotonic() + self.config.handshake_timeout
@@ -257,7 +390,7 @@ class ProxyServer:
                         return True
             except RemoteProtocolError as exc:
                 self._send(sock, engine.data_to_send())
-                return self._handshake_failed(info, str(exc))
+                return self._handshake_failed(info, str(exc), alert=_alert_label(exc))
             if not self._send(sock, engine.data_to_send()):
                 return self._handshake_failed(info, "client went away")
 
@@ -271,8 +404,9 @@ class ProxyServer:
         except OSError:
             return False
 
-    def _handshake_failed(self, info: ConnectionInfo, reason: str) -> bool:
+    def _handshake_failed(self, info: ConnectionInfo, reason: str, alert: str = "none") -> bool:
         self.handshakes_failed += 1
+        self.handshake_failures[alert] = self.handshake_failures.get(alert, 0) + 1
         log.info("conn=%d handshake failed client=%s:%d: %s", info.conn_id, *info.client_addr, reason)
         return False
 
@@ -282,7 +416,7 @@ class ProxyServer:
         ):
             try:
                 ktls.install(sock, handoff)
-                return KtlsChannel(sock, handoff)
+                return KtlsChannel.from_handoff(sock, handoff)
             except ktls.KtlsError as exc:
                 if exc.errno is not None and "TLS_RX" in str(exc):
                     raise  # TX is in the kernel already; we cannot go back to userspace
@@ -298,9 +432,13 @@ class ProxyServer:
 
     def _log_close(self, info: ConnectionInfo, relay: Relay) -> None:
         s = relay.stats
+        with self._lock:  # admin /metrics: bytes of closed connections (live ones are summed apart)
+            self.bytes_closed[0] += s.bytes_from_client
+            self.bytes_closed[1] += s.bytes_to_client
+            info.closed = True
         log.info("conn=%d close client=%s:%d bytes_in=%d bytes_out=%d duration=%.3fs reason=%s",
                  info.conn_id, *info.client_addr, s.bytes_from_client, s.bytes_to_client,
-                 time.monotonic() - s.started, s.close_reason)
+                 time.time() - s.started, s.close_reason)
 
     def connection_for_backend_peer(self, addr: tuple[str, int]) -> ConnectionInfo | None:
         """The connection whose backend socket has local address ``addr`` (for the demo page)."""

@@ -1,0 +1,328 @@
+"""Connecting to the backend: plain TCP, transparent (client's own source address), PROXY protocol.
+
+- `BackendSpec` says where and how: address, connect timeout, PROXY protocol version (None, "v1",
+  "v2") and whether to connect *transparently* (IP_TRANSPARENT + bind to the client's address,
+  so the backend sees the client, not the proxy; docs/transparent.md has the routing it needs).
+- `connect()` opens the connection and, with a PROXY protocol, writes the header as the very
+  first bytes before returning, so the relay never races it.
+- `proxy_v1_header()` / `proxy_v2_header()` are pure functions, byte-exact to
+  haproxy.org/download/2.9/doc/proxy-protocol.txt.
+- `Routes` maps TLS server names (SNI) to backends: exact names first, then ``*.suffix``
+  wildcards (the longest suffix wins; a wildcard matches any number of leading labels, unlike a
+  certificate wildcard), then the default.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+ProxyProtocol = Literal["v1", "v2"]
+
+# Linux <linux/in.h> / <linux/in6.h>; Python's socket module lacks them on some builds.
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
+
+# -- PROXY protocol v2 constants (proxy-protocol.txt §2.2) ----------------------------------------
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+V2_VERSION = 0x20
+V2_CMD_LOCAL = 0x00
+V2_CMD_PROXY = 0x01
+V2_FAM_UNSPEC = 0x00
+V2_FAM_TCP4 = 0x11
+V2_FAM_TCP6 = 0x21
+
+PP2_TYPE_ALPN = 0x01
+PP2_TYPE_AUTHORITY = 0x02
+PP2_TYPE_CRC32C = 0x03
+PP2_TYPE_NOOP = 0x04
+PP2_TYPE_UNIQUE_ID = 0x05
+PP2_TYPE_SSL = 0x20
+PP2_SUBTYPE_SSL_VERSION = 0x21
+PP2_SUBTYPE_SSL_CN = 0x22
+PP2_SUBTYPE_SSL_CIPHER = 0x23
+PP2_SUBTYPE_SSL_SIG_ALG = 0x24
+PP2_SUBTYPE_SSL_KEY_ALG = 0x25
+PP2_TYPE_NETNS = 0x30
+
+PP2_CLIENT_SSL = 0x01
+PP2_CLIENT_CERT_CONN = 0x02
+PP2_CLIENT_CERT_SESS = 0x04
+
+V1_MAX_LENGTH = 107  # §2.1: the worst case, "PROXY TCP6 ffff:...:ffff ffff:...:ffff 65535 65535\r\n"
+
+
+class BackendError(OSError):
+    """The backend connection could not be made; the message says why, for a human."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackendSpec:
+    address: tuple[str, int]
+    connect_timeout: float = 5.0
+    proxy_protocol: ProxyProtocol | None = None
+    transparent: bool = False
+
+    def __post_init__(self) -> None:
+        if self.proxy_protocol not in (None, "v1", "v2"):
+            raise ValueError(f"proxy_protocol must be None, 'v1' or 'v2', not {self.proxy_protocol!r}")
+
+    def describe(self) -> str:
+        host, port = self.address
+        extra = [f"proxy-protocol {self.proxy_protocol}"] if self.proxy_protocol else []
+        if self.transparent:
+            extra.append("transparent")
+        return f"{_fmt_hostport(host, port)}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _fmt_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- SNI routing ----------------------------------------------------------------------------------
+def normalize_name(name: str) -> str:
+    return name.strip().lower().rstrip(".")
+
+
+@dataclass(frozen=True)
+class Routes:
+    """Server name → BackendSpec. Keys are exact names (``alpha.example``) or wildcards
+    (``*.example``: any name ending in ``.example``); lookup: exact, longest wildcard, default."""
+
+    table: Mapping[str, BackendSpec] = field(default_factory=dict)
+    default: BackendSpec | None = None
+
+    def __post_init__(self) -> None:
+        exact: dict[str, BackendSpec] = {}
+        wild: list[tuple[str, BackendSpec]] = []
+        for raw, spec in self.table.items():
+            name = normalize_name(raw)
+            if name.startswith("*."):
+                suffix = name[1:]  # ".example"
+                if len(suffix) < 2 or "*" in suffix:
+                    raise ValueError(f"bad wildcard route {raw!r}: use *.suffix")
+                wild.append((suffix, spec))
+            else:
+                if not name or "*" in name:
+                    raise ValueError(f"bad route name {raw!r}: an exact name or *.suffix")
+                exact[name] = spec
+        wild.sort(key=lambda item: len(item[0]), reverse=True)
+        object.__setattr__(self, "_exact", exact)
+        object.__setattr__(self, "_wild", tuple(wild))
+
+    def lookup(self, server_name: str | None) -> BackendSpec | None:
+        if server_name:
+            name = normalize_name(server_name)
+            spec = self._exact.get(name)  # type: ignore[attr-defined]
+            if spec is not None:
+                return spec
+            for suffix, spec in self._wild:  # type: ignore[attr-defined]
+                if name.endswith(suffix) and len(name) > len(suffix):
+                    return spec
+        return self.default
+
+
+def select(config: object, server_name: str | None) -> BackendSpec:
+    """The backend for one connection of a `server.ProxyConfig`: its routes by SNI, else the
+    listener's own backend (with its proxy_protocol/transparent/connect_timeout)."""
+    routes: Routes | None = getattr(config, "routes", None)
+    if routes is not None:
+        spec = routes.lookup(server_name)
+        if spec is not None:
+            return spec
+    return BackendSpec(
+        address=config.backend,  # type: ignore[attr-defined]
+        connect_timeout=getattr(config, "connect_timeout", 5.0),
+        proxy_protocol=getattr(config, "proxy_protocol", None),
+        transparent=getattr(config, "transparent", False),
+    )
+
+
+# -- PROXY protocol headers -----------------------------------------------------------------------
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    addr = ipaddress.ip_address(text.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _pair(source: tuple[str, int] | None, dest: tuple[str, int] | None):
+    """Both addresses as ip objects of one family, or None (→ UNKNOWN / UNSPEC)."""
+    if source is None or dest is None:
+        return None
+    src, dst = _ip(source[0]), _ip(dest[0])
+    if src.version != dst.version:
+        # An IPv4 client on a dual-stack listener: the mapped form was undone above for both;
+        # if they still differ, express both as IPv6 (§2.1 allows only one family per line).
+        src = src if src.version == 6 else ipaddress.IPv6Address(f"::ffff:{src}")
+        dst = dst if dst.version == 6 else ipaddress.IPv6Address(f"::ffff:{dst}")
+    return src, int(source[1]), dst, int(dest[1])
+
+
+def proxy_v1_header(source: tuple[str, int] | None, dest: tuple[str, int] | None) -> bytes:
+    """``PROXY TCP4 <src> <dst> <sport> <dport>\\r\\n`` (or TCP6, or ``PROXY UNKNOWN\\r\\n``)."""
+    pair = _pair(source, dest)
+    if pair is None:
+        return b"PROXY UNKNOWN\r\n"
+    src, sport, dst, dport = pair
+    proto = "TCP4" if src.version == 4 else "TCP6"
+    line = f"PROXY {proto} {src.compressed} {dst.compressed} {sport} {dport}\r\n".encode("ascii")
+    assert len(line) <= V1_MAX_LENGTH
+    return line
+
+
+def tlv(kind: int, value: bytes) -> bytes:
+    if not 0 <= kind <= 0xFF or len(value) > 0xFFFF:
+        raise ValueError("TLV type is one byte, value at most 65535 bytes")
+    return struct.pack("!BH", kind, len(value)) + value
+
+
+def ssl_tlv(*, version: str | None = "TLSv1.3", cipher: str | None = None, client_cert_verified: bool = False,
+            client: int = PP2_CLIENT_SSL) -> bytes:
+    """PP2_TYPE_SSL: ``uint8 client; uint32 verify; sub-TLVs``. ``verify`` is 0 only when the
+    client presented a certificate that was verified (§2.2.5); ironsocket never asks for one, so
+    it says 1 — a backend must never mistake our connections for client-authenticated ones."""
+    sub = b""
+    if version:
+        sub += tlv(PP2_SUBTYPE_SSL_VERSION, version.encode("ascii"))
+    if cipher:
+        sub += tlv(PP2_SUBTYPE_SSL_CIPHER, cipher.encode("ascii"))
+    return tlv(PP2_TYPE_SSL, struct.pack("!BI", client, 0 if client_cert_verified else 1) + sub)
+
+
+def proxy_v2_header(
+    source: tuple[str, int] | None,
+    dest: tuple[str, int] | None,
+    *,
+    alpn: str | bytes | None = None,
+    authority: str | None = None,
+    ssl_version: str | None = None,
+    ssl_cipher: str | None = None,
+    local: bool = False,
+    extra_tlvs: bytes = b"",
+) -> bytes:
+    """The binary header: 12-byte signature, 0x21 (v2, PROXY) or 0x20 (LOCAL), family
+    (0x11 TCP/IPv4, 0x21 TCP/IPv6, 0x00 UNSPEC), 2-byte length, addresses, then TLVs:
+    ALPN (0x01), AUTHORITY (0x02, the SNI), SSL (0x20, with VERSION 0x21 / CIPHER 0x23 sub-TLVs
+    when ``ssl_version`` is given)."""
+    pair = None if local else _pair(source, dest)
+    command = V2_CMD_LOCAL if local else V2_CMD_PROXY
+    if pair is None:
+        family, addresses = V2_FAM_UNSPEC, b""
+    else:
+        src, sport, dst, dport = pair
+        family = V2_FAM_TCP4 if src.version == 4 else V2_FAM_TCP6
+        addresses = src.packed + dst.packed + struct.pack("!HH", sport, dport)
+    tlvs = b""
+    if alpn:
+        tlvs += tlv(PP2_TYPE_ALPN, alpn.encode("ascii") if isinstance(alpn, str) else alpn)
+    if authority:
+        tlvs += tlv(PP2_TYPE_AUTHORITY, authority.encode("idna") if not authority.isascii() else authority.encode("ascii"))
+    if ssl_version:
+        tlvs += ssl_tlv(version=ssl_version, cipher=ssl_cipher)
+    tlvs += extra_tlvs
+    body = addresses + tlvs
+    if len(body) > 0xFFFF:
+        raise ValueError("PROXY v2 header too long")
+    return V2_SIGNATURE + bytes([V2_VERSION | command, family]) + struct.pack("!H", len(body)) + body
+
+
+# -- connecting -----------------------------------------------------------------------------------
+def _family(host: str) -> int:
+    try:
+        return socket.AF_INET6 if _ip(host).version == 6 and ":" in host else socket.AF_INET
+    except ValueError:
+        return socket.AF_INET
+
+
+def connect(
+    spec: BackendSpec,
+    *,
+    client_addr: tuple[str, int],
+    local_addr: tuple[str, int] | None,
+    server_name: str | None = None,
+    alpn: str | None = None,
+    cipher: str | None = None,
+    tls_version: str = "TLSv1.3",
+) -> socket.socket:
+    """Connect to ``spec.address`` and return the connected socket (blocking, no timeout).
+
+    ``client_addr`` is the TLS client's (address, port); ``local_addr`` is the address the
+    client connected to (the PROXY header's destination). With ``spec.transparent`` the
+    connection's source address is the client's IP (port chosen by the kernel)."""
+    host, port = spec.address
+    if not spec.transparent:
+        try:
+            sock = socket.create_connection((host, port), timeout=spec.connect_timeout)
+        except OSError as exc:
+            raise BackendError(exc.errno or 0, f"connect to {_fmt_hostport(host, port)}: {exc.strerror or exc}") from None
+    else:
+        sock = _connect_transparent(spec, client_addr)
+    try:
+        sock.settimeout(None)
+        if spec.proxy_protocol == "v1":
+            sock.sendall(proxy_v1_header(client_addr, local_addr))
+        elif spec.proxy_protocol == "v2":
+            sock.sendall(proxy_v2_header(client_addr, local_addr, alpn=alpn, authority=server_name,
+                                         ssl_version=tls_version, ssl_cipher=cipher))
+    except OSError as exc:
+        sock.close()
+        raise BackendError(exc.errno or 0, f"sending the PROXY header to {_fmt_hostport(host, port)}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _connect_transparent(spec: BackendSpec, client_addr: tuple[str, int]) -> socket.socket:
+    host, port = spec.address
+    client_ip = str(_ip(client_addr[0]))
+    v6 = ":" in client_ip
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise BackendError(errno.EADDRNOTAVAIL,
+                           f"transparent connect: backend {host} has no IPv{6 if v6 else 4} address for client "
+                           f"{client_ip} ({exc.strerror})") from None
+    target = infos[0][4]
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        try:
+            if v6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.EACCES):
+                raise BackendError(exc.errno,
+                                   "transparent mode: setsockopt(IP_TRANSPARENT) not permitted — the proxy needs "
+                                   "CAP_NET_ADMIN (run as root or grant it: setcap cap_net_admin+ep, or "
+                                   "AmbientCapabilities=CAP_NET_ADMIN in the systemd unit)") from None
+            raise BackendError(exc.errno or 0, f"transparent mode: setsockopt(IP_TRANSPARENT): {exc.strerror}") from None
+        try:
+            sock.bind((client_ip, 0))
+        except OSError as exc:
+            raise BackendError(exc.errno or 0,
+                               f"transparent mode: cannot bind to the client's address {client_ip}: {exc.strerror}") from None
+        sock.settimeout(spec.connect_timeout)
+        try:
+            sock.connect(target)
+        except TimeoutError:
+            raise BackendError(errno.ETIMEDOUT,
+                               f"transparent connect from {client_ip} to {_fmt_hostport(host, port)} timed out after "
+                               f"{spec.connect_timeout:g}s: the backend's replies to {client_ip} probably do not "
+                               "route back to this host (see docs/transparent.md: the backend's route to clients must "
+                               "go via the proxy, and the proxy needs 'ip rule add fwmark 1 lookup 100' + "
+                               "'ip route add local 0.0.0.0/0 dev lo table 100' + a mangle rule marking the replies)") from None
+        except OSError as exc:
+            hint = ""
+            if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL, errno.EINVAL):
+                hint = " (unroutable: see docs/transparent.md for the routing the operator must set up)"
+            raise BackendError(exc.errno or 0,
+                               f"transparent connect from {client_ip} to {_fmt_hostport(host, port)}: {exc.strerror}{hint}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock

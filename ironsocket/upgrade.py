@@ -1,0 +1,357 @@
+"""Replacing the running program by exec without dropping a connection.
+
+Theory of operation
+-------------------
+The upgrade is in place: the process that serves the connections execs the new program, so
+the PID stays the same and no second server ever competes for the sockets.
+
+1. **Check.** The target (default: this very program; ``--exec PATH`` another installed
+   ironsocket) is first run in a short-lived child with the same arguments plus
+   ``--upgrade-check``: it must start, import, parse the configuration (load the certificates)
+   and name the state format it reads. If it cannot, nothing else happens and the caller is
+   told why.
+2. **Quiesce.** The accept loop stops (the listening socket stays open: new clients wait in
+   the kernel backlog, never refused); handshakes in flight get ``HANDSHAKE_DEADLINE`` to finish;
+   `relay.PauseControl` brings every pump to a safe point. A pump holds its bytes either in its
+   splice pipe (kTLS; the pipe fds are carried) or in a Python buffer (carried in the document).
+3. **State.** One JSON document in a sealed memfd (never on disk): format and version, the
+   listener, control and demo fds, and per connection the client, backend and pipe fds, mode,
+   suite, SNI, ALPN, addresses, counters, start time, the traffic secrets and — read back from
+   the kernel at this moment — the key, IV and next rec_seq per direction; for userspace
+   connections also the partial record and buffered bytes. Every fd named in it is made
+   inheritable for this one exec; every other fd stays close-on-exec (Python's default).
+4. **Exec.** ``execv(target)`` with ``IRONSOCKET_UPGRADE_STATE_FD`` in the environment.
+5. **Restore.** The new program validates the document (format, version, every fd open and of
+   the right kind, every kTLS socket's suite and rec_seq read back equal to the document),
+   rebuilds the registry, resumes the pumps and the accept loop, and answers the requester.
+6. **Rollback.** A restore that fails (bad config, invalid state, a crash in restore code)
+   execs the previous program (``previous_exec`` in the document) with the same state and
+   ``IRONSOCKET_UPGRADE_FAILED`` set to the reason; it restores and reports the failure.
+
+Remaining window: a crash of the new program between exec and the first line of Python that
+can catch an exception (interpreter start, imports of the standard library), or a kill -9
+during restore, loses the connections. That window is the interpreter start-up (tens of ms).
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import logging
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import ktls
+from .relay import KtlsChannel, PauseControl, PumpState, RecordMode, Relay, RelayStats, UserspaceChannel
+from .tls13.constants import CipherSuite, Group
+from .tls13.handoff import Handoff, TrafficKeys
+from .tls13.session import Session
+
+if TYPE_CHECKING:
+    from .server import ConnectionInfo, ProxyServer
+
+log = logging.getLogger("ironsocket.upgrade")
+
+STATE_FORMAT = "ironsocket-upgrade"
+STATE_VERSION = 1
+ENV_STATE_FD = "IRONSOCKET_UPGRADE_STATE_FD"
+ENV_FAILED = "IRONSOCKET_UPGRADE_FAILED"
+CHECK_FLAG = "--upgrade-check"
+CHECK_TIMEOUT = 60.0
+HANDSHAKE_DEADLINE = 3.0
+PARK_DEADLINE = 5.0
+
+
+class UpgradeError(Exception):
+    """The upgrade did not happen; the message says why (connections are unaffected)."""
+
+
+class StateError(Exception):
+    """An upgrade state document that cannot be restored."""
+
+
+def current_program() -> list[str]:
+    """argv that re-runs this program as it was started (interpreter included)."""
+    return [sys.executable, *sys.orig_argv[1:]]
+
+
+def target_program(exec_path: str | None) -> list[str]:
+    if exec_path is None:
+        return current_program()
+    # Another installed ironsocket (a console script): same arguments after the program name.
+    return [exec_path, *sys.argv[1:]]
+
+
+def check_target(argv: list[str]) -> str:
+    """Run the target with ``--upgrade-check``; return its report or raise UpgradeError."""
+    try:
+        proc = subprocess.run([*argv, CHECK_FLAG], capture_output=True, text=True, timeout=CHECK_TIMEOUT,
+                              stdin=subprocess.DEVNULL, env={k: v for k, v in os.environ.items() if k != ENV_STATE_FD})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UpgradeError(f"cannot run the new program {argv[0]}: {exc}") from None
+    out = (proc.stdout + proc.stderr).strip()
+    if proc.returncode != 0:
+        tail = "\n".join(out.splitlines()[-5:])
+        raise UpgradeError(f"the new program failed its start-up check (exit {proc.returncode}): {tail}")
+    expected = f"state {STATE_FORMAT} v{STATE_VERSION}"
+    if expected not in out:
+        raise UpgradeError(f"the new program does not read {expected}: {out[-300:]}")
+    return out
+
+
+def check_report() -> str:
+    """What ``--upgrade-check`` prints (after the configuration loaded)."""
+    return f"ironsocket upgrade-check: ok, pid {os.getpid()}, reads state {STATE_FORMAT} v{STATE_VERSION}"
+
+
+# -- the document ---------------------------------------------------------------------------------
+def _b64(data: bytes | bytearray) -> str:
+    return base64.b64encode(bytes(data)).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode(), validate=True)
+
+
+def _keys_doc(keys: TrafficKeys) -> dict[str, Any]:
+    return {"traffic_secret": keys.traffic_secret.hex(), "key": keys.key.hex(), "iv": keys.iv.hex(), "rec_seq": keys.rec_seq}
+
+
+def _keys_from(doc: dict[str, Any]) -> TrafficKeys:
+    return TrafficKeys(traffic_secret=bytes.fromhex(doc["traffic_secret"]), key=bytes.fromhex(doc["key"]),
+                       iv=bytes.fromhex(doc["iv"]), rec_seq=int(doc["rec_seq"]))
+
+
+def _pump_doc(state: PumpState) -> dict[str, Any]:
+    return {"done": state.done, "pending": _b64(state.pending), "pipe": list(state.pipe) if state.pipe else None}
+
+
+def connection_doc(info: ConnectionInfo) -> dict[str, Any]:
+    relay = info.relay
+    assert relay is not None
+    channel = relay.client
+    write, read = channel.traffic_keys()
+    doc: dict[str, Any] = {
+        "id": info.conn_id,
+        "client_fd": channel.sock.fileno(),
+        "backend_fd": relay.backend.fileno(),
+        "client": list(info.client_addr),
+        "backend": list(info.backend_addr or ()),
+        "sni": info.server_name,
+        "alpn": info.alpn_protocol,
+        "suite": channel.cipher_suite.name,
+        "group": info.group,
+        "mode": channel.mode.value,
+        "started": relay.stats.started,
+        "bytes_from_client": relay.stats.bytes_from_client,
+        "bytes_to_client": relay.stats.bytes_to_client,
+        "c2b": _pump_doc(relay.c2b),
+        "b2c": _pump_doc(relay.b2c),
+        "tx": _keys_doc(write),
+        "rx": _keys_doc(read),
+    }
+    if isinstance(channel, UserspaceChannel):
+        snap = channel.session.snapshot()
+        doc["userspace"] = {
+            "unprocessed": _b64(snap.unprocessed),
+            "plaintext": _b64(snap.plaintext),
+            "out": _b64(channel.out),
+            "record_size_limit": snap.record_size_limit,
+            "read_closed": channel.session.read_closed,
+            "write_closed": channel.session.write_closed,
+        }
+    else:
+        assert isinstance(channel, KtlsChannel)
+        doc["ktls"] = {"write_closed": channel.write_closed}
+    return doc
+
+
+def inherited_fds(doc: dict[str, Any]) -> list[int]:
+    fds = [fd for key in ("listener_fd", "control_fd", "demo_fd", "reply_fd") if (fd := doc.get(key)) is not None]
+    for conn in doc["connections"]:
+        fds += [conn["client_fd"], conn["backend_fd"]]
+        for direction in ("c2b", "b2c"):
+            fds += conn[direction]["pipe"] or []
+    return fds
+
+
+def write_memfd(doc: dict[str, Any]) -> int:
+    """The document in a sealed memfd (RAM only; F_SEAL_WRITE: nobody can change it)."""
+    fd = os.memfd_create("ironsocket-upgrade", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    data = json.dumps(doc, separators=(",", ":")).encode()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+    return fd
+
+
+def read_memfd(fd: int) -> dict[str, Any]:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+    except OSError as exc:
+        raise StateError(f"state fd {fd}: {exc.strerror}") from None
+    try:
+        doc = json.loads(b"".join(chunks))
+    except ValueError as exc:
+        raise StateError(f"state document is not JSON: {exc}") from None
+    validate(doc)
+    return doc
+
+
+def validate(doc: dict[str, Any]) -> None:
+    """Format, version and the kind of every fd, before anything is touched."""
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        raise StateError(f"not an {STATE_FORMAT} document")
+    if doc.get("version") != STATE_VERSION:
+        raise StateError(f"state version {doc.get('version')} (this program reads {STATE_VERSION})")
+    for key in ("listener_fd", "control_fd", "demo_fd"):
+        if doc.get(key) is not None:
+            _expect(doc[key], stat.S_ISSOCK, key)
+    for conn in doc.get("connections", []):
+        where = f"connection {conn.get('id')}"
+        _expect(conn["client_fd"], stat.S_ISSOCK, f"{where} client_fd")
+        _expect(conn["backend_fd"], stat.S_ISSOCK, f"{where} backend_fd")
+        for direction in ("c2b", "b2c"):
+            for fd in conn[direction]["pipe"] or []:
+                _expect(fd, stat.S_ISFIFO, f"{where} {direction} pipe")
+        CipherSuite[conn["suite"]]
+        RecordMode(conn["mode"])
+
+
+def _expect(fd: int, kind: Any, what: str) -> None:
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        raise StateError(f"{what}: fd {fd} is not open") from None
+    if not kind(mode):
+        raise StateError(f"{what}: fd {fd} is not a {kind.__name__.removeprefix('S_IS').lower()}")
+
+
+# -- restore --------------------------------------------------------------------------------------
+@dataclass
+class Restored:
+    info: ConnectionInfo
+    relay: Relay
+
+
+def restore_connection(conn: dict[str, Any], control: PauseControl, idle_timeout: float | None) -> tuple[Any, Relay]:
+    """One connection from its document entry; verifies kTLS state against the kernel."""
+    from .server import ConnectionInfo
+
+    suite = CipherSuite[conn["suite"]]
+    client = socket.socket(fileno=conn["client_fd"])
+    backend = socket.socket(fileno=conn["backend_fd"])
+    tx, rx = _keys_from(conn["tx"]), _keys_from(conn["rx"])
+    mode = RecordMode(conn["mode"])
+    if mode is RecordMode.USERSPACE:
+        us = conn["userspace"]
+        handoff = Handoff(cipher_suite=suite, group=Group[conn["group"]] if conn.get("group") else Group.X25519,
+                          read=rx, write=tx, server_name=conn["sni"], alpn_protocol=conn["alpn"],
+                          plaintext=_unb64(us["plaintext"]), unprocessed=_unb64(us["unprocessed"]),
+                          record_size_limit=us["record_size_limit"])
+        session = Session(handoff)
+        session.read_closed = bool(us["read_closed"])
+        session.write_closed = bool(us["write_closed"])
+        channel: Any = UserspaceChannel(client, session, _unb64(us["out"]))
+    else:
+        state = ktls.read_back(client)
+        if state.cipher_suite is not suite or state.tx is None or state.rx is None:
+            raise StateError(f"connection {conn['id']}: kernel holds {state.cipher_suite}, document says {suite.name}")
+        if (state.tx.rec_seq, state.rx.rec_seq) != (tx.rec_seq, rx.rec_seq):
+            raise StateError(f"connection {conn['id']}: kernel rec_seq tx/rx {state.tx.rec_seq}/{state.rx.rec_seq}, "
+                             f"document {tx.rec_seq}/{rx.rec_seq}")
+        if (state.tx.key, state.rx.key) != (tx.key, rx.key):
+            raise StateError(f"connection {conn['id']}: kernel keys differ from the document")
+        channel = KtlsChannel(client, suite, rx.traffic_secret, tx.traffic_secret)
+        channel.write_closed = bool(conn["ktls"]["write_closed"])
+    info = ConnectionInfo(conn_id=conn["id"], client_addr=tuple(conn["client"]), started=conn["started"],
+                          server_name=conn["sni"], alpn_protocol=conn["alpn"], cipher_suite=suite.name,
+                          group=conn.get("group"), mode=mode,
+                          backend_addr=tuple(conn["backend"]) if conn["backend"] else None)
+    stats = RelayStats(bytes_from_client=conn["bytes_from_client"], bytes_to_client=conn["bytes_to_client"],
+                       started=conn["started"])
+
+    def pump(d: dict[str, Any]) -> PumpState:
+        return PumpState(done=d["done"], pending=bytearray(_unb64(d["pending"])), pipe=tuple(d["pipe"]) if d["pipe"] else None)
+
+    relay = Relay(conn["id"], channel, backend, control=control, idle_timeout=idle_timeout,
+                  c2b=pump(conn["c2b"]), b2c=pump(conn["b2c"]), stats=stats)
+    return info, relay
+
+
+# -- performing one ------------------------------------------------------------------------------
+def perform(server: ProxyServer, target: list[str], reply: socket.socket | None = None) -> None:
+    """Check, quiesce, snapshot and exec. Returns only if the upgrade did not happen (raises
+    UpgradeError with the reason after resuming everything)."""
+    report = check_target(target)
+    log.info("upgrade: target checked: %s", report.splitlines()[-1] if report else "")
+    started = time.monotonic()
+    server.pause(HANDSHAKE_DEADLINE, PARK_DEADLINE)
+    memfd = None
+    fds: list[int] = []
+    try:
+        doc = server.snapshot()
+        doc.update(format=STATE_FORMAT, version=STATE_VERSION, pid=os.getpid(), created=time.time(),
+                   paused_at_monotonic=started, previous_exec=current_program(),
+                   reply_fd=reply.fileno() if reply is not None else None)
+        memfd = write_memfd(doc)
+        fds = [*inherited_fds(doc), memfd]
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        env = dict(os.environ)
+        env[ENV_STATE_FD] = str(memfd)
+        env.pop(ENV_FAILED, None)
+        log.info("upgrade: %d connections paused in %.1f ms; exec %s", len(doc["connections"]),
+                 (time.monotonic() - started) * 1000, " ".join(target))
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.execve(target[0], target, env)
+    except BaseException as exc:
+        for fd in fds:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass
+        if memfd is not None:
+            os.close(memfd)
+        server.resume()
+        raise UpgradeError(f"exec failed: {exc}") from None
+
+
+def rollback(doc: dict[str, Any], state_fd: int, reason: str) -> None:
+    """After a failed restore: exec the previous program with the same state. Never returns
+    unless that exec itself fails."""
+    previous = doc.get("previous_exec") if isinstance(doc, dict) else None
+    if not previous:
+        raise StateError(f"restore failed ({reason}) and the document names no previous program")
+    env = dict(os.environ)
+    env[ENV_STATE_FD] = str(state_fd)
+    env[ENV_FAILED] = reason[:2000]
+    log.error("upgrade: restore failed: %s; rolling back to %s", reason, " ".join(previous))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os.execve(previous[0], previous, env)
+
+
+def send_reply(doc: dict[str, Any], message: dict[str, Any]) -> None:
+    """Answer the `ironsocket upgrade` that asked (its connection was carried over exec)."""
+    fd = doc.get("reply_fd")
+    if fd is None:
+        return
+    try:
+        with socket.socket(fileno=fd) as sock:
+            sock.settimeout(5)
+            sock.sendall((json.dumps(message) + "\n").encode())
+    except OSError as exc:
+        log.warning("upgrade: could not answer the requester: %s", exc)
