@@ -233,13 +233,6 @@ def proxy_v2_header(
 
 
 # -- connecting -----------------------------------------------------------------------------------
-def _family(host: str) -> int:
-    try:
-        return socket.AF_INET6 if _ip(host).version == 6 and ":" in host else socket.AF_INET
-    except ValueError:
-        return socket.AF_INET
-
-
 def connect(
     spec: BackendSpec,
     *,

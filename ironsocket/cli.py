@@ -1,4 +1,4 @@
-"""Command line: `ironsocket serve`, `ironsocket doctor`."""
+"""Command line: `ironsocket serve`, `ironsocket inspect-keys`, `ironsocket doctor`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import Annotated, Optional
 import typer
 
 from . import ktls
+from . import runtime as runtime_mod
+from .runtime import Runtime, upgrade_guard
 from .server import KtlsMode, ProxyConfig, ProxyServer, StartupError, parse_hostport
 from .tls13.constants import CipherSuite, Group
 from .tls13.credentials import CertificateStore, CredentialError, load_credential
@@ -26,6 +28,7 @@ GROUP_NAMES = {"x25519": Group.X25519, "p256": Group.SECP256R1, "secp256r1": Gro
 
 
 def _fail(message: str) -> None:
+    runtime_mod.last_error = message
     typer.echo(f"ironsocket: error: {message}", err=True)
     raise typer.Exit(2)
 
@@ -57,6 +60,7 @@ def _open_keylog(path: Path):
 
 
 @app.command()
+@upgrade_guard
 def serve(
     listen: Annotated[str, typer.Option(help="HOST:PORT to accept TLS on.")] = "127.0.0.1:8443",
     backend: Annotated[Optional[str], typer.Option(help="HOST:PORT of the plain TCP backend. Default: a built-in demo HTTP backend.")] = None,
@@ -72,10 +76,21 @@ def serve(
     max_connections: Annotated[int, typer.Option(help="Connections served at once; more wait in the listen backlog.")] = 10_000,
     keylog: Annotated[Optional[Path], typer.Option(help="Write TLS secrets in NSS key log format to this file (created 0600). Only for debugging.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    # -- config file and admin endpoint (ironsocket.launch / ironsocket.admin) --
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="TOML configuration (docs/config.md): run all its listeners; the other listener options are ignored.")] = None,
+    admin: Annotated[Optional[str], typer.Option(help="Admin HTTP endpoint (/healthz, /connections, /metrics): HOST:PORT on loopback, or a unix socket path. Off by default.")] = None,
+    admin_allow_remote: Annotated[bool, typer.Option(help="Allow --admin on a non-loopback address (it has no authentication).")] = False,
+    control_socket: Annotated[Optional[Path], typer.Option(help="Unix socket for `ironsocket inspect-keys` (and upgrades). Default: <run dir>/ironsocket-<pid>.sock.")] = None,
+    upgrade_check: Annotated[bool, typer.Option("--upgrade-check", hidden=True, help="Load the configuration, report the upgrade state format, exit.")] = False,
 ) -> None:
     """Terminate TLS 1.3 on LISTEN and relay plaintext to BACKEND."""
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # -- config file (ironsocket.launch): every listener of the file, optional admin --
+    if config_file is not None:
+        from .launch import serve_config_file
+
+        raise typer.Exit(serve_config_file(config_file, admin=admin, admin_allow_remote=admin_allow_remote))
     from .tls13.server import DEFAULT_CIPHER_SUITES, DEFAULT_GROUPS, ServerConfig
 
     cert, key = cert or [], key or []
@@ -104,40 +119,130 @@ def serve(
         alpn_protocols=tuple(p.strip() for p in alpn.split(",") if p.strip()) if alpn else (),
         keylog=_open_keylog(keylog) if keylog else None,
     )
-    demo = None
-    server: ProxyServer | None = None
-    if backend_addr is None:
-        from .demo import DemoBackend
+    if upgrade_check:  # the exec upgrade's pre-flight: configuration loaded, state format known
+        from .upgrade import check_report
 
-        demo = DemoBackend(lambda addr: server.connection_for_backend_peer(addr) if server else None)
-        demo.start()
-        backend_addr = demo.address
-        typer.echo(f"ironsocket: no --backend given: built-in demo backend on {backend_addr[0]}:{backend_addr[1]}", err=True)
+        typer.echo(check_report())
+        raise typer.Exit(0)
     config = ProxyConfig(
-        listen=listen_addr, backend=backend_addr, tls=tls, ktls=ktls_mode,
+        listen=listen_addr, backend=backend_addr or ("127.0.0.1", 0), tls=tls, ktls=ktls_mode,
         handshake_timeout=handshake_timeout, connect_timeout=connect_timeout,
         idle_timeout=idle_timeout or None, max_connections=max_connections,
     )
-    stop = threading.Event()
+    from .admin import AdminError
+    from .control import ControlError
+
+    runtime = Runtime(config, demo=backend_addr is None, admin=admin, admin_allow_remote=admin_allow_remote,
+                      control_socket=control_socket, say=lambda text: typer.echo(text, err=True))
     try:
-        server = ProxyServer(config)
-        server.start()
-    except StartupError as exc:
-        if demo:
-            demo.stop()
+        runtime.start()
+    except (StartupError, AdminError, ControlError) as exc:
+        runtime.stop()
         _fail(str(exc))
-    assert server is not None
+    server = runtime.server
+    assert server is not None and runtime.control is not None
+    typer.echo(f"ironsocket: control socket {runtime.control.path} (ironsocket inspect-keys / upgrade --pid {os.getpid()})", err=True)
     host, port = server.address
     typer.echo(f"ironsocket: serving TLS 1.3 on {host}:{port}, record layer: {server.record_layer}", err=True)
-    if demo:
+    if runtime.demo:
         typer.echo(f"ironsocket: try: curl -k https://{host}:{port}/", err=True)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    typer.echo("ironsocket: stopping", err=True)
-    server.stop()
-    if demo:
-        demo.stop()
+    runtime.run()
+
+
+@app.command("upgrade")
+def upgrade_command(
+    pid: Annotated[Optional[int], typer.Option(help="The server's pid (when several run).")] = None,
+    socket_path: Annotated[Optional[Path], typer.Option("--socket", help="The server's control socket path.")] = None,
+    exec_path: Annotated[Optional[Path], typer.Option("--exec", help="Switch to this ironsocket program (e.g. another venv's bin/ironsocket). Default: the running one.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the outcome.")] = 120.0,
+) -> None:
+    """Replace the running server's program in place (same PID) without dropping a connection."""
+    from .control import ControlError, request, resolve
+
+    try:
+        path = resolve(pid, socket_path)
+        answer = request(path, {"command": "upgrade", "exec": str(exec_path.resolve()) if exec_path else None},
+                         timeout=timeout)
+    except ControlError as exc:
+        _fail(str(exc))
+    if not answer.get("ok"):
+        _fail(f"upgrade failed: {answer.get('error', 'no reason given')}")
+    typer.echo(f"upgraded: pid {answer.get('pid')}, {answer.get('connections')} connections carried, "
+               f"pause {answer.get('pause_ms')} ms")
+
+
+@app.command("inspect-keys")
+def inspect_keys(
+    pid: Annotated[Optional[int], typer.Option(help="The server's pid (when several run). Without a control socket for it, falls back to --direct.")] = None,
+    socket_path: Annotated[Optional[Path], typer.Option("--socket", help="The server's control socket path.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    reveal: Annotated[bool, typer.Option(help="Also print the traffic keys and IVs (hex). Secret: anyone with them can read the traffic.")] = False,
+    state: Annotated[Optional[Path], typer.Option(help="Decode an upgrade state document (JSON) instead of asking a server.")] = None,
+    direct: Annotated[bool, typer.Option(help="With --pid: pull the process's kTLS sockets with pidfd_getfd and read the kernel's state directly.")] = False,
+) -> None:
+    """Show each connection's record sequence numbers and key fingerprints, as the record
+    layer holds them now (the kernel, for kTLS). Keys only with --reveal."""
+    import json
+
+    from .control import ControlError, request, resolve
+    from .inspect import describe_state, format_table, rows_from_pid
+
+    header: dict = {}
+    try:
+        if state is not None:
+            try:
+                doc = json.loads(state.read_text())
+            except OSError as exc:
+                _fail(f"cannot read {state}: {exc.strerror}")
+            except ValueError as exc:
+                _fail(f"{state}: not JSON: {exc}")
+            try:
+                rows = describe_state(doc, reveal=reveal)
+            except ValueError as exc:
+                _fail(f"{state}: {exc}")
+            header = {"state": str(state)}
+        elif direct:
+            if pid is None:
+                _fail("--direct needs --pid")
+            rows = rows_from_pid(pid, reveal=reveal)
+            header = {"pid": pid, "source": "pidfd_getfd"}
+        else:
+            try:
+                path = resolve(pid, socket_path)
+            except ControlError:
+                if pid is None or socket_path is not None:
+                    raise
+                rows = rows_from_pid(pid, reveal=reveal)  # no control socket: ask the kernel
+                header = {"pid": pid, "source": "pidfd_getfd"}
+            else:
+                answer = request(path, {"command": "inspect-keys", "reveal": reveal})
+                if not answer.get("ok"):
+                    _fail(f"{path}: {answer.get('error', 'request failed')}")
+                rows = answer.get("connections", [])
+                header = {"pid": answer.get("pid"), "socket": str(path), "source": "control socket"}
+    except ControlError as exc:
+        _fail(str(exc))
+    if json_out:
+        typer.echo(json.dumps({**header, "connections": rows}, indent=2))
+        return
+    where = ", ".join(f"{k} {v}" for k, v in header.items())
+    typer.echo(f"# {where}: {len(rows)} connection(s); rec_seq = next record's sequence number; "
+               "fingerprint = sha256(key||iv)[:8]")
+    typer.echo(format_table(rows))
+
+
+# -- `ironsocket check CONFIG` (ironsocket.config) --
+@app.command()
+def check(config_file: Annotated[Path, typer.Argument(metavar="CONFIG", help="TOML configuration file.")]) -> None:
+    """Validate a configuration file (keys, addresses, certificates) and print a summary."""
+    from .config import ConfigError, load_file, summary
+
+    try:
+        fc = load_file(config_file)
+    except ConfigError as exc:
+        _fail(str(exc))
+    for line in summary(fc):
+        typer.echo(line)
 
 
 @app.command()

@@ -8,6 +8,7 @@ in the proxy's registry by the backend connection's source address.
 from __future__ import annotations
 
 import html
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,11 +56,20 @@ class _Handler(BaseHTTPRequestHandler):
 class DemoBackend:
     """Owns the demo HTTP server and its thread."""
 
-    def __init__(self, lookup: Lookup, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, lookup: Lookup, host: str = "127.0.0.1", port: int = 0, fd: int | None = None) -> None:
         handler = type("Handler", (_Handler,), {"lookup": staticmethod(lookup)})
-        self._httpd = ThreadingHTTPServer((host, port), handler)
+        if fd is None:
+            self._httpd = ThreadingHTTPServer((host, port), handler)
+        else:  # the listener inherited across an exec upgrade
+            self._httpd = ThreadingHTTPServer((host, port), handler, bind_and_activate=False)
+            self._httpd.socket.close()
+            self._httpd.socket = socket.socket(fileno=fd)
+            self._httpd.server_address = self._httpd.socket.getsockname()
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="is-demo", daemon=True)
+
+    def fileno(self) -> int:
+        return self._httpd.socket.fileno()
 
     @property
     def address(self) -> tuple[str, int]:

@@ -180,7 +180,10 @@ class ProxyServer:
                  *self.address, *self.config.backend, self.record_layer)
 
     def stop(self, deadline: float = 5.0) -> None:
-        """Stop accepting, close every connection (close_notify first), join the threads."""
+        """Stop accepting, close every connection (close_notify first), join the threads.
+        Calling it again does nothing."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
         self.control.resume()
         if self._accept_thread is not None:

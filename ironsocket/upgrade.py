@@ -291,7 +291,8 @@ def restore_connection(conn: dict[str, Any], control: PauseControl, idle_timeout
 
 
 # -- performing one ------------------------------------------------------------------------------
-def perform(server: ProxyServer, target: list[str], reply: socket.socket | None = None) -> None:
+def perform(server: ProxyServer, target: list[str], reply: socket.socket | None = None,
+            extra: dict[str, Any] | None = None) -> None:
     """Check, quiesce, snapshot and exec. Returns only if the upgrade did not happen (raises
     UpgradeError with the reason after resuming everything)."""
     report = check_target(target)
@@ -302,6 +303,7 @@ def perform(server: ProxyServer, target: list[str], reply: socket.socket | None 
     fds: list[int] = []
     try:
         doc = server.snapshot()
+        doc.update(extra or {})
         doc.update(format=STATE_FORMAT, version=STATE_VERSION, pid=os.getpid(), created=time.time(),
                    paused_at_monotonic=started, previous_exec=current_program(),
                    reply_fd=reply.fileno() if reply is not None else None)

@@ -1,0 +1,279 @@
+"""`ironsocket inspect-keys`: what the record layer holds for each connection, right now.
+
+Rows (dicts, JSON-ready), one per relayed connection::
+
+    {"id": 3, "client": "127.0.0.1:51234", "backend": "127.0.0.1:8080", "sni": "localhost",
+     "alpn": null, "suite": "TLS_AES_128_GCM_SHA256", "mode": "ktls-sw",
+     "tx": {"rec_seq": 5, "fingerprint": "1f2e..."}, "rx": {"rec_seq": 4, "fingerprint": "..."}}
+
+``tx`` is server→client, ``rx`` client→server. ``rec_seq`` is the sequence number of the *next*
+record, read at that moment from where the record layer lives: the kernel (``getsockopt(SOL_TLS)``)
+for kTLS, the userspace `Session` otherwise. ``fingerprint`` is the first 8 bytes of
+SHA-256(key || iv) in hex: enough to compare two views of one connection, useless to decrypt.
+Only with ``reveal`` do ``key`` and ``iv`` (hex) appear; traffic secrets never do.
+
+Three sources give the same rows: the running server (`connection_rows`, over the control
+socket), another process's kTLS sockets pulled with pidfd_getfd (`rows_from_pid`), and an
+upgrade state document (`describe_state`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import hashlib
+import os
+import platform
+import socket
+from typing import Any
+
+from . import ktls
+from .control import ControlError
+
+SYS_PIDFD_OPEN = 434  # x86_64 (and every arch since 5.3's unified numbering)
+SYS_PIDFD_GETFD = 438
+
+
+def fingerprint(key: bytes, iv: bytes) -> str:
+    return hashlib.sha256(key + iv).digest()[:8].hex()
+
+
+def _addr(addr: Any) -> str | None:
+    if not addr:
+        return None
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _direction(keys: Any, reveal: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"rec_seq": keys.rec_seq, "fingerprint": fingerprint(keys.key, keys.iv)}
+    if reveal:
+        out["key"] = keys.key.hex()
+        out["iv"] = keys.iv.hex()
+    return out
+
+
+def _mode(channel: Any) -> str:
+    mode = channel.mode.value
+    if mode != "userspace":
+        kind = ktls.session_mode(channel.sock)
+        if kind == "device":
+            return "ktls-device"
+        if kind == "sw":
+            return "ktls-sw"
+    return mode
+
+
+def connection_rows(server: Any, *, reveal: bool) -> list[dict[str, Any]]:
+    """One row per relayed connection of a running `ProxyServer` (see the module docstring)."""
+    snapshot = dict(server.connections)  # one C-level copy: atomic under the GIL
+    infos = [snapshot[k] for k in sorted(snapshot)]
+    rows = []
+    for info in infos:
+        relay = info.relay
+        if relay is None:
+            continue  # still in the handshake: nothing in the record layer yet
+        row: dict[str, Any] = {
+            "id": info.conn_id,
+            "client": _addr(info.client_addr),
+            "backend": None,
+            "sni": info.server_name,
+            "alpn": info.alpn_protocol,
+            "suite": info.cipher_suite,
+            "mode": info.mode.value if info.mode else None,
+        }
+        try:
+            row["backend"] = _addr(relay.backend.getpeername())
+        except OSError:
+            pass
+        try:
+            row["mode"] = _mode(relay.client)
+            write, read = relay.client.traffic_keys()
+        except (OSError, ktls.KtlsError) as exc:
+            row["error"] = f"cannot read the record layer: {exc}"  # closing right now
+            row["tx"] = row["rx"] = None
+        else:
+            row["tx"] = _direction(write, reveal)
+            row["rx"] = _direction(read, reveal)
+        rows.append(row)
+    return rows
+
+
+def control_handlers(server: Any) -> dict[str, Any]:
+    """The control-socket commands a serving `ProxyServer` answers."""
+
+    def inspect_keys(request: dict[str, Any]) -> dict[str, Any]:
+        reveal = bool(request.get("reveal"))
+        if reveal:
+            uid = request.get("_peer_uid")
+            if uid is not None and uid not in (0, os.getuid()):
+                raise ControlError(f"--reveal refused: uid {uid} is neither root nor the server's uid")
+            import logging
+
+            logging.getLogger("ironsocket.control").warning("inspect-keys --reveal: traffic keys handed to a control client (uid %s)", uid)
+        return {"pid": os.getpid(), "record_layer": server.record_layer, "connections": connection_rows(server, reveal=reveal)}
+
+    def connections(request: dict[str, Any]) -> dict[str, Any]:
+        return {"pid": os.getpid(), "connections": connection_rows(server, reveal=False)}
+
+    return {"inspect-keys": inspect_keys, "connections": connections}
+
+
+# -- the table ----------------------------------------------------------------------------------
+_COLUMNS = [("ID", "id"), ("CLIENT", "client"), ("BACKEND", "backend"), ("SNI", "sni"), ("ALPN", "alpn"),
+            ("SUITE", "suite"), ("MODE", "mode")]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width table; with revealed keys, one indented ``tx``/``rx`` line per direction."""
+    if not rows:
+        return "no relayed connections"
+    header = [h for h, _ in _COLUMNS] + ["TX_SEQ", "RX_SEQ", "TX_KEY_FP", "RX_KEY_FP"]
+    table = []
+    for row in rows:
+        cells = ["-" if row.get(k) is None else str(row[k]) for _, k in _COLUMNS]
+        cells += [str((row.get(d) or {}).get(field, "-")) for field in ("rec_seq", "fingerprint") for d in ("tx", "rx")]
+        table.append(cells)
+    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip()]
+    for row, cells in zip(rows, table):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+        if row.get("error"):
+            lines.append(f"    error: {row['error']}")
+        for d in ("tx", "rx"):
+            keys = row.get(d) or {}
+            if "key" in keys:
+                lines.append(f"    {d} key={keys['key']} iv={keys['iv']}")
+    return "\n".join(lines)
+
+
+# -- upgrade state documents --------------------------------------------------------------------
+STATE_FORMAT = "ironsocket-upgrade"
+
+
+def describe_state(doc: dict[str, Any], *, reveal: bool = False) -> list[dict[str, Any]]:
+    """Rows for an upgrade state document (the minimal documented shape, version 1)::
+
+        {"format": "ironsocket-upgrade", "version": 1, "connections": [
+            {"id": 1, "client": "127.0.0.1:5000", "backend": "127.0.0.1:8080", "sni": "localhost",
+             "alpn": null, "suite": "TLS_AES_128_GCM_SHA256", "mode": "ktls-sw",
+             "tx": {"rec_seq": 3, "key": "<hex>", "iv": "<hex>"}, "rx": {...}}, ...]}
+
+    Unknown extra fields are ignored; ``key``/``iv`` become fingerprints (kept only with reveal).
+    Raises ValueError with a human message on anything else.
+    """
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        raise ValueError(f'not an upgrade state document (want "format": "{STATE_FORMAT}")')
+    if doc.get("version") != 1:
+        raise ValueError(f"unsupported upgrade state version {doc.get('version')!r} (this build reads version 1)")
+    conns = doc.get("connections")
+    if not isinstance(conns, list):
+        raise ValueError('"connections" must be a list')
+    rows = []
+    for n, conn in enumerate(conns):
+        if not isinstance(conn, dict):
+            raise ValueError(f"connections[{n}] is not an object")
+        row: dict[str, Any] = {k: conn.get(k) for k in ("id", "client", "backend", "sni", "alpn", "suite", "mode")}
+        for d in ("tx", "rx"):
+            src = conn.get(d)
+            if src is None:
+                row[d] = None
+                continue
+            try:
+                key, iv = bytes.fromhex(src["key"]), bytes.fromhex(src["iv"])
+                seq = int(src["rec_seq"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"connections[{n}].{d} needs rec_seq (int), key and iv (hex)") from None
+            row[d] = {"rec_seq": seq, "fingerprint": fingerprint(key, iv)}
+            if reveal:
+                row[d] |= {"key": key.hex(), "iv": iv.hex()}
+        rows.append(row)
+    return rows
+
+
+# -- another process's kTLS sockets via pidfd_getfd ---------------------------------------------
+def _syscall(number: int, *args: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    ret = libc.syscall(ctypes.c_long(number), *(ctypes.c_long(a) for a in args))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
+def _explain(what: str, exc: OSError, pid: int) -> ControlError:
+    if exc.errno in (_errno.EPERM, _errno.EACCES):
+        return ControlError(f"{what} on pid {pid}: permission denied (needs ptrace rights over the "
+                            "target: same uid and ptrace_scope 0, or root / CAP_SYS_PTRACE)")
+    if exc.errno == _errno.ENOSYS:
+        return ControlError(f"{what}: not supported by this kernel ({platform.release()}; needs Linux 5.6+)")
+    if exc.errno == _errno.ESRCH:
+        return ControlError(f"no process with pid {pid}")
+    return ControlError(f"{what} on pid {pid} failed: {exc.strerror}")
+
+
+def rows_from_pid(pid: int, *, reveal: bool) -> list[dict[str, Any]]:
+    """Duplicate every socket of process ``pid`` with pidfd_getfd and read back the kTLS state of
+    those that have it (the kernel's view; no help from the target process)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise ControlError(f"--direct: pidfd syscall numbers are only wired for x86_64, not {platform.machine()}")
+    try:
+        pidfd = _syscall(SYS_PIDFD_OPEN, pid, 0)
+    except OSError as exc:
+        raise _explain("pidfd_open", exc, pid) from None
+    rows: list[dict[str, Any]] = []
+    try:
+        try:
+            fds = sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
+        except PermissionError:
+            raise ControlError(f"listing /proc/{pid}/fd: permission denied") from None
+        except FileNotFoundError:
+            raise ControlError(f"no process with pid {pid}") from None
+        for target_fd in fds:
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{target_fd}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            try:
+                fd = _syscall(SYS_PIDFD_GETFD, pidfd, target_fd, 0)
+            except OSError as exc:
+                if exc.errno == _errno.EBADF:
+                    continue  # closed meanwhile
+                raise _explain("pidfd_getfd", exc, pid) from None
+            sock = socket.socket(fileno=fd)
+            try:
+                if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+                    continue
+                try:
+                    state = ktls.read_back(sock)
+                except ktls.KtlsError:
+                    continue
+                if state.tx is None and state.rx is None:
+                    continue
+                kind = ktls.session_mode(sock)
+                row: dict[str, Any] = {
+                    "id": f"fd{target_fd}",
+                    "client": _addr(_peer(sock)),
+                    "backend": None,  # the pairing lives in the server's memory only
+                    "sni": None,
+                    "alpn": None,
+                    "suite": state.cipher_suite.name if state.cipher_suite else None,
+                    "mode": "ktls-device" if kind == "device" else "ktls-sw",
+                }
+                for d, st in (("tx", state.tx), ("rx", state.rx)):
+                    row[d] = _direction(st, reveal) if st is not None else None
+                rows.append(row)
+            finally:
+                sock.close()
+    finally:
+        os.close(pidfd)
+    return rows
+
+
+def _peer(sock: socket.socket) -> Any:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None

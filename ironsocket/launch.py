@@ -1,0 +1,80 @@
+"""Running a configuration file (`ironsocket serve --config FILE`) and the admin endpoint.
+
+One process, one `ProxyServer` per ``[[listeners]]`` table, one optional `admin.AdminServer`
+for all of them. Kept apart from `cli.py` so the command line only delegates here.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import typer
+
+from .admin import AdminError, AdminServer, parse_admin
+from .config import ConfigError, load_file
+from .server import ProxyServer, StartupError
+
+log = logging.getLogger("ironsocket")
+
+
+def _fail(message: str) -> int:
+    typer.echo(f"ironsocket: error: {message}", err=True)
+    return 2
+
+
+def start_admin(spec: str | None, servers: Sequence[ProxyServer], allow_remote: bool = False, *,
+                unix: str | None = None, listen: tuple[str, int] | None = None) -> AdminServer | None:
+    """Start the admin endpoint from a ``--admin`` value (or explicit listen/unix); None if off."""
+    if spec:
+        parsed = parse_admin(spec)
+        listen, unix = parsed.get("listen"), parsed.get("unix")
+    if listen is None and unix is None:
+        return None
+    admin = AdminServer(servers, listen=listen, unix=unix, allow_remote=allow_remote)
+    admin.start()
+    typer.echo(f"ironsocket: admin endpoint on {admin.address}", err=True)
+    return admin
+
+
+def serve_config_file(path: Path, *, admin: str | None = None, admin_allow_remote: bool = False,
+                      stop: threading.Event | None = None) -> int:
+    """Run every listener of ``path`` until SIGTERM/SIGINT (or ``stop``); the exit code."""
+    try:
+        fc = load_file(path)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    logging.getLogger().setLevel(getattr(logging, fc.log_level.upper(), logging.INFO))
+    servers: list[ProxyServer] = []
+    admin_server: AdminServer | None = None
+    stop = stop or threading.Event()
+    try:
+        for config in fc.listeners:
+            server = ProxyServer(config)
+            server.start()
+            servers.append(server)
+            host, port = server.address
+            typer.echo(f"ironsocket: serving TLS 1.3 on {host}:{port} ({config.name}), "
+                       f"record layer: {server.record_layer}", err=True)
+        if admin:
+            admin_server = start_admin(admin, servers, admin_allow_remote)
+        elif fc.admin is not None:
+            admin_server = start_admin(None, servers, fc.admin.allow_remote or admin_allow_remote,
+                                       listen=fc.admin.listen, unix=fc.admin.unix)
+    except (StartupError, AdminError) as exc:
+        for server in servers:
+            server.stop()
+        return _fail(str(exc))
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    typer.echo("ironsocket: stopping", err=True)
+    if admin_server is not None:
+        admin_server.stop()
+    for server in servers:
+        server.stop()
+    return 0

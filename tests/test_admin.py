@@ -1,0 +1,211 @@
+"""ironsocket.admin: /healthz, /connections, /metrics from a real `ironsocket serve` process."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ironsocket.admin import AdminError, AdminServer, is_loopback, metrics_text
+from tests.conftest import ManagedProcess, cert_args
+from tests.helpers import CERTS, ROOT, client_context
+
+TIMEOUT = 15.0
+
+
+@pytest.fixture
+def proxy_with_admin(echo_backend: tuple[str, int]) -> Iterator[Callable[..., tuple[ManagedProcess, tuple[str, int], str]]]:
+    procs: list[ManagedProcess] = []
+
+    def start(*extra: str) -> tuple[ManagedProcess, tuple[str, int], str]:
+        argv = [sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0", "--backend",
+                f"{echo_backend[0]}:{echo_backend[1]}", *cert_args("ecdsa-p256"), "--handshake-timeout", "3", *extra]
+        proc = ManagedProcess(argv, "ironsocket serve --admin")
+        procs.append(proc)
+        m = proc.wait_for_line(r"ironsocket: admin endpoint on (\S+)")
+        s = proc.wait_for_line(r"ironsocket: serving TLS 1\.3 on ([\d.]+):(\d+)")
+        return proc, (s.group(1), int(s.group(2))), m.group(1)
+
+    yield start
+    for p in procs:
+        p.stop()
+
+
+def get(url: str) -> tuple[int, str, str]:
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as r:
+        return r.status, r.headers.get("Content-Type", ""), r.read().decode()
+
+
+def metrics(base: str) -> dict[tuple[str, tuple], float]:
+    _, ctype, text = get(base + "metrics")
+    assert ctype.startswith("text/plain; version=0.0.4")
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def pick(samples: dict, name: str, **labels: str) -> float:
+    hits = [v for (n, ls), v in samples.items() if n == name and all((k, v2) in ls for k, v2 in labels.items())]
+    assert hits, f"no sample {name}{labels} in {sorted(samples)}"
+    return sum(hits)
+
+
+def test_healthz_connections_metrics(proxy_with_admin) -> None:
+    proc, addr, base = proxy_with_admin("--admin", "127.0.0.1:0")
+    assert base.startswith("http://127.0.0.1:")
+    status, _, body = get(base + "healthz")
+    assert status == 200 and body.startswith("ok\n") and "listeners 1" in body
+
+    # a failed handshake (TLS 1.2 only → protocol_version alert), then a live connection
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    bio_in, bio_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = old.wrap_bio(bio_in, bio_out, server_hostname="localhost")
+    with socket.create_connection(addr, timeout=TIMEOUT) as raw, pytest.raises(ssl.SSLError, match="VERSION"):
+        while True:
+            try:
+                client.do_handshake()
+            except ssl.SSLWantReadError:
+                raw.sendall(bio_out.read())
+                data = raw.recv(65536)
+                if not data:
+                    raise ssl.SSLError("EOF before the alert") from None
+                bio_in.write(data)
+
+    ctx = client_context()
+    ctx.set_alpn_protocols(["http/1.1"])  # the proxy offers no ALPN here: none is chosen
+    raw = socket.create_connection(addr, timeout=TIMEOUT)
+    tls = ctx.wrap_socket(raw, server_hostname="localhost")
+    try:
+        payload = b"x" * 5000
+        tls.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            got += tls.recv(65536)
+        me = tls.getsockname()[:2]
+
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            _, ctype, body = get(base + "connections")
+            conns = json.loads(body)
+            if conns and conns[0]["bytes_in"] >= 5000 and conns[0]["bytes_out"] >= 5000:
+                break
+            assert time.monotonic() < deadline, body
+            time.sleep(0.05)
+        assert ctype == "application/json"
+        [c] = conns
+        assert c["client"] == f"{me[0]}:{me[1]}"
+        assert c["sni"] == "localhost"
+        assert c["alpn"] is None
+        assert c["suite"].startswith("TLS_") and c["mode"] in ("userspace", "ktls-sw", "ktls-device")
+        assert c["backend"].startswith("127.0.0.1:") and c["age"] >= 0 and isinstance(c["id"], int)
+
+        m = metrics(base)
+        assert pick(m, "ironsocket_listeners") == 1
+        assert pick(m, "ironsocket_handshakes_total") == 1
+        assert pick(m, "ironsocket_handshake_failures_total", alert="protocol_version") == 1
+        assert pick(m, "ironsocket_connections", mode=c["mode"]) == 1
+        assert pick(m, "ironsocket_connections") == 1
+        assert pick(m, "ironsocket_bytes_total", direction="in") == 5000
+        assert pick(m, "ironsocket_bytes_total", direction="out") == 5000
+        ktls_live = pick(m, "ironsocket_ktls_sessions")
+        assert ktls_live == (0 if c["mode"] == "userspace" else 1)
+        kernel = [k for k in m if k[0] == "ironsocket_kernel_tls_stat"]
+        if Path("/proc/net/tls_stat").exists():
+            assert any(dict(labels).get("counter") == "TlsTxSw" for _, labels in kernel), kernel
+        else:
+            assert kernel == []
+    finally:
+        tls.close()
+
+    # after close: no live connection, the bytes stay counted
+    deadline = time.monotonic() + TIMEOUT
+    while json.loads(get(base + "connections")[2]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    m = metrics(base)
+    assert pick(m, "ironsocket_connections") == 0
+    assert pick(m, "ironsocket_bytes_total", direction="in") == 5000
+    with pytest.raises(urllib.error.HTTPError) as nf:
+        get(base + "nope")
+    assert nf.value.code == 404
+    nf.value.close()
+
+
+def test_admin_refuses_non_loopback_without_flag(echo_backend) -> None:
+    argv = [sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0", "--backend",
+            f"{echo_backend[0]}:{echo_backend[1]}", *cert_args("ecdsa-p256"), "--admin", "0.0.0.0:0"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 2
+    assert "refusing to listen on 0.0.0.0: not a loopback address" in out.stderr
+    assert "--admin-allow-remote" in out.stderr
+    with pytest.raises(AdminError, match="not a loopback address"):
+        AdminServer([], listen=("0.0.0.0", 0))
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
+
+
+def test_admin_allow_remote_flag(proxy_with_admin) -> None:
+    _, _, base = proxy_with_admin("--admin", "0.0.0.0:0", "--admin-allow-remote")
+    port = base.rsplit(":", 1)[1].strip("/")
+    assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+
+
+def test_admin_unix_socket_from_config(tmp_path: Path, echo_backend) -> None:
+    sock_path = tmp_path / "admin.sock"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""
+[admin]
+unix = "{sock_path}"
+
+[[listeners]]
+listen = "127.0.0.1:0"
+backend = "{echo_backend[0]}:{echo_backend[1]}"
+[[listeners.certs]]
+cert = "{CERTS}/ecdsa-p256.pem"
+key = "{CERTS}/ecdsa-p256.key"
+
+[[listeners]]
+listen = "127.0.0.1:0"
+backend = "{echo_backend[0]}:{echo_backend[1]}"
+[[listeners.certs]]
+cert = "{CERTS}/rsa2048.pem"
+key = "{CERTS}/rsa2048.key"
+""")
+    proc = ManagedProcess([sys.executable, "-m", "ironsocket", "serve", "--config", str(cfg)], "serve --config")
+    try:
+        proc.wait_for_line(r"ironsocket: admin endpoint on unix:")
+        assert oct(sock_path.stat().st_mode & 0o777) == "0o600"
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(TIMEOUT)
+            s.connect(str(sock_path))
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+        assert data.startswith(b"HTTP/1.") and b" 200 " in data.split(b"\r\n", 1)[0]
+        assert data.endswith(b"ok\nlisteners 2\n")
+    finally:
+        proc.stop()
+    assert not sock_path.exists()
+
+
+def test_metrics_text_kernel_counters() -> None:
+    """Every /proc/net/tls_stat counter becomes one sample; none when the file is absent."""
+    text = metrics_text([], tls_stat=lambda: {"TlsTxSw": 3, "TlsRxSw": 2, "TlsDecryptError": 0})
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {s.labels["counter"]: s.value for s in fams["ironsocket_kernel_tls_stat"].samples}
+    assert samples == {"TlsTxSw": 3, "TlsRxSw": 2, "TlsDecryptError": 0}
+    assert "ironsocket_kernel_tls_stat" not in metrics_text([], tls_stat=dict)

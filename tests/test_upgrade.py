@@ -1,0 +1,319 @@
+"""The exec upgrade with real clients, a real backend and the real `ironsocket serve` process.
+
+Marked ``ktls``: on the host the connections are in userspace mode (secrets carried in the
+state document), in the VM they are kTLS sockets (the kernel carries the keys; the restore
+checks them by read-back). Fewer connections/upgrades in the emulated VM, same assertions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ironsocket import ktls
+from tests.helpers import CERTS, ROOT, client_context
+
+pytestmark = pytest.mark.ktls
+
+IN_VM = ktls.probe().available
+CONNECTIONS = 12 if IN_VM else 50
+UPGRADES = 3 if IN_VM else 10
+TIMEOUT = 120.0 if IN_VM else 30.0
+
+
+def pattern(conn: int, offset: int, size: int) -> bytes:
+    """Deterministic bytes for connection ``conn`` at stream ``offset``."""
+    out = bytearray()
+    block = offset // 32
+    skip = offset % 32
+    while len(out) < size + skip:
+        out += hashlib.sha256(f"{conn}:{block}".encode()).digest()
+        block += 1
+    return bytes(out[skip : skip + size])
+
+
+class Streamer(threading.Thread):
+    """One TLS connection through the proxy to the echo backend, verifying every echoed byte."""
+
+    def __init__(self, port: int, index: int) -> None:
+        super().__init__(name=f"streamer-{index}", daemon=True)
+        self.port, self.index = port, index
+        self.sent = 0
+        self.verified = 0
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.connected = threading.Event()
+        self.max_gap = 0.0
+
+    def run(self) -> None:
+        rnd = random.Random(self.index)
+        try:
+            raw = socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
+            with client_context().wrap_socket(raw, server_hostname="localhost") as tls:
+                self.connected.set()
+                while not self.stop.is_set():
+                    size = rnd.randint(1, 20_000)
+                    data = pattern(self.index, self.sent, size)
+                    start = time.monotonic()
+                    tls.sendall(data)
+                    self.sent += size
+                    got = bytearray()
+                    while len(got) < size:
+                        chunk = tls.recv(size - len(got))
+                        if not chunk:
+                            raise ConnectionError(f"EOF after {self.verified + len(got)} bytes")
+                        got += chunk
+                    if bytes(got) != data:
+                        raise AssertionError(f"connection {self.index}: mismatch at offset {self.verified}")
+                    self.verified += size
+                    self.max_gap = max(self.max_gap, time.monotonic() - start)
+                    time.sleep(0.005)
+                tls.unwrap()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+            self.connected.set()
+
+
+class Server:
+    """`python -m ironsocket serve` as a subprocess, with its control socket and log."""
+
+    def __init__(self, tmp: Path, backend_port: int) -> None:
+        self.log_path = tmp / "serve.log"
+        self.control = tmp / "ctl.sock"
+        self.log = self.log_path.open("w")
+        env = os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(tmp)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0",
+             "--backend", f"127.0.0.1:{backend_port}", "--cert", str(CERTS / "ecdsa-p256.pem"),
+             "--key", str(CERTS / "ecdsa-p256.key"), "--control-socket", str(self.control)],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.port = int(self.wait_for(r"serving TLS 1\.3 on [\d.]+:(\d+)").group(1))
+
+    def text(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for(self, regex: str, count: int = 1) -> re.Match[str]:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            matches = list(re.finditer(regex, self.text()))
+            if len(matches) >= count:
+                return matches[count - 1]
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"server log never showed {regex!r}:\n{self.text()[-3000:]}")
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def upgrade(self, *args: str) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run([sys.executable, "-m", "ironsocket", "upgrade", "--socket", str(self.control),
+                                   "--timeout", str(TIMEOUT), *args], capture_output=True, text=True,
+                                  timeout=TIMEOUT + 10, env=os.environ | {"PYTHONPATH": str(ROOT)})
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"upgrade did not answer; server log:\n{self.text()[-4000:]}") from None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path, echo_backend) -> Iterator[Server]:
+    srv = Server(tmp_path, echo_backend[1])
+    yield srv
+    srv.close()
+    print("--- server log (tail) ---\n" + "\n".join(srv.text().splitlines()[-80:]))  # shown on failure
+
+
+@pytest.fixture(scope="module")
+def echo_backend() -> Iterator[tuple[str, int]]:
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "echo_backend.py")], stdout=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    host, port = proc.stdout.readline().rsplit(" ", 1)[-1].strip().rsplit(":", 1)
+    yield host, int(port)
+    proc.terminate()
+    proc.wait(5)
+    proc.stdout.close()
+
+
+def wait_until(predicate, timeout: float = TIMEOUT, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def echo_once(port: int, payload: bytes) -> bytes:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    with client_context().wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(payload)
+        got = bytearray()
+        while len(got) < len(payload):
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        tls.unwrap()
+        return bytes(got)
+
+
+class HalfHandshake:
+    """A client that has sent its ClientHello and holds its Finished: an in-flight handshake."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = client_context().wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        self.sock.sendall(self.outgoing.read())
+        while True:  # read the server flight, complete on our side, keep the Finished
+            self.incoming.write(self.sock.recv(65536))
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                continue
+        self.finished = self.outgoing.read()
+
+    def finish_and_echo(self, payload: bytes) -> bytes:
+        self.tls.write(payload)
+        self.sock.sendall(self.finished + self.outgoing.read())
+        got = bytearray()
+        while len(got) < len(payload):
+            try:
+                got += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                self.incoming.write(data)
+        self.sock.close()
+        return bytes(got)
+
+
+def test_upgrades_under_load_lose_nothing(server: Server) -> None:
+    pid = server.proc.pid
+    idle_fds = server.fds()
+    streamers = [Streamer(server.port, i) for i in range(CONNECTIONS)]
+    for s in streamers:
+        s.start()
+    for s in streamers:
+        assert s.connected.wait(TIMEOUT)
+        assert s.error is None, s.error
+    wait_until(lambda: all(s.verified > 0 for s in streamers), what="every stream flowing")
+    busy_fds = server.fds()
+
+    for n in range(1, UPGRADES + 1):
+        half = HalfHandshake(server.port)  # a handshake in progress when the upgrade starts
+        newcomers: list[bytes] = []
+        result: list[subprocess.CompletedProcess[str]] = []
+        def upgrade_in_background() -> None:
+            try:
+                result.append(server.upgrade())
+            except AssertionError as exc:
+                failures.append(exc)
+
+        failures: list[AssertionError] = []
+        trigger = threading.Thread(target=upgrade_in_background)
+        trigger.start()
+        time.sleep(0.2)
+        assert half.finish_and_echo(b"in-flight handshake %d" % n) == b"in-flight handshake %d" % n
+        # A client connecting while the upgrade runs waits in the backlog and is served after.
+        newcomers.append(echo_once(server.port, b"newcomer %d" % n))
+        trigger.join(TIMEOUT + 20)
+        assert not failures, failures[0]
+        assert result and result[0].returncode == 0, (result[0].stdout + result[0].stderr) if result else "no result"
+        assert "upgraded" in result[0].stdout
+        assert newcomers == [b"newcomer %d" % n]
+        server.wait_for(r"upgrade: restored (\d+) connections", count=n)
+        assert server.proc.pid == pid and server.proc.poll() is None
+        for s in streamers:
+            assert s.error is None, f"stream {s.index}: {s.error!r}"
+        progress = [s.verified for s in streamers]
+        wait_until(lambda: all(s.verified > p for s, p in zip(streamers, progress)), what="streams flowing after upgrade")
+        # No fd leaks: the same connections hold the same number of fds after every upgrade.
+        wait_until(lambda: server.fds() == busy_fds, timeout=10, what=f"fd count back to {busy_fds}")
+
+    for s in streamers:
+        s.stop.set()
+    for s in streamers:
+        s.join(TIMEOUT)
+        assert s.error is None, f"stream {s.index}: {s.error!r}"
+        assert s.verified == s.sent > 0
+    wait_until(lambda: server.fds() == idle_fds, timeout=20, what=f"idle fd count back to {idle_fds}")
+    pauses = [float(m) for m in re.findall(r"upgrade: resumed after ([\d.]+) ms", server.text())]
+    assert len(pauses) == UPGRADES
+    print(f"\n{CONNECTIONS} connections, {UPGRADES} upgrades, pauses (ms): {pauses}, "
+          f"largest client stall: {max(s.max_gap for s in streamers) * 1000:.0f} ms")
+
+
+def test_upgrade_to_a_broken_program_keeps_serving(server: Server, tmp_path: Path) -> None:
+    broken = tmp_path / "broken-ironsocket"
+    broken.write_text("#!/bin/sh\necho 'ImportError: cannot import name tls13 (simulated broken release)' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    streamer = Streamer(server.port, 7)
+    streamer.start()
+    assert streamer.connected.wait(TIMEOUT)
+    wait_until(lambda: streamer.verified > 0, what="stream flowing")
+    result = server.upgrade("--exec", str(broken))
+    assert result.returncode != 0
+    assert "start-up check" in result.stderr and "simulated broken release" in result.stderr
+    assert "Traceback" not in result.stderr
+    before = streamer.verified
+    wait_until(lambda: streamer.verified > before, what="stream still flowing")
+    assert echo_once(server.port, b"still serving") == b"still serving"
+    streamer.stop.set()
+    streamer.join(TIMEOUT)
+    assert streamer.error is None and streamer.verified == streamer.sent
+
+
+def test_restore_failure_after_exec_rolls_back(server: Server, tmp_path: Path) -> None:
+    """A new program that passes the check but cannot restore (here: its certificate vanished)
+    execs the previous program back; the connections survive and the caller learns why."""
+    lying = tmp_path / "lying-ironsocket"
+    real = sys.executable
+    lying.write_text(
+        "#!/bin/sh\n"
+        f'for a in "$@"; do [ "$a" = --upgrade-check ] && exec {real} -m ironsocket "$@"; done\n'
+        f'exec {real} -m ironsocket "$@" --cert /nonexistent/cert.pem --key /nonexistent/key.pem\n'
+    )
+    lying.chmod(0o755)
+    streamer = Streamer(server.port, 11)
+    streamer.start()
+    assert streamer.connected.wait(TIMEOUT)
+    wait_until(lambda: streamer.verified > 0, what="stream flowing")
+    result = server.upgrade("--exec", str(lying))
+    assert result.returncode != 0, result.stdout
+    assert "rolled back" in result.stderr and "nonexistent" in result.stderr
+    server.wait_for(r"upgrade: restored (\d+) connections")
+    before = streamer.verified
+    wait_until(lambda: streamer.verified > before, what="stream flowing after rollback")
+    assert echo_once(server.port, b"after rollback") == b"after rollback"
+    streamer.stop.set()
+    streamer.join(TIMEOUT)
+    assert streamer.error is None and streamer.verified == streamer.sent
