@@ -38,6 +38,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import fcntl
@@ -47,7 +48,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from . import ktls
@@ -326,6 +327,34 @@ def _keys(cipher_suite: CipherSuite, secret: bytes) -> TrafficKeys:
     return TrafficKeys(traffic_secret=secret, key=key, iv=iv, rec_seq=0)
 
 
+class BufferPool:
+    """Read buffers lent for one read at a time, so an idle connection holds none (two 64 KiB
+    buffers per connection were most of its memory)."""
+
+    def __init__(self, size: int, keep: int = 64) -> None:
+        self.size, self.keep = size, keep
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[memoryview]:
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+        if buf is None:
+            buf = bytearray(self.size)
+        view = memoryview(buf)
+        try:
+            yield view
+        finally:
+            view.release()
+            with self._lock:
+                if len(self._free) < self.keep:
+                    self._free.append(buf)
+
+
+_BUFFERS = BufferPool(READ_SIZE)
+
+
 def make_pipe() -> tuple[int, int]:
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -525,9 +554,6 @@ class Relay:
         else:
             channel = self.client
             assert isinstance(channel, UserspaceChannel)
-            buf = bytearray(READ_SIZE)
-            view = memoryview(buf)
-
             def step() -> bool:
                 if state.pending:
                     return self._write_pending(state, self.backend)
@@ -544,15 +570,19 @@ class Relay:
                     return False
                 if event is not NEED_DATA:
                     return False
-                try:
-                    n = channel.sock.recv_into(view)
-                except BlockingIOError:
+                with _BUFFERS.borrow() as view:
+                    try:
+                        n = channel.sock.recv_into(view)
+                    except BlockingIOError:
+                        n = -1
+                    else:
+                        channel.session.receive_data(view[:n])  # copies: the buffer goes back
+                if n < 0:
                     self._wait(channel.sock.fileno(), select.POLLIN)
                     return False
                 if n == 0:
                     channel.truncated = True
                     return self._client_eof()
-                channel.session.receive_data(view[:n])
                 return False
 
         try:
@@ -627,9 +657,6 @@ class Relay:
         else:
             channel = self.client
             assert isinstance(channel, UserspaceChannel)
-            buf = bytearray(READ_SIZE)
-            view = memoryview(buf)
-
             def step() -> bool:
                 if channel.out:
                     if not channel.flush():
@@ -638,9 +665,14 @@ class Relay:
                 if state.done:
                     _shutdown(channel.sock, socket.SHUT_WR)
                     return True
-                try:
-                    n = self.backend.recv_into(view)
-                except BlockingIOError:
+                with _BUFFERS.borrow() as view:
+                    try:
+                        n = self.backend.recv_into(view)
+                    except BlockingIOError:
+                        n = -1
+                    else:
+                        channel.queue(view[:n])  # seals into channel.out: the buffer goes back
+                if n < 0:
                     self._wait(self.backend.fileno(), select.POLLIN)
                     return False
                 if n == 0:
@@ -649,7 +681,6 @@ class Relay:
                     return False
                 self.stats.bytes_to_client += n
                 self.stats.last_activity = time.monotonic()
-                channel.queue(view[:n])
                 return False
 
         self._pump_loop(step)
