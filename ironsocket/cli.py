@@ -81,6 +81,7 @@ def serve(
     admin: Annotated[Optional[str], typer.Option(help="Admin HTTP endpoint (/healthz, /connections, /metrics): HOST:PORT on loopback, or a unix socket path. Off by default.")] = None,
     admin_allow_remote: Annotated[bool, typer.Option(help="Allow --admin on a non-loopback address (it has no authentication).")] = False,
     control_socket: Annotated[Optional[Path], typer.Option(help="Unix socket for `ironsocket inspect-keys` (and upgrades). Default: <run dir>/ironsocket-<pid>.sock.")] = None,
+    upgrade_state_dump: Annotated[Optional[Path], typer.Option(help="Debugging: at each upgrade also write the state document, traffic secrets included, to this file (0600), for `inspect-keys --state`.")] = None,
     upgrade_check: Annotated[bool, typer.Option("--upgrade-check", hidden=True, help="Load the configuration, report the upgrade state format, exit.")] = False,
 ) -> None:
     """Terminate TLS 1.3 on LISTEN and relay plaintext to BACKEND."""
@@ -133,7 +134,7 @@ def serve(
     from .control import ControlError
 
     runtime = Runtime(config, demo=backend_addr is None, admin=admin, admin_allow_remote=admin_allow_remote,
-                      control_socket=control_socket, say=lambda text: typer.echo(text, err=True))
+                      control_socket=control_socket, state_dump=upgrade_state_dump, say=lambda text: typer.echo(text, err=True))
     try:
         runtime.start()
     except (StartupError, AdminError, ControlError) as exc:

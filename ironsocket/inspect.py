@@ -174,6 +174,9 @@ def describe_state(doc: dict[str, Any], *, reveal: bool = False) -> list[dict[st
         if not isinstance(conn, dict):
             raise ValueError(f"connections[{n}] is not an object")
         row: dict[str, Any] = {k: conn.get(k) for k in ("id", "client", "backend", "sni", "alpn", "suite", "mode")}
+        for k in ("client", "backend"):  # the upgrade writes [host, port]
+            if isinstance(row[k], list) and len(row[k]) == 2:
+                row[k] = f"{row[k][0]}:{row[k][1]}"
         for d in ("tx", "rx"):
             src = conn.get(d)
             if src is None:

@@ -100,12 +100,16 @@ class PauseControl:
 
     def __init__(self) -> None:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        # Two conditions on one lock: parking pumps wake only the upgrade thread, and resume
+        # wakes only parked pumps (one shared condition made quiesce O(pumps²) in wake-ups).
+        self._count_changed = threading.Condition(lock)
+        self._resumed = threading.Condition(lock)
         self.paused = False
         self.running = 0
 
     def pause(self) -> None:
-        with self._cond:
+        with self._count_changed:
             self.paused = True
         try:
             os.write(self.wake_w, b"!")
@@ -113,34 +117,36 @@ class PauseControl:
             pass
 
     def wait_parked(self, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self.running == 0, timeout)
+        with self._count_changed:
+            return self._count_changed.wait_for(lambda: self.running == 0, timeout)
 
     def resume(self) -> None:
-        with self._cond:
+        with self._resumed:
             self.paused = False
             try:
                 while os.read(self.wake_r, 4096):
                     pass
             except BlockingIOError:
                 pass
-            self._cond.notify_all()
+            self._resumed.notify_all()
 
     def enter(self) -> None:
-        with self._cond:
+        with self._count_changed:
             self.running += 1
 
     def leave(self) -> None:
-        with self._cond:
+        with self._count_changed:
             self.running -= 1
-            self._cond.notify_all()
+            if self.running == 0:
+                self._count_changed.notify_all()
 
     def park(self) -> None:
         """Called by a pump at a safe point while paused: blocks until resumed."""
-        with self._cond:
+        with self._resumed:
             self.running -= 1
-            self._cond.notify_all()
-            self._cond.wait_for(lambda: not self.paused)
+            if self.running == 0:
+                self._count_changed.notify_all()
+            self._resumed.wait_for(lambda: not self.paused)
             self.running += 1
 
     def close(self) -> None:
@@ -427,15 +433,6 @@ class Relay:
         for s in (client.sock, backend):
             s.setblocking(False)
 
-    @property
-    def fds(self) -> list[int]:
-        """Every fd this relay owns (for the upgrade and the leak checks)."""
-        out = [self.client.sock.fileno(), self.backend.fileno()]
-        for state in (self.c2b, self.b2c):
-            if state.pipe:
-                out += list(state.pipe)
-        return out
-
     def start(self) -> None:
         """Start both pumps (each counted as running until it parks or ends)."""
         for name, state, fn in (("c2b", self.c2b, self._c2b), ("b2c", self.b2c, self._b2c)):
@@ -449,11 +446,6 @@ class Relay:
             t.start()
         if not self._threads:
             self.close()
-
-    def run(self) -> None:
-        """Start the pumps and wait for them (in the calling thread) — used by the server."""
-        self.start()
-        self.join()
 
     def join(self, timeout: float | None = None) -> None:
         for t in self._threads:

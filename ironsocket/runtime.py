@@ -70,6 +70,7 @@ class Runtime:
         admin: str | None = None,
         admin_allow_remote: bool = False,
         control_socket: Path | None = None,
+        state_dump: Path | None = None,
         say: Callable[[str], None] = print,
     ) -> None:
         self.config = config
@@ -77,6 +78,7 @@ class Runtime:
         self.admin_address = admin
         self.admin_allow_remote = admin_allow_remote
         self.control_socket = control_socket
+        self.state_dump = state_dump
         self.say = say
         self.server: ProxyServer | None = None
         self.demo: Any = None
@@ -101,6 +103,14 @@ class Runtime:
         self.server = ProxyServer(self.config)
         if doc is not None:
             self.server.adopt(doc)
+        else:  # systemd socket activation (ironsocket.activation): fd 3 instead of --listen
+            from .activation import ActivationError, listen_socket
+            from .server import StartupError
+
+            try:
+                self.server._listener = listen_socket()
+            except ActivationError as exc:
+                raise StartupError(str(exc)) from None
         self.server.start()
         from .launch import start_admin
 
@@ -152,7 +162,8 @@ class Runtime:
             assert self.server is not None
             extra = {"control_fd": self.control.fileno() if self.control else None,
                      "demo_fd": self.demo.fileno() if self.demo else None}
-            upgrade.perform(self.server, upgrade.target_program(exec_path), reply=conn.sock if conn else None, extra=extra)
+            upgrade.perform(self.server, upgrade.target_program(exec_path), reply=conn.sock if conn else None, extra=extra,
+                            dump_path=str(self.state_dump) if self.state_dump else None)
         except upgrade.UpgradeError as exc:
             log.error("upgrade: not done: %s", exc)
             if conn is not None:

@@ -419,6 +419,9 @@ class ProxyServer:
         ):
             try:
                 ktls.install(sock, handoff)
+                # tls.rst "TLS_RX_EXPECT_NO_PAD": decrypt straight into the destination; a padded
+                # record is merely decrypted twice (TlsDecryptRetry), so this is always safe.
+                ktls.set_rx_expect_no_pad(sock)
                 return KtlsChannel.from_handoff(sock, handoff)
             except ktls.KtlsError as exc:
                 if exc.errno is not None and "TLS_RX" in str(exc):

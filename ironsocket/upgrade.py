@@ -193,6 +193,16 @@ def write_memfd(doc: dict[str, Any]) -> int:
     return fd
 
 
+def dump_state(doc: dict[str, Any], path: str) -> None:
+    """Debugging only (``serve --upgrade-state-dump FILE``): the document, secrets included, in a
+    file created 0600 — for ``ironsocket inspect-keys --state FILE`` post-mortems."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=1)
+    log.warning("upgrade: state document (with traffic secrets) written to %s as asked", path)
+
+
 def read_memfd(fd: int) -> dict[str, Any]:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
@@ -292,7 +302,7 @@ def restore_connection(conn: dict[str, Any], control: PauseControl, idle_timeout
 
 # -- performing one ------------------------------------------------------------------------------
 def perform(server: ProxyServer, target: list[str], reply: socket.socket | None = None,
-            extra: dict[str, Any] | None = None) -> None:
+            extra: dict[str, Any] | None = None, dump_path: str | None = None) -> None:
     """Check, quiesce, snapshot and exec. Returns only if the upgrade did not happen (raises
     UpgradeError with the reason after resuming everything)."""
     report = check_target(target)
@@ -307,6 +317,8 @@ def perform(server: ProxyServer, target: list[str], reply: socket.socket | None 
         doc.update(format=STATE_FORMAT, version=STATE_VERSION, pid=os.getpid(), created=time.time(),
                    paused_at_monotonic=started, previous_exec=current_program(),
                    reply_fd=reply.fileno() if reply is not None else None)
+        if dump_path is not None:
+            dump_state(doc, dump_path)
         memfd = write_memfd(doc)
         fds = [*inherited_fds(doc), memfd]
         for fd in fds:

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
 import pytest
 
 
@@ -12,17 +21,11 @@ def pytest_configure(config: pytest.Config) -> None:
 # ---------------------------------------------------------------------------------------------
 # Interop fixtures (tests/test_interop.py): real processes, each killed in a finalizer.
 # ---------------------------------------------------------------------------------------------
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 _ROOT = Path(__file__).resolve().parent.parent
 _CERTS = _ROOT / "fixtures" / "certs"
-_READY_TIMEOUT = 20.0
+_IN_VM = bool(os.environ.get("IRONSOCKET_IN_VM"))  # set by tools/vm/ktls-vm
+# `serve` imports cryptography/typer: slow under the VM's emulated CPU
+_READY_TIMEOUT = 180.0 if _IN_VM else 20.0
 
 
 class ManagedProcess:
@@ -126,7 +129,7 @@ def start_proxy(request: pytest.FixtureRequest) -> Iterator[Callable[..., ProxyP
     started: list[ProxyProcess] = []
 
     def start(*extra: str, certs: tuple[str, ...] = ("ecdsa-p256",), backend: str | None = "echo",
-              handshake_timeout: float = 3) -> ProxyProcess:
+              handshake_timeout: float = 30 if _IN_VM else 3) -> ProxyProcess:
         argv = [sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0",
                 "--handshake-timeout", f"{handshake_timeout:g}", *cert_args(*certs), *extra]
         if backend == "echo":

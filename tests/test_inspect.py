@@ -52,33 +52,6 @@ def run_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-SERVE_READY_TIMEOUT = 180.0  # `serve` imports cryptography/typer: slow under the VM's emulated CPU
-
-
-@pytest.fixture
-def start_proxy(request: pytest.FixtureRequest) -> Iterator:
-    """conftest's start_proxy, with a start-up wait long enough for the kTLS VM."""
-    from tests.conftest import ProxyProcess, cert_args
-
-    started = []
-
-    def start(*extra: str):
-        host, port = request.getfixturevalue("echo_backend")
-        argv = [sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0", "--handshake-timeout", "10",
-                *cert_args("ecdsa-p256"), "--backend", f"{host}:{port}", *extra]
-        proc = ProxyProcess(argv, "ironsocket serve")
-        started.append(proc)
-        m = proc.wait_for_line(r"ironsocket: serving TLS 1\.3 on ([\d.]+):(\d+)", timeout=SERVE_READY_TIMEOUT)
-        proc.host, proc.port = m.group(1), int(m.group(2))
-        return proc
-
-    try:
-        yield start
-    finally:
-        for p in started:
-            p.stop()
-
-
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "ironsocket", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=CLI_TIMEOUT, stdin=subprocess.DEVNULL)

@@ -8,6 +8,7 @@ checks them by read-back). Fewer connections/upgrades in the emulated VM, same a
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
@@ -89,7 +90,7 @@ class Streamer(threading.Thread):
 class Server:
     """`python -m ironsocket serve` as a subprocess, with its control socket and log."""
 
-    def __init__(self, tmp: Path, backend_port: int) -> None:
+    def __init__(self, tmp: Path, backend_port: int, *extra: str) -> None:
         self.log_path = tmp / "serve.log"
         self.control = tmp / "ctl.sock"
         self.log = self.log_path.open("w")
@@ -97,7 +98,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0",
              "--backend", f"127.0.0.1:{backend_port}", "--cert", str(CERTS / "ecdsa-p256.pem"),
-             "--key", str(CERTS / "ecdsa-p256.key"), "--control-socket", str(self.control)],
+             "--key", str(CERTS / "ecdsa-p256.key"), "--control-socket", str(self.control), *extra],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.port = int(self.wait_for(r"serving TLS 1\.3 on [\d.]+:(\d+)").group(1))
 
@@ -317,3 +318,58 @@ def test_restore_failure_after_exec_rolls_back(server: Server, tmp_path: Path) -
     streamer.stop.set()
     streamer.join(TIMEOUT)
     assert streamer.error is None and streamer.verified == streamer.sent
+
+
+def inspect(server: Server, *args: str) -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", "ironsocket", "inspect-keys", "--socket", str(server.control), "--json",
+                          *args], capture_output=True, text=True, timeout=TIMEOUT, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["connections"]
+
+
+def test_inspect_keys_view_continues_across_upgrade(tmp_path: Path, echo_backend) -> None:
+    """inspect-keys before and after an upgrade: same connection id, same key fingerprints, and
+    sequence numbers that continue exactly with the records the client sent and received; the
+    debug state dump (0600) decodes to the same view."""
+    from tests.test_proxy import RecordClient
+
+    dump = tmp_path / "state.json"
+    server = Server(tmp_path, echo_backend[1], "--upgrade-state-dump", str(dump))
+    try:
+        client = RecordClient(("127.0.0.1", server.port))
+        client.handshake()
+        for i in range(5):
+            client.send(b"before %d" % i)
+            assert client.recv_exact(8) == b"before %d" % i
+        wait_until(lambda: len(inspect(server)) == 1 and inspect(server)[0]["tx"]["rec_seq"] == client.records_received,
+                   what="the echoes counted")
+        (before,) = inspect(server)
+        assert (before["tx"]["rec_seq"], before["rx"]["rec_seq"]) == (client.records_received, client.records_sent)
+
+        result = server.upgrade()
+        assert result.returncode == 0, result.stderr
+        (after,) = inspect(server)
+        assert after["id"] == before["id"]
+        assert after["tx"]["fingerprint"] == before["tx"]["fingerprint"]
+        assert after["rx"]["fingerprint"] == before["rx"]["fingerprint"]
+        assert (after["tx"]["rec_seq"], after["rx"]["rec_seq"]) == (before["tx"]["rec_seq"], before["rx"]["rec_seq"])
+
+        for i in range(3):
+            client.send(b"after %d" % i)
+            assert client.recv_exact(7) == b"after %d" % i
+        wait_until(lambda: inspect(server)[0]["tx"]["rec_seq"] == client.records_received, what="the new echoes counted")
+        (later,) = inspect(server)
+        assert (later["tx"]["rec_seq"], later["rx"]["rec_seq"]) == (client.records_received, client.records_sent)
+
+        assert oct(dump.stat().st_mode & 0o777) == "0o600"
+        out = subprocess.run([sys.executable, "-m", "ironsocket", "inspect-keys", "--state", str(dump), "--json"],
+                             capture_output=True, text=True, timeout=TIMEOUT, env=os.environ | {"PYTHONPATH": str(ROOT)})
+        assert out.returncode == 0, out.stderr
+        (saved,) = json.loads(out.stdout)["connections"]
+        assert saved["tx"]["fingerprint"] == before["tx"]["fingerprint"]
+        assert (saved["tx"]["rec_seq"], saved["rx"]["rec_seq"]) == (before["tx"]["rec_seq"], before["rx"]["rec_seq"])
+        assert saved["client"] == before["client"]
+        client.close_notify()
+        client.close()
+    finally:
+        server.close()

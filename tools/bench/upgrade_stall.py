@@ -1,0 +1,512 @@
+#!/usr/bin/env python3
+"""How long do established connections stall while `ironsocket upgrade` execs the program?
+
+    .venv/bin/python tools/bench/upgrade_stall.py [--connections 100,1000] [--upgrades 3]
+        [--warmup 3] [--clients 2] [--interval 0] [--markdown-out docs/benchmarks.md]
+
+For each N in --connections: starts `tests/echo_backend.py` and a real
+`python -m ironsocket serve ... --control-socket CTL` (userspace record layer on a kernel
+without kTLS), opens N TLS 1.3 connections from --clients asyncio client processes, and on every
+connection streams 64-byte pings continuously (send, wait for the echo, verify every byte, next;
+--interval adds think time). After --warmup seconds it triggers --upgrades upgrades one after the
+other with `python -m ironsocket upgrade --socket CTL` and records, per upgrade:
+
+- the upgrade command's wall time (includes its own interpreter start and the target check);
+- the server's own numbers from its log: `paused in X ms` (quiesce: accept loop stopped,
+  pumps parked, state written) and `resumed after X ms` (state document created -> restored
+  in the exec'd program: exec, interpreter start, imports, restore);
+- per connection, the largest gap between two consecutive completed round-trips that overlaps
+  the upgrade window (command started .. command returned);
+- connections lost (EOF/reset/timeout) and echo mismatches: both must be 0.
+
+For comparison it also reports the same largest-gap statistic over a window of equal length
+during the warm-up (no upgrade): on a busy 2-CPU host the load alone makes gaps.
+
+Prints a markdown table; `--markdown-out FILE` writes it into its own section of FILE between
+`<!-- bench:upgrade-stall begin ... -->` / `<!-- bench:upgrade-stall end -->` markers (replaced
+on the next run; appended at the end the first time). Every process started here runs in its
+own process group and is killed on exit. A printed table, never an assertion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import multiprocessing as mp
+import os
+import platform
+import re
+import resource
+import shlex
+import signal
+import ssl
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CERTS = ROOT / "fixtures" / "certs"
+PING = 64
+SECTION = "upgrade-stall"
+BEGIN = f"<!-- bench:{SECTION} begin (written by tools/bench/upgrade_stall.py; edits inside are overwritten) -->"
+END = f"<!-- bench:{SECTION} end -->"
+
+
+def log(msg: str) -> None:
+    print(f"upgrade-stall: {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ processes we start
+_STARTED: list[subprocess.Popen] = []
+
+
+def spawn(argv: list[str], logfile: Path, env: dict[str, str] | None = None, stdout=None) -> subprocess.Popen:
+    out = open(logfile, "ab")
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout or out, stderr=out,
+                         start_new_session=True, cwd=ROOT, env=env)
+    out.close()
+    _STARTED.append(p)
+    return p
+
+
+def kill_group(p: subprocess.Popen, grace: float = 5.0) -> None:
+    if p.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        p.wait(5)
+    if p in _STARTED:
+        _STARTED.remove(p)
+
+
+def kill_everything() -> None:
+    for p in list(_STARTED):
+        kill_group(p, grace=2.0)
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def child_env() -> dict[str, str]:
+    return os.environ | {"PYTHONPATH": str(ROOT)}
+
+
+def wait_log(path: Path, regex: str, proc: subprocess.Popen, timeout: float, count: int = 1) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        matches = list(re.finditer(regex, path.read_text(errors="replace")))
+        if len(matches) >= count:
+            return matches[count - 1]
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    tail = "\n".join(path.read_text(errors="replace").splitlines()[-30:])
+    raise RuntimeError(f"{path.name} never showed {regex!r}:\n{tail}")
+
+
+# ------------------------------------------------------------------ client worker (asyncio)
+def payload(conn: int, seq: int) -> bytes:
+    head = struct.pack("!II", conn, seq)
+    return head + bytes((conn + seq + i) & 0xFF for i in range(PING - len(head)))
+
+
+class Conn:
+    __slots__ = ("index", "times", "connected", "lost", "mismatch", "error", "rtts")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.times: list[float] = []  # completion times of round-trips since the last trim
+        self.connected = False
+        self.lost = False
+        self.mismatch = 0
+        self.error = ""
+        self.rtts = 0
+
+
+async def run_conn(c: Conn, port: int, ctx: ssl.SSLContext, gate: asyncio.Semaphore, interval: float,
+                   stop: asyncio.Event, timeout: float) -> None:
+    try:
+        async with gate:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost"), timeout)
+        c.connected = True
+        c.times.append(time.monotonic())
+        seq = 0
+        while not stop.is_set():
+            data = payload(c.index, seq)
+            writer.write(data)
+            got = await asyncio.wait_for(reader.readexactly(PING), timeout)
+            if got != data:
+                c.mismatch += 1
+                c.error = f"mismatch at round-trip {seq}"
+                break
+            c.times.append(time.monotonic())
+            c.rtts += 1
+            seq += 1
+            if interval:
+                await asyncio.sleep(interval)
+        writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.wait_closed(), 2)
+    except Exception as exc:  # noqa: BLE001 - counted and reported
+        if not stop.is_set():
+            c.lost = True
+            c.error = f"{type(exc).__name__}: {exc}"
+
+
+def window_gaps(times: list[float], t0: float, t1: float) -> float:
+    """Largest gap between consecutive completions that overlaps [t0, t1]."""
+    best = 0.0
+    for a, b in zip(times, times[1:]):
+        if b >= t0 and a <= t1:
+            best = max(best, b - a)
+    return best
+
+
+def client_worker(port: int, indices: list[int], interval: float, timeout: float, pipe) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ctx = ssl.create_default_context(cafile=str(CERTS / "ca.pem"))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        gate = asyncio.Semaphore(32)  # handshakes in flight per worker
+        conns = [Conn(i) for i in indices]
+        tasks = [asyncio.create_task(run_conn(c, port, ctx, gate, interval, stop, timeout)) for c in conns]
+        while True:
+            cmd, *args = await loop.run_in_executor(None, pipe.recv)
+            if cmd == "status":
+                live = [c for c in conns if c.connected and not c.lost and not c.mismatch]
+                pipe.send({"connected": sum(c.connected for c in conns), "lost": sum(c.lost for c in conns),
+                           "mismatch": sum(c.mismatch for c in conns),
+                           "errors": [f"#{c.index}: {c.error}" for c in conns if c.error][:5],
+                           "rtts": sum(c.rtts for c in conns),
+                           "min_last": min((c.times[-1] for c in live), default=0.0)})
+            elif cmd == "gaps":
+                t0, t1, trim = args
+                pipe.send([window_gaps(c.times, t0, t1) for c in conns if c.connected and not c.lost])
+                if trim:
+                    for c in conns:
+                        c.times = c.times[-1:]
+            elif cmd == "stop":
+                stop.set()
+                await asyncio.wait(tasks, timeout=10)
+                pipe.send({"lost": sum(c.lost for c in conns), "mismatch": sum(c.mismatch for c in conns),
+                           "rtts": sum(c.rtts for c in conns)})
+                return
+
+    asyncio.run(main())
+
+
+class Clients:
+    def __init__(self, port: int, n: int, procs: int, interval: float, timeout: float) -> None:
+        ctx = mp.get_context("fork")
+        self.workers = []
+        for k in range(procs):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=client_worker, args=(port, list(range(k, n, procs)), interval, timeout, child),
+                            daemon=True)
+            p.start()
+            self.workers.append((p, parent))
+
+    def ask(self, *cmd) -> list:
+        for _, pipe in self.workers:
+            pipe.send(cmd)
+        out = []
+        for p, pipe in self.workers:
+            if not pipe.poll(60):
+                raise RuntimeError(f"client worker {p.pid} did not answer {cmd[0]}")
+            out.append(pipe.recv())
+        return out
+
+    def status(self) -> dict:
+        rows = self.ask("status")
+        return {"connected": sum(r["connected"] for r in rows), "lost": sum(r["lost"] for r in rows),
+                "mismatch": sum(r["mismatch"] for r in rows), "rtts": sum(r["rtts"] for r in rows),
+                "errors": [e for r in rows for e in r["errors"]],
+                "min_last": min(r["min_last"] for r in rows)}
+
+    def gaps(self, t0: float, t1: float, trim: bool) -> list[float]:
+        return [g for part in self.ask("gaps", t0, t1, trim) for g in part]
+
+    def close(self) -> dict:
+        totals = {"lost": 0, "mismatch": 0, "rtts": 0}
+        with contextlib.suppress(Exception):
+            for r in self.ask("stop"):
+                for k in totals:
+                    totals[k] += r[k]
+        for p, pipe in self.workers:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(2)
+            pipe.close()
+        return totals
+
+
+# ------------------------------------------------------------------ one N
+def log_time(line_prefix: str) -> float:
+    """asctime of a log line ("YYYY-mm-dd HH:MM:SS,mmm") as epoch seconds."""
+    dt = datetime.datetime.strptime(line_prefix, "%Y-%m-%d %H:%M:%S,%f")
+    return dt.timestamp()
+
+
+def run_one(n: int, a, tmp: Path, backend_port: int) -> dict:
+    slog = tmp / f"serve-{n}.log"
+    ctl = tmp / f"ctl-{n}.sock"
+    server = spawn([sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0",
+                    "--backend", f"127.0.0.1:{backend_port}", "--cert", str(CERTS / "ecdsa-p256.pem"),
+                    "--key", str(CERTS / "ecdsa-p256.key"), "--control-socket", str(ctl)],
+                   slog, env=child_env() | {"IRONSOCKET_RUN_DIR": str(tmp)})
+    clients = None
+    res: dict = {"n": n, "upgrades": [], "baseline": [], "lost": 0, "mismatch": 0, "errors": []}
+    try:
+        port = int(wait_log(slog, r"serving TLS 1\.3 on [\d.]+:(\d+)", server, a.timeout).group(1))
+        pid = server.pid
+        log(f"N={n}: server pid {pid} on port {port}; connecting")
+        t_conn = time.monotonic()
+        clients = Clients(port, n, min(a.clients, n), a.interval, a.timeout)
+        while True:
+            st = clients.status()
+            if st["connected"] + st["lost"] >= n and st["min_last"] > 0:
+                break
+            if time.monotonic() - t_conn > a.timeout * 3:
+                raise RuntimeError(f"only {st['connected']}/{n} connected: {st['errors']}")
+            time.sleep(0.2)
+        log(f"N={n}: {st['connected']} connected in {time.monotonic() - t_conn:.1f} s (lost {st['lost']}); "
+            f"warm-up {a.warmup} s")
+        time.sleep(a.warmup)
+        base_end = time.monotonic()
+        status_before = clients.status()
+        upgrade_times: list[float] = []
+        for k in range(1, a.upgrades + 1):
+            t0 = time.monotonic()
+            up = subprocess.run([sys.executable, "-m", "ironsocket", "upgrade", "--socket", str(ctl),
+                                 "--timeout", str(a.timeout)], capture_output=True, text=True,
+                                env=child_env(), timeout=a.timeout + 10, cwd=ROOT)
+            t1 = time.monotonic()
+            if up.returncode != 0:
+                raise RuntimeError(f"upgrade {k} failed ({up.returncode}): {up.stdout}{up.stderr}")
+            wait_log(slog, r"upgrade: resumed after ([\d.]+) ms", server, a.timeout, count=k)
+            # the window is over once every live connection completed a round-trip after it
+            deadline = time.monotonic() + a.timeout
+            while (st := clients.status())["min_last"] <= t1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if k == 1:  # baseline: a window of the same length, just before the first upgrade
+                w = t1 - t0
+                res["baseline"] = clients.gaps(base_end - w, base_end, False)
+            gaps = clients.gaps(t0, t1, True)
+            upgrade_times.append(t1 - t0)
+            res["upgrades"].append({"wall_ms": (t1 - t0) * 1000, "gaps_ms": [g * 1000 for g in gaps],
+                                    "stdout": up.stdout.strip()})
+            log(f"N={n} upgrade {k}: command {1000 * (t1 - t0):.0f} ms, largest client stall "
+                f"{1000 * max(gaps, default=0):.0f} ms, lost {st['lost']}, mismatched {st['mismatch']}")
+            assert server.poll() is None and server.pid == pid
+            time.sleep(a.settle)
+        text = slog.read_text(errors="replace")
+        res["paused_ms"] = [float(x) for x in re.findall(r"upgrade: \d+ connections paused in ([\d.]+) ms", text)]
+        res["resumed_ms"] = [float(x) for x in re.findall(r"upgrade: resumed after ([\d.]+) ms", text)]
+        res["restored"] = [int(x) for x in re.findall(r"upgrade: restored (\d+) connections", text)]
+        # time line from the log's own timestamps: check started -> exec -> restored
+        stamps = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ \S+: "
+        res["phases"] = []
+        for m_exec in re.finditer(stamps + r"upgrade: \d+ connections paused in", text):
+            t_exec = log_time(m_exec.group(1))
+            after = text[m_exec.end():]
+            m_rest = re.search(stamps + r"upgrade: restored", after)
+            m_first = re.search(stamps, after)  # first line written by the exec'd program
+            if m_rest:
+                res["phases"].append({"exec_to_first_log_ms": (log_time(m_first.group(1)) - t_exec) * 1000,
+                                      "exec_to_restored_ms": (log_time(m_rest.group(1)) - t_exec) * 1000})
+        m_checks = re.findall(stamps + r"upgrade: target checked", text)
+        res["check_log"] = len(m_checks)
+        totals = clients.close()
+        clients = None
+        res["lost"], res["mismatch"], res["rtts"] = totals["lost"], totals["mismatch"], totals["rtts"]
+        res["errors"] = status_before["errors"]
+        return res
+    finally:
+        if clients is not None:
+            clients.close()
+        kill_group(server)
+
+
+# ------------------------------------------------------------------ start-up costs of a new program
+def startup_costs(repeat: int = 3) -> dict[str, float]:
+    cmds = {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "python -c 'import ironsocket.cli'": [sys.executable, "-c", "import ironsocket.cli"],
+        "python -m ironsocket serve --help": [sys.executable, "-m", "ironsocket", "serve", "--help"],
+    }
+    out = {}
+    for name, argv in cmds.items():
+        best = []
+        for _ in range(repeat):
+            t = time.monotonic()
+            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(), cwd=ROOT)
+            best.append((time.monotonic() - t) * 1000)
+        out[name] = statistics.median(best)
+    return out
+
+
+# ------------------------------------------------------------------ output
+def environment() -> dict[str, str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for row in Path("/proc/cpuinfo").read_text().splitlines():
+            if row.startswith("model name"):
+                cpu = row.split(":", 1)[1].strip()
+                break
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "kernel": platform.uname().release, "cpu": f"{cpu} ({os.cpu_count()} CPUs)",
+            "python": platform.python_version(), "ssl": ssl.OPENSSL_VERSION}
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def trio(xs: list[float]) -> str:
+    if not xs:
+        return "—"
+    return f"{min(xs):.0f} / {statistics.median(xs):.0f} / {max(xs):.0f}"
+
+
+def render(results: list[dict], a, env: dict, command: str, load0: str, load1: str, costs: dict) -> str:
+    L = [f"### host: {env['date']}", "", f"`{command}`", "",
+         f"kernel `{env['kernel']}` · CPU {env['cpu']} · Python {env['python']} · {env['ssl']} · "
+         f"load average at start / end: {load0} / {load1} (other jobs on this machine show up here)", "",
+         f"Each connection: 64-byte ping, wait for the echo, verify, next"
+         f"{f' (+{a.interval * 1000:.0f} ms think time)' if a.interval else ''}; "
+         f"{a.clients} asyncio client processes; {a.warmup:.0f} s warm-up, then {a.upgrades} upgrades "
+         f"{a.settle:.0f} s apart. Pause columns are min / median / max over the upgrades. "
+         f"*Client stall*: per connection the largest gap between consecutive completed round-trips "
+         f"overlapping the upgrade window (command start → command returned); median over all "
+         f"connections and upgrades / max. *Baseline*: the same statistic over a window of equal "
+         f"length just before the first upgrade (no upgrade running).", "",
+         "| connections | upgrades | upgrade command ms | quiesce ms (`paused in`) | pause ms (`resumed after`) "
+         "| exec → restored ms (log) | largest client stall ms (median / max) | baseline gap ms (median / max) "
+         "| round-trips | lost | mismatched |",
+         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if "error" in r:
+            L.append(f"| {r['n']} | failed: {r['error']} | | | | | | | | | |")
+            continue
+        gaps = [g for u in r["upgrades"] for g in u["gaps_ms"]]
+        base = [g * 1000 for g in r["baseline"]]
+        stall = f"{statistics.median(gaps):.0f} / {max(gaps):.0f}" if gaps else "—"
+        bl = f"{statistics.median(base):.0f} / {max(base):.0f}" if base else "—"
+        L.append(f"| {r['n']} | {len(r['upgrades'])} | {trio([u['wall_ms'] for u in r['upgrades']])} "
+                 f"| {trio(r['paused_ms'])} | {trio(r['resumed_ms'])} "
+                 f"| {trio([p['exec_to_restored_ms'] for p in r['phases']])} | {stall} | {bl} "
+                 f"| {r.get('rtts', 0)} | {r['lost']} | {r['mismatch']} |")
+    L.append("")
+    if costs:
+        L.append("Start-up of a fresh interpreter on the same host (median of 3, wall ms): "
+                 + " · ".join(f"`{k}` {v:.0f}" for k, v in costs.items()) + ".")
+        L.append("")
+    errs = [e for r in results for e in r.get("errors", [])]
+    if errs:
+        L.append("Errors seen: " + "; ".join(errs[:10]))
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
+def update_markdown(path: Path, section: str) -> None:
+    block = f"{BEGIN}\n## Upgrade stall\n\n{section}{END}\n"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        pre, rest = text.split(BEGIN, 1)
+        post = rest.split(END, 1)[1].lstrip("\n")
+        text = pre + block + ("\n" + post if post else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--connections", default="100,1000", help="comma-separated N (default 100,1000)")
+    p.add_argument("--upgrades", type=int, default=3, help="upgrades per N (default 3)")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds of streaming before the first upgrade")
+    p.add_argument("--settle", type=float, default=1.0, help="seconds between upgrades")
+    p.add_argument("--clients", type=int, default=2, help="asyncio client processes (default 2)")
+    p.add_argument("--interval", type=float, default=0.0, help="think time between pings, seconds (default 0)")
+    p.add_argument("--timeout", type=float, default=60.0, help="per-step timeout, seconds")
+    p.add_argument("--no-startup", action="store_true", help="skip timing a fresh interpreter's start-up")
+    p.add_argument("--log-dir", type=Path, help="keep the server/backend logs here (default: a temporary directory)")
+    p.add_argument("--markdown-out", type=Path, help="write/replace the 'Upgrade stall' section of this file")
+    a = p.parse_args(argv)
+    ns = [int(x) for x in a.connections.split(",") if x.strip()]
+    nofile = raise_nofile()
+    if nofile < 2 * max(ns) + 200:
+        log(f"warning: RLIMIT_NOFILE is {nofile}; the server needs ~2 fds per connection")
+    command = "tools/bench/upgrade_stall.py" + ("" if not argv else " " + shlex.join(argv))
+
+    def on_term(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+
+    env = environment()
+    load0 = loadavg()
+    results: list[dict] = []
+    costs: dict = {}
+    with tempfile.TemporaryDirectory(prefix="upgrade-stall-") as d:
+        tmp = Path(d)
+        if a.log_dir:
+            a.log_dir.mkdir(parents=True, exist_ok=True)
+            tmp = a.log_dir
+        try:
+            blog = tmp / "backend.log"
+            backend = spawn([sys.executable, str(ROOT / "tests" / "echo_backend.py")], blog,
+                            env=child_env(), stdout=subprocess.PIPE)
+            line = backend.stdout.readline().decode()
+            backend_port = int(line.rsplit(":", 1)[1])
+            for n in ns:
+                try:
+                    results.append(run_one(n, a, tmp, backend_port))
+                except (RuntimeError, AssertionError, subprocess.TimeoutExpired) as exc:
+                    log(f"N={n}: {exc}")
+                    results.append({"n": n, "error": str(exc).splitlines()[0][:200]})
+            kill_everything()
+            if not a.no_startup:
+                costs = startup_costs()
+        except KeyboardInterrupt:
+            log("interrupted")
+            return 130
+        finally:
+            kill_everything()
+    section = render(results, a, env, command, load0, loadavg(), costs)
+    print(section)
+    for r in results:
+        for ph in r.get("phases", []):
+            log(f"N={r['n']}: exec -> first log line of the new program {ph['exec_to_first_log_ms']:.0f} ms, "
+                f"-> restored {ph['exec_to_restored_ms']:.0f} ms")
+    if a.markdown_out:
+        update_markdown(a.markdown_out, section)
+        log(f"wrote section to {a.markdown_out}")
+    failed = any("error" in r or r["lost"] or r["mismatch"] for r in results)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
