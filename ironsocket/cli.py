@@ -81,6 +81,9 @@ def serve(
     admin: Annotated[Optional[str], typer.Option(help="Admin HTTP endpoint (/healthz, /connections, /metrics): HOST:PORT on loopback, or a unix socket path. Off by default.")] = None,
     admin_allow_remote: Annotated[bool, typer.Option(help="Allow --admin on a non-loopback address (it has no authentication).")] = False,
     control_socket: Annotated[Optional[Path], typer.Option(help="Unix socket for `ironsocket inspect-keys` (and upgrades). Default: <run dir>/ironsocket-<pid>.sock.")] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes sharing the port (SO_REUSEPORT), to use every core. Each worker has its own control socket.")] = 1,
+    reuse_port: Annotated[bool, typer.Option(help="Set SO_REUSEPORT on the listener (set for each worker by --workers).")] = False,
+    drain_timeout: Annotated[float, typer.Option(help="On SIGTERM/SIGINT, seconds connections may finish before they are closed with close_notify.")] = 10.0,
     upgrade_state_dump: Annotated[Optional[Path], typer.Option(help="Debugging: at each upgrade also write the state document, traffic secrets included, to this file (0600), for `inspect-keys --state`.")] = None,
     upgrade_check: Annotated[bool, typer.Option("--upgrade-check", hidden=True, help="Load the configuration, report the upgrade state format, exit.")] = False,
 ) -> None:
@@ -129,7 +132,18 @@ def serve(
         listen=listen_addr, backend=backend_addr or ("127.0.0.1", 0), tls=tls, ktls=ktls_mode,
         handshake_timeout=handshake_timeout, connect_timeout=connect_timeout,
         idle_timeout=idle_timeout or None, max_connections=max_connections,
+        drain_timeout=drain_timeout, reuse_port=reuse_port,
     )
+    if workers > 1:
+        if listen_addr[1] == 0:
+            _fail("--workers needs a fixed --listen port (with port 0 each worker would get its own)")
+        if control_socket is not None or admin is not None:
+            _fail("--control-socket and --admin name one socket; with --workers each worker has its own "
+                  "control socket (ironsocket upgrade / inspect-keys --pid PID) and --admin is not supported yet")
+        from .workers import main_argv, supervise, worker_argv
+
+        typer.echo(f"ironsocket: {workers} workers on {listen_addr[0]}:{listen_addr[1]} (SO_REUSEPORT)", err=True)
+        raise typer.Exit(supervise(workers, worker_argv(main_argv())))
     from .admin import AdminError
     from .control import ControlError
 

@@ -488,9 +488,11 @@ class Relay:
                 if left <= 0:
                     raise RelayClosed(f"idle for {self.idle_timeout:g}s")
                 timeout_ms = int(left * 1000) + 1
-            ready = poller.poll(timeout_ms)
-            if any(rfd == fd for rfd, _ in ready):
-                return
+            for rfd, revents in poller.poll(timeout_ms):
+                if rfd == fd:
+                    return
+                if revents & select.POLLNVAL:  # the waker is gone: the server has stopped
+                    raise RelayClosed("server stopped")
 
     def _checkpoint(self) -> None:
         """A safe point: park here while paused."""

@@ -71,6 +71,8 @@ class ProxyConfig:
     idle_timeout: float | None = 300.0
     max_connections: int = 10_000
     backlog: int = 1024
+    drain_timeout: float = 0.0  # on stop, seconds connections may finish before close_notify
+    reuse_port: bool = False  # SO_REUSEPORT, for several worker processes on one port
     # -- backend selection (ironsocket.backend; defaults keep the single-backend behaviour) --
     routes: Routes | None = None  # SNI → BackendSpec; unmatched names fall back to `backend`
     proxy_protocol: str | None = None  # None, "v1" or "v2", for `backend`
@@ -162,6 +164,8 @@ class ProxyServer:
             listener = socket.socket(family, socket.SOCK_STREAM)
             try:
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self.config.reuse_port:  # --workers: each worker process binds the same port
+                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 listener.bind((host, port))
                 listener.listen(self.config.backlog)
             except OSError as exc:
@@ -179,9 +183,10 @@ class ProxyServer:
         log.info("listening on %s:%d → backend %s:%d; record layer: %s",
                  *self.address, *self.config.backend, self.record_layer)
 
-    def stop(self, deadline: float = 5.0) -> None:
-        """Stop accepting, close every connection (close_notify first), join the threads.
-        Calling it again does nothing."""
+    def stop(self, deadline: float = 5.0, drain: float | None = None) -> None:
+        """Graceful stop: close the listener, let connections finish on their own for ``drain``
+        seconds (default: the config's drain_timeout), then close the rest with close_notify
+        and join every thread (``deadline``). Calling it again does nothing."""
         if self._stopping.is_set():
             return
         self._stopping.set()
@@ -190,6 +195,9 @@ class ProxyServer:
             self._accept_thread.join()
         if self._listener is not None:
             self._listener.close()
+        drain_end = time.monotonic() + (self.config.drain_timeout if drain is None else drain)
+        while self.connections and time.monotonic() < drain_end:
+            time.sleep(0.05)
         end = time.monotonic() + deadline
         for t in list(self._threads):
             t.join(max(0.0, end - time.monotonic()))
@@ -201,7 +209,8 @@ class ProxyServer:
         for info in infos:
             if info.relay is not None:
                 info.relay.join(max(0.0, end - time.monotonic()))
-        self.control.close()
+        if not self.connections:  # a pump still polling the waker must not see it closed
+            self.control.close()
 
     # -- pausing and the exec upgrade (upgrade.py) -----------------------------------------------
     def pause(self, handshake_deadline: float, park_deadline: float) -> None:

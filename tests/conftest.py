@@ -25,7 +25,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 _CERTS = _ROOT / "fixtures" / "certs"
 _IN_VM = bool(os.environ.get("IRONSOCKET_IN_VM"))  # set by tools/vm/ktls-vm
 # `serve` imports cryptography/typer: slow under the VM's emulated CPU
-_READY_TIMEOUT = 180.0 if _IN_VM else 20.0
+_READY_TIMEOUT = 180.0 if _IN_VM else 60.0
 
 
 class ManagedProcess:

@@ -1,0 +1,119 @@
+"""``serve --workers N`` (SO_REUSEPORT) and the graceful stop, with real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ironsocket import control
+from tests.helpers import CERTS, ROOT, client_context
+
+TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = TIMEOUT, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def serve(tmp: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    log = tmp / "serve.log"
+    env = os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(tmp)}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ironsocket", "serve", "--cert", str(CERTS / "ecdsa-p256.pem"),
+                                 "--key", str(CERTS / "ecdsa-p256.key"), *args], stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    return proc, log
+
+
+def tls_connect(port: int):
+    raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    return client_context().wrap_socket(raw, server_hostname="localhost")
+
+
+def test_two_workers_share_the_port_and_stop_together(tmp_path: Path, echo_backend) -> None:
+    port = free_port()
+    proc, log = serve(tmp_path, "--workers", "2", "--listen", f"127.0.0.1:{port}",
+                      "--backend", f"{echo_backend[0]}:{echo_backend[1]}", "--drain-timeout", "1")
+    try:
+        wait_until(lambda: log.read_text().count("serving TLS 1.3 on") == 2, what="two workers serving")
+        servers = control.find_servers(tmp_path)
+        assert len(servers) == 2
+        pids = {control.request(p, {"command": "ping"})["pid"] for p in servers}
+        assert proc.pid not in pids and len(pids) == 2
+        clients = [tls_connect(port) for _ in range(24)]
+        for i, c in enumerate(clients):
+            c.sendall(b"ping %d" % i)
+            assert c.recv(64) == b"ping %d" % i
+        counts = [len(control.request(p, {"command": "connections"})["connections"]) for p in servers]
+        assert sum(counts) == 24
+        assert min(counts) > 0, f"SO_REUSEPORT spread {counts}"  # all 24 on one worker: p = 2^-23
+        for c in clients:
+            c.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+        for pid in pids:
+            wait_until(lambda: not os.path.exists(f"/proc/{pid}"), what=f"worker {pid} gone")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_workers_need_a_fixed_port(tmp_path: Path) -> None:
+    proc, log = serve(tmp_path, "--workers", "2", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9")
+    assert proc.wait(TIMEOUT) == 2
+    assert "needs a fixed --listen port" in log.read_text()
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_sigterm_drains_then_closes_with_close_notify(tmp_path: Path, echo_backend) -> None:
+    """A graceful stop: the listener closes at once, a busy connection may finish within the
+    drain timeout, and whatever is left then gets close_notify (a clean TLS close)."""
+    proc, log = serve(tmp_path, "--listen", "127.0.0.1:0", "--backend", f"{echo_backend[0]}:{echo_backend[1]}",
+                      "--drain-timeout", "2")
+    try:
+        wait_until(lambda: "serving TLS 1.3 on" in log.read_text(), what="serving")
+        port = int(log.read_text().split("serving TLS 1.3 on 127.0.0.1:")[1].split(",")[0])
+        busy, idle = tls_connect(port), tls_connect(port)
+        for c in (busy, idle):
+            c.sendall(b"hi")
+            assert c.recv(2) == b"hi"
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "stopping" in log.read_text(), what="stopping")
+        wait_until(lambda: refused(port), timeout=5, what="the listener closed (new clients refused)")
+        busy.sendall(b"still relayed while draining")
+        assert busy.recv(64) == b"still relayed while draining"
+        busy.unwrap()
+        busy.close()
+        assert idle.recv(10) == b""  # close_notify from the proxy after the drain timeout
+        elapsed = time.monotonic() - start
+        assert 1.5 <= elapsed <= 15, elapsed
+        idle.close()
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
