@@ -174,9 +174,15 @@ class ProxyServer:
             self._listener = listener
         self._listener.setblocking(False)
         threading.stack_size(THREAD_STACK_SIZE)
-        for info, relay in self._adopted:
-            self._start_relay(info, relay)
-        self._adopted = []
+        if self._adopted:
+            # Start the adopted pumps paused: each parks at once, so starting thousands of
+            # threads does not compete with the ones already pumping (Thread.start waits for
+            # the new thread to run; with busy pumps holding the GIL that was O(N^2)).
+            self.control.pause()
+            for info, relay in self._adopted:
+                self._start_relay(info, relay)
+            self._adopted = []
+            self.control.resume()
         self.control.enter()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="is-accept", daemon=True)
         self._accept_thread.start()
