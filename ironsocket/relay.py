@@ -520,24 +520,18 @@ class Relay:
             def step() -> bool:
                 if state.pending:
                     return self._write_pending(state, self.backend)
-                in_pipe = pipe_bytes(pipe_r)
-                if in_pipe:
-                    try:
-                        os.splice(pipe_r, self.backend.fileno(), in_pipe, flags=_SPLICE_FLAGS)
-                    except BlockingIOError:
-                        self._wait(self.backend.fileno(), select.POLLOUT)
+                if self._drain_pipe(pipe_r, self.backend):
                     return False
                 try:
-                    n = os.splice(self.client.sock.fileno(), pipe_w, SPLICE_CHUNK, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    self._wait(self.client.sock.fileno(), select.POLLIN)
-                    return False
+                    n = self._fill_pipe(channel.sock, pipe_w)
                 except OSError as exc:
                     if exc.errno not in (errno.EINVAL, errno.EIO):
                         raise
                     # A control record is next (splice moves only application data).
                     if channel.control_record():
                         return self._client_eof()
+                    return False
+                if n is None:
                     return False
                 if n == 0:
                     channel.truncated = True
@@ -587,6 +581,27 @@ class Relay:
                 self.client.flush()
             raise
 
+    def _drain_pipe(self, pipe_r: int, dst: socket.socket, lock: threading.Lock | None = None) -> bool:
+        """Splice what the pipe holds into ``dst`` (waiting if it is full); False if empty."""
+        in_pipe = pipe_bytes(pipe_r)
+        if not in_pipe:
+            return False
+        try:
+            with lock or contextlib.nullcontext():
+                os.splice(pipe_r, dst.fileno(), in_pipe, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            self._wait(dst.fileno(), select.POLLOUT)
+        return True
+
+    def _fill_pipe(self, src: socket.socket, pipe_w: int) -> int | None:
+        """Splice from ``src`` into the (empty) pipe: bytes moved, 0 at EOF, or None after
+        waiting for ``src`` to become readable. Other errors (a kTLS control record) raise."""
+        try:
+            return os.splice(src.fileno(), pipe_w, SPLICE_CHUNK, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            self._wait(src.fileno(), select.POLLIN)
+            return None
+
     def _client_eof(self) -> bool:
         _shutdown(self.backend, socket.SHUT_WR)
         self.c2b.done = True
@@ -622,18 +637,10 @@ class Relay:
             assert isinstance(channel, KtlsChannel)
 
             def step() -> bool:
-                in_pipe = pipe_bytes(pipe_r)
-                if in_pipe:
-                    try:
-                        with channel.send_lock:
-                            os.splice(pipe_r, channel.sock.fileno(), in_pipe, flags=_SPLICE_FLAGS)
-                    except BlockingIOError:
-                        self._wait(channel.sock.fileno(), select.POLLOUT)
+                if self._drain_pipe(pipe_r, channel.sock, channel.send_lock):
                     return False
-                try:
-                    n = os.splice(self.backend.fileno(), pipe_w, SPLICE_CHUNK, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    self._wait(self.backend.fileno(), select.POLLIN)
+                n = self._fill_pipe(self.backend, pipe_w)
+                if n is None:
                     return False
                 if n == 0:
                     try:
