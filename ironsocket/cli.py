@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -15,7 +14,7 @@ import typer
 from . import ktls
 from . import runtime as runtime_mod
 from .runtime import Runtime, upgrade_guard
-from .server import KtlsMode, ProxyConfig, ProxyServer, StartupError, parse_hostport
+from .server import KtlsMode, ProxyConfig, StartupError, parse_hostport
 from .tls13.constants import CipherSuite, Group
 from .tls13.credentials import CertificateStore, CredentialError, load_credential
 

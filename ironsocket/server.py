@@ -18,7 +18,6 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-import os
 import select
 import socket
 import threading

@@ -45,7 +45,6 @@ import stat
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import ktls
@@ -249,12 +248,6 @@ def _expect(fd: int, kind: Any, what: str) -> None:
 
 
 # -- restore --------------------------------------------------------------------------------------
-@dataclass
-class Restored:
-    info: ConnectionInfo
-    relay: Relay
-
-
 def restore_connection(conn: dict[str, Any], control: PauseControl, idle_timeout: float | None) -> tuple[Any, Relay]:
     """One connection from its document entry; verifies kTLS state against the kernel."""
     from .server import ConnectionInfo
