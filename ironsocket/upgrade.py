@@ -63,7 +63,7 @@ STATE_VERSION = 1
 ENV_STATE_FD = "IRONSOCKET_UPGRADE_STATE_FD"
 ENV_FAILED = "IRONSOCKET_UPGRADE_FAILED"
 CHECK_FLAG = "--upgrade-check"
-CHECK_TIMEOUT = 60.0
+CHECK_TIMEOUT = 180.0  # the check child imports everything: slow machines (and the emulated VM) need time
 HANDSHAKE_DEADLINE = 3.0
 PARK_DEADLINE = 5.0
 

@@ -214,6 +214,22 @@ def test_capture_decrypts_and_inspect_rec_seq_matches(record_mode, run_dir, star
         assert answer["ok"], answer
         conns = control.request(path, {"command": "connections"})
         assert conns["ok"] and [r["id"] for r in conns["connections"]] == [row["id"]]
+        # Let the server's record counters go quiet, then read them once more and stop the
+        # capture: the comparison below needs the capture to hold every record they count.
+        def seqs() -> tuple[int, int]:
+            (r,) = control.request(path, {"command": "inspect-keys"})["connections"]
+            return r["tx"]["rec_seq"], r["rx"]["rec_seq"]
+
+        last, deadline = seqs(), time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            if (now := seqs()) == last:
+                break
+            last = now
+        res = cli("inspect-keys", "--pid", str(proxy.pid), "--json")
+        assert res.returncode == 0, res.stderr
+        [row] = json.loads(res.stdout)["connections"]
+        answer = control.request(path, {"command": "inspect-keys"})
         direct = None
         if record_mode is not RecordMode.USERSPACE:
             direct = cli("inspect-keys", "--pid", str(proxy.pid), "--direct", "--json")
@@ -234,7 +250,12 @@ def test_capture_decrypts_and_inspect_rec_seq_matches(record_mode, run_dir, star
     assert flows["s2c"]["plaintext"] == b"".join(MESSAGES)
     # rec_seq = records protected with the application keys so far, counted in the capture.
     c2s, s2c = flows["c2s"]["app_records"], flows["s2c"]["app_records"]
-    assert (c2s, s2c) == counted
+    # Every record the client sent is on the wire. The client counts the records it needed for
+    # its echoes; once (in the VM, under load) the wire carried one more server record than the
+    # client had read when it counted, so that side is a lower bound; the exact check of the
+    # server side is inspect-keys' rec_seq == the capture's count, below.
+    assert c2s == counted[0]
+    assert s2c >= counted[1]
     assert c2s == len(MESSAGES)
     for r in (row, answer["connections"][0]):
         assert r["mode"] == record_mode.value

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.ktls
 IN_VM = ktls.probe().available
 CONNECTIONS = 12 if IN_VM else 50
 UPGRADES = 3 if IN_VM else 10
-TIMEOUT = 120.0 if IN_VM else 30.0
+TIMEOUT = 300.0 if IN_VM else 30.0
 
 
 def pattern(conn: int, offset: int, size: int) -> bytes:
