@@ -273,14 +273,27 @@ def test_upgrades_under_load_lose_nothing(server: Server) -> None:
           f"largest client stall: {max(s.max_gap for s in streamers) * 1000:.0f} ms")
 
 
+def flowing_streamer(server: Server, index: int) -> Streamer:
+    """A started Streamer whose first echoes have been verified."""
+    streamer = Streamer(server.port, index)
+    streamer.start()
+    assert streamer.connected.wait(TIMEOUT)
+    wait_until(lambda: streamer.verified > 0, what="stream flowing")
+    return streamer
+
+
+def finish(streamer: Streamer) -> None:
+    """Stop a Streamer; every byte it sent came back, without an error."""
+    streamer.stop.set()
+    streamer.join(TIMEOUT)
+    assert streamer.error is None and streamer.verified == streamer.sent
+
+
 def test_upgrade_to_a_broken_program_keeps_serving(server: Server, tmp_path: Path) -> None:
     broken = tmp_path / "broken-ironsocket"
     broken.write_text("#!/bin/sh\necho 'ImportError: cannot import name tls13 (simulated broken release)' >&2\nexit 1\n")
     broken.chmod(0o755)
-    streamer = Streamer(server.port, 7)
-    streamer.start()
-    assert streamer.connected.wait(TIMEOUT)
-    wait_until(lambda: streamer.verified > 0, what="stream flowing")
+    streamer = flowing_streamer(server, 7)
     result = server.upgrade("--exec", str(broken))
     assert result.returncode != 0
     assert "start-up check" in result.stderr and "simulated broken release" in result.stderr
@@ -288,9 +301,7 @@ def test_upgrade_to_a_broken_program_keeps_serving(server: Server, tmp_path: Pat
     before = streamer.verified
     wait_until(lambda: streamer.verified > before, what="stream still flowing")
     assert echo_once(server.port, b"still serving") == b"still serving"
-    streamer.stop.set()
-    streamer.join(TIMEOUT)
-    assert streamer.error is None and streamer.verified == streamer.sent
+    finish(streamer)
 
 
 def test_restore_failure_after_exec_rolls_back(server: Server, tmp_path: Path) -> None:
@@ -304,10 +315,7 @@ def test_restore_failure_after_exec_rolls_back(server: Server, tmp_path: Path) -
         f'exec {real} -m ironsocket "$@" --cert /nonexistent/cert.pem --key /nonexistent/key.pem\n'
     )
     lying.chmod(0o755)
-    streamer = Streamer(server.port, 11)
-    streamer.start()
-    assert streamer.connected.wait(TIMEOUT)
-    wait_until(lambda: streamer.verified > 0, what="stream flowing")
+    streamer = flowing_streamer(server, 11)
     result = server.upgrade("--exec", str(lying))
     assert result.returncode != 0, result.stdout
     assert "rolled back" in result.stderr and "nonexistent" in result.stderr
@@ -315,9 +323,7 @@ def test_restore_failure_after_exec_rolls_back(server: Server, tmp_path: Path) -
     before = streamer.verified
     wait_until(lambda: streamer.verified > before, what="stream flowing after rollback")
     assert echo_once(server.port, b"after rollback") == b"after rollback"
-    streamer.stop.set()
-    streamer.join(TIMEOUT)
-    assert streamer.error is None and streamer.verified == streamer.sent
+    finish(streamer)
 
 
 def inspect(server: Server, *args: str) -> list[dict]:
