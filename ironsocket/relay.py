@@ -38,6 +38,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import array
 import contextlib
 import enum
 import errno
@@ -46,6 +47,7 @@ import logging
 import os
 import select
 import socket
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -289,6 +291,21 @@ class KtlsChannel(ClientChannel):
             except (OSError, ktls.KtlsError):
                 pass
 
+    def raise_record_error(self, exc: OSError) -> None:
+        """The kernel refused a client record: answer with the alert RFC 8446 §5.2 asks for and
+        raise it as a protocol error (EBADMSG: failed to authenticate; EMSGSIZE: too long)."""
+        alert = {errno.EBADMSG: AlertDescription.bad_record_mac,
+                 errno.EMSGSIZE: AlertDescription.record_overflow}.get(exc.errno)  # fmt: skip
+        if alert is None:
+            return
+        # The kernel also left the error pending on the socket (sk_err), which would fail the
+        # alert's sendmsg with the same errno: reading SO_ERROR consumes it.
+        with contextlib.suppress(OSError):
+            self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self.send_fatal_alert(alert)
+        raise RemoteProtocolError(f"{alert.name}: the kernel refused a client record ({errno.errorcode[exc.errno]})",
+                                  alert=alert) from None
+
     def control_record(self) -> bool:
         """Read and act on one non-data record. Returns True at close_notify (client EOF)."""
         content_type, data = ktls.recv_record(self.sock, READ_SIZE)
@@ -372,9 +389,6 @@ def make_pipe() -> tuple[int, int]:
 
 def pipe_bytes(fd: int) -> int:
     """Bytes currently in a pipe (FIONREAD)."""
-    import array
-    import termios
-
     buf = array.array("i", [0])
     fcntl.ioctl(fd, termios.FIONREAD, buf, True)
     return buf[0]
@@ -397,6 +411,9 @@ class PumpState:
     done: bool = False  # this direction has ended (EOF passed on)
     pending: bytearray = field(default_factory=bytearray)  # bytes read, not yet written
     pipe: tuple[int, int] | None = None  # splice pipe (kTLS); may hold bytes
+    # an error met while filling the pipe ahead, raised once the pipe is drained (not carried:
+    # a connection failing during an upgrade meets the error again, or EOF, in the new program)
+    deferred_error: OSError | None = field(default=None, compare=False)
 
 
 class Relay:
@@ -523,9 +540,13 @@ class Relay:
                 if self._drain_pipe(pipe_r, self.backend):
                     return False
                 try:
+                    if state.deferred_error is not None:
+                        exc, state.deferred_error = state.deferred_error, None
+                        raise exc
                     n = self._fill_pipe(channel.sock, pipe_w)
                 except OSError as exc:
                     if exc.errno not in (errno.EINVAL, errno.EIO):
+                        channel.raise_record_error(exc)
                         raise
                     # A control record is next (splice moves only application data).
                     if channel.control_record():
@@ -536,7 +557,7 @@ class Relay:
                 if n == 0:
                     channel.truncated = True
                     return self._client_eof()
-                self._count_from_client(n)
+                self._count_from_client(n + self._fill_pipe_more(channel.sock, pipe_w, n, state))
                 return False
 
         else:
@@ -601,6 +622,30 @@ class Relay:
         except BlockingIOError:
             self._wait(src.fileno(), select.POLLIN)
             return None
+
+    @staticmethod
+    def _fill_pipe_more(src: socket.socket, pipe_w: int, have: int, state: PumpState) -> int:
+        """Keep splicing what ``src`` already holds into the pipe, up to SPLICE_CHUNK: bytes added.
+
+        A kTLS RX socket gives one record (at most 16 KiB) per splice, so without this every
+        record would cost a drain and a pass through the pump loop. It never waits. EOF and a
+        control record (EINVAL/EIO: it stays queued) stop it and are met again by the next
+        ``_fill_pipe``; any other error is reported once by the kernel, so it is kept in
+        ``state`` and raised after the pipe has been drained: nothing read before it is lost."""
+        added = 0
+        while have + added < SPLICE_CHUNK:
+            try:
+                n = os.splice(src.fileno(), pipe_w, SPLICE_CHUNK - have - added, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EIO):
+                    state.deferred_error = exc
+                break
+            if not n:
+                break
+            added += n
+        return added
 
     def _client_eof(self) -> bool:
         _shutdown(self.backend, socket.SHUT_WR)

@@ -12,6 +12,7 @@ records it sends and receives (so the kernel's rec_seq can be checked exactly).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import select
@@ -21,7 +22,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -96,6 +96,36 @@ while True:
 def greeter_backend() -> Iterator[tuple[str, int]]:
     proc, addr = _start_backend(GREETER)
     yield addr
+    _stop(proc)
+
+
+# A backend that reads each connection to its end (EOF or reset) and then prints how many bytes
+# it got and their SHA-256: what reached the backend, independent of what came back.
+SINK = """
+import hashlib, socket, threading
+s = socket.create_server(("127.0.0.1", 0))
+print("sink: listening on %s:%d" % s.getsockname(), flush=True)
+def one(c):
+    h, n = hashlib.sha256(), 0
+    c.settimeout(30)
+    try:
+        while data := c.recv(65536):
+            h.update(data)
+            n += len(data)
+    except OSError:
+        pass
+    c.close()
+    print("sink: %d %s" % (n, h.hexdigest()), flush=True)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=one, args=(c,), daemon=True).start()
+"""
+
+
+@pytest.fixture
+def sink_backend() -> Iterator[tuple[subprocess.Popen[str], tuple[str, int]]]:
+    proc, addr = _start_backend(SINK)
+    yield proc, addr
     _stop(proc)
 
 
@@ -313,6 +343,39 @@ def test_client_fatal_alert_closes_both_sides(record_mode, echo_backend, make_pr
         wait_until(lambda: not server.connections, what="connection closed after the alert")
     assert info.relay.stats.close_reason.startswith("client protocol error")
     assert "alert" in info.relay.stats.close_reason
+    client.close()
+
+
+def test_bad_record_after_data_everything_before_it_reaches_the_backend(record_mode, sink_backend, make_proxy) -> None:
+    """Twenty records and then one that fails authentication, in one write: the kTLS pump
+    splices several records into its pipe ahead of draining it, and the kernel reports the bad
+    record (EBADMSG) only once: the twenty records must still reach the backend, then the
+    connection ends with the reason logged."""
+    proc, backend = sink_backend
+    keylog: list[str] = []
+    suite = CipherSuite.TLS_AES_128_GCM_SHA256
+    server = make_proxy(backend, suites=(suite,), keylog=keylog)
+    client = RecordClient(server.address)
+    client.handshake()
+    info = only_connection(server)
+    payload = os.urandom(20 * 16384)
+    for i in range(0, len(payload), 16384):
+        client.tls.write(payload[i : i + 16384])
+    good = client.outgoing.read()
+    secret = bytes.fromhex(next(l for l in keylog if l.startswith("CLIENT_TRAFFIC_SECRET_0")).split()[2])
+    bad = bytearray(RecordProtection.from_secret(suite, secret, rec_seq=20).seal(ContentType.APPLICATION_DATA, b"x" * 1000))
+    bad[100] ^= 0x01  # one flipped ciphertext bit: the tag no longer matches
+    client.sock.sendall(good + bytes(bad))
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], TIMEOUT)
+    assert ready, "the backend connection did not end after the bad record"
+    n, digest = proc.stdout.readline().split()[1:]
+    assert int(n) == len(payload)
+    assert digest == hashlib.sha256(payload).hexdigest()
+    wait_until(lambda: not server.connections, what="connection closed after the bad record")
+    assert info.relay.stats.close_reason.startswith("client protocol error: bad_record_mac")
+    with pytest.raises(ssl.SSLError, match="BAD_RECORD_MAC"):  # the alert RFC 8446 §5.2 asks for
+        client.recv_until_close()
     client.close()
 
 
