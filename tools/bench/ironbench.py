@@ -26,6 +26,10 @@ Tests (--quick shortens all of them):
   5 the limit (only where the kernel has kTLS): a loopback TCP pair with kTLS TX on one end and
     kTLS RX on the other, os.sendfile in, recv_into out, no proxy
 
+Profiles: --profile samples ironsocket's Python with py-spy; --perf records the whole machine
+with perf (kernel included: with kTLS the relayed bytes never reach Python) during every
+1-stream bulk test and prints each contender's top symbols.
+
 Everything started here runs in its own session and is killed by process group at the end,
 also on Ctrl-C and on errors.
 """
@@ -34,11 +38,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import errno
 import multiprocessing
 import os
-import platform
 import re
 import resource
 import selectors
@@ -487,6 +488,7 @@ class Settings:
     ktls: bool
     tmp: Path
     profile: bool = False
+    perf: bool = False
     startup_timeout: float = 60.0
     nofile: int = 20000
 
@@ -639,7 +641,8 @@ def tls_stat() -> dict[str, int]:
         return {}
 
 
-def measure_bulk(c: Contender, direction: str, streams: int, s: Settings, profile_to: Path | None = None) -> dict:
+def measure_bulk(c: Contender, direction: str, streams: int, s: Settings, profile_to: Path | None = None,
+                 perf_to: Path | None = None) -> dict:
     nproc = min(streams, s.procs)
     per = [streams // nproc + (1 if i < streams % nproc else 0) for i in range(nproc)]
     cpu0 = group_cpu_seconds(c.pgid) if c.pgid else 0.0
@@ -651,8 +654,14 @@ def measure_bulk(c: Contender, direction: str, streams: int, s: Settings, profil
              "--nonblocking", "-o", str(profile_to)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         _STARTED.append(prof)
-    res = run_procs(bulk_worker, [(c.port, c.tls, direction, k, s.warm, s.bulk_dur) for k in per],
-                    timeout=s.warm + s.bulk_dur + 120)
+    perf = start_perf(perf_to) if perf_to is not None and c.pgid else None
+    pids = group_pids(c.pgid) if c.pgid else []
+    try:
+        res = run_procs(bulk_worker, [(c.port, c.tls, direction, k, s.warm, s.bulk_dur) for k in per],
+                        timeout=s.warm + s.bulk_dur + 120)
+    finally:
+        if perf is not None:
+            stop_perf(perf, perf_to, pids)
     cpu1 = group_cpu_seconds(c.pgid) if c.pgid else 0.0
     if prof is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -667,6 +676,84 @@ def measure_bulk(c: Contender, direction: str, streams: int, s: Settings, profil
     out = {"MiBps": total / s.bulk_dur / MiB, "errors": errors,
            "cpu_s_per_GB": (cpu1 - cpu0) / (relayed / 1e9) if relayed and c.pgid else None}
     return out
+
+
+def start_perf(out: Path) -> subprocess.Popen | None:
+    """System-wide `perf record` (kernel included: with kTLS the work is in the kernel, where
+    py-spy cannot see). cpu-clock is a software event, so it also samples in the emulated VM."""
+    exe = shutil.which("perf")
+    if exe is None:
+        log("perf not found (apt-get install linux-perf): no kernel profile")
+        return None
+    ready = Path(f"{out}.ready")
+    # The workload runs once the counters are on; its marker says recording has begun (perf's
+    # set-up takes seconds in the emulated VM, and a recording stopped before then is empty).
+    workload = f"echo > {shlex.quote(str(ready))}; exec sleep 100000"
+    with open(f"{out}.log", "wb") as err:
+        p = subprocess.Popen([exe, "record", "-a", "-F", "499", "-e", "cpu-clock", "-q", "-o", str(out),
+                              "--", "sh", "-c", workload],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    _STARTED.append(p)
+    deadline = time.monotonic() + 120
+    while not ready.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not ready.exists():
+        log(f"perf record did not start: {tail(Path(f'{out}.log'))}")
+        kill_group(p)
+        return None
+    return p
+
+
+def stop_perf(p: subprocess.Popen, out: Path, pids: list[int]) -> None:
+    """Stop the recording (SIGINT makes perf write its file) and keep a flat report of the
+    contender's own processes next to it (``out``.txt)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        p.wait(60)
+    kill_group(p)
+    exe = shutil.which("perf")
+    if not exe or not out.exists():
+        return
+    script = subprocess.run([exe, "script", "-i", str(out), "-F", "comm,pid,ip,sym,dso"], capture_output=True,
+                            text=True, stdin=subprocess.DEVNULL, timeout=600)
+    out.with_suffix(".txt").write_text(summarize_perf(script.stdout, set(pids)))
+
+
+_PERF_SAMPLE = re.compile(r"^\s*(.+?)\s+(\d+)\s+[0-9a-f]+\s+(.*?)\s+\((.*)\)\s*$")
+
+
+def summarize_perf(script: str, pids: set[int], top: int = 12) -> str:
+    """`perf script` lines → the contender's self time by object and by symbol, and the whole
+    machine's by command. Addresses without a symbol count per object (libcrypto has none)."""
+    by_comm: dict[str, int] = {}
+    by_obj: dict[str, int] = {}
+    by_sym: dict[str, int] = {}
+    total = mine = 0
+    for line in script.splitlines():
+        m = _PERF_SAMPLE.match(line)
+        if not m:
+            continue
+        comm, pid, sym, dso = m.group(1), int(m.group(2)), m.group(3), Path(m.group(4)).name
+        total += 1
+        by_comm[comm] = by_comm.get(comm, 0) + 1
+        if pid not in pids:
+            continue
+        mine += 1
+        by_obj[dso] = by_obj.get(dso, 0) + 1
+        key = f"{dso} {sym if sym and sym != '[unknown]' else '(no symbols)'}"
+        by_sym[key] = by_sym.get(key, 0) + 1
+    if not total:
+        return "  (no samples)\n"
+
+    def rows(counts: dict[str, int], of: int) -> list[str]:
+        return [f"  {100 * n / of:5.1f}%  {k}" for k, n in sorted(counts.items(), key=lambda x: -x[1])[:top]]
+
+    L = [f"{total} samples on the machine, {mine} in the contender's processes ({100 * mine / total:.0f}%)",
+         "contender, self time by object:", *rows(by_obj, mine or 1),
+         "contender, self time by symbol:", *rows(by_sym, mine or 1),
+         "whole machine, by command (swapper = idle):", *rows(by_comm, total)]
+    return "\n".join(L) + "\n"
 
 
 def measure_latency(c: Contender, conns: int, s: Settings) -> dict:
@@ -793,6 +880,64 @@ def ktls_limit(s: Settings) -> dict:
     return out
 
 
+def crypto_speed(dur: float = 2.0, record: int = 16384) -> dict:
+    """AES-128-GCM over 16 KiB records on one core, no network: OpenSSL (what stunnel, HAProxy,
+    nginx and the clients use, here through `cryptography`) next to the kernel's gcm(aes) (what
+    kTLS uses), reached through AF_ALG, whose two copies per record are counted against it."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    key, nonce, aad = bytes(range(16)), bytes(12), bytes(5)
+    data = os.urandom(record)
+    out: dict = {}
+
+    def rate(seal) -> float:
+        n, t0 = 0, time.perf_counter()
+        while (t := time.perf_counter()) - t0 < dur:
+            seal()
+            n += record
+        return n / (t - t0) / MiB
+
+    aead = AESGCM(key)
+    out["OpenSSL AES-128-GCM (cryptography), 16 KiB records"] = rate(lambda: aead.encrypt(nonce, data, aad))
+    label = "kernel gcm(aes) via AF_ALG, 16 KiB records"
+    try:
+        alg = socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET, 0)
+    except (OSError, AttributeError) as exc:
+        out[label] = f"n/a (AF_ALG: {getattr(exc, 'strerror', exc)})"
+        return out
+    with alg:
+        try:
+            alg.bind(("aead", "gcm(aes)"))
+            alg.setsockopt(socket.SOL_ALG, socket.ALG_SET_KEY, key)
+            alg.setsockopt(socket.SOL_ALG, socket.ALG_SET_AEAD_AUTHSIZE, None, 16)
+            op, _ = alg.accept()
+        except OSError as exc:
+            out[label] = f"n/a ({exc.strerror})"
+            return out
+        with op:
+            msg = [aad + data]
+
+            def seal() -> None:
+                op.sendmsg_afalg(msg, op=socket.ALG_OP_ENCRYPT, iv=nonce, assoclen=len(aad))
+                op.recv(len(aad) + record + 16)
+
+            speed = rate(seal)
+        driver = _crypto_driver("gcm(aes)")
+        out[label + (f" (driver {driver})" if driver else "")] = speed
+    return out
+
+
+def _crypto_driver(name: str) -> str:
+    """The highest-priority driver /proc/crypto lists for ``name`` (the one the kernel picks)."""
+    best, prio = "", -1
+    with contextlib.suppress(OSError):
+        for block in Path("/proc/crypto").read_text().split("\n\n"):
+            f = dict((k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in block.splitlines()))
+            if f.get("name") == name and int(f.get("priority", -1)) > prio:
+                best, prio = f.get("driver", ""), int(f["priority"])
+    return best
+
+
 # ------------------------------------------------------------------ orchestration
 def fmt(v, spec: str = ".0f") -> str:
     if v is None:
@@ -808,11 +953,13 @@ def run_contender(c: Contender, s: Settings, profile_dir: Path | None) -> None:
     log(f"{c.label}: bulk")
     for direction in ("down", "up"):
         for streams in (1, 16):
-            prof = None
+            prof = perf = None
             if profile_dir is not None and c.name == "ironsocket" and streams == 1:
                 prof = profile_dir / f"ironsocket-{direction}-{streams}.txt"
+            if s.perf and streams == 1:
+                perf = s.tmp / f"perf-{c.name}-{direction}.data"
             try:
-                r[f"{direction}{streams}"] = measure_bulk(c, direction, streams, s, prof)
+                r[f"{direction}{streams}"] = measure_bulk(c, direction, streams, s, prof, perf)
             except Exception as exc:  # noqa: BLE001
                 r[f"{direction}{streams}"] = {"errors": [f"{exc.__class__.__name__}: {exc}"]}
             b = r[f"{direction}{streams}"]
@@ -860,7 +1007,8 @@ def environment() -> dict[str, str]:
     return env
 
 
-def render(contenders: list[Contender], limit: dict | None, s: Settings, command: str, env: dict) -> str:
+def render(contenders: list[Contender], limit: dict | None, crypto: dict, s: Settings, command: str,
+           env: dict) -> str:
     L = [f"### {env['where']}: {env['date']}", "",
          f"`{command}`", "",
          f"kernel `{env['kernel']}` · CPU {env['cpu']} · Python {env['python']} · {env['openssl']} · "
@@ -910,6 +1058,11 @@ def render(contenders: list[Contender], limit: dict | None, s: Settings, command
         L += ["", "The kernel's own limit (no proxy, one loopback TCP pair, one sender thread, one receiver thread):", "",
               "| pair | MiB/s |", "|---|---:|"]
         for k, v in limit.items():
+            L.append(f"| {k} | {fmt(v)} |")
+    if crypto:
+        L += ["", "Crypto alone (one core, no network; kTLS uses the kernel's, the userspace proxies and the "
+              "clients OpenSSL's):", "", "| AES-128-GCM seal | MiB/s |", "|---|---:|"]
+        for k, v in crypto.items():
             L.append(f"| {k} | {fmt(v)} |")
     errs = []
     for c in contenders:
@@ -1065,6 +1218,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--no-baselines", action="store_true", help="skip 'backend alone' and 'TLS client alone'")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy record ironsocket during the 1-stream bulk tests; print the top frames")
+    ap.add_argument("--perf", action="store_true",
+                    help="perf record the whole machine (kernel included) during every 1-stream bulk test; "
+                         "print each contender's top symbols")
     ap.add_argument("--idle", help="comma list of idle connection counts (default 1000,10000; 1000 with --quick or in the VM)")
     ap.add_argument("--vm", action="store_true",
                     help="run this same command inside tools/vm/ktls-vm and write its markdown section here on the host")
@@ -1105,7 +1261,7 @@ def main(argv: list[str]) -> int:
     s = Settings(quick=a.quick, bulk_dur=2.0 if a.quick else 5.0, warm=0.5 if a.quick else 1.0,
                  hs_dur=3.0 if a.quick else 5.0, hs_workers=2 if a.quick else max(2, 2 * ncpu),
                  lat_dur=2.0 if a.quick else 4.0, idle_counts=idle, procs=max(2, ncpu), ktls=has_ktls, tmp=tmp,
-                 profile=a.profile, startup_timeout=300.0 if IN_VM else 60.0, nofile=nofile)
+                 profile=a.profile, perf=a.perf, startup_timeout=300.0 if IN_VM else 60.0, nofile=nofile)
     if IN_VM:
         s.warm = max(s.warm, 1.0)
     command = "tools/bench/run " + shlex.join(argv) if argv else "tools/bench/run"
@@ -1123,6 +1279,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, on_term)  # also when started in the background (SIGINT ignored)
     contenders: list[Contender] = []
     limit = None
+    crypto: dict = {}
     profile_dir = tmp if a.profile else None
     t_start = time.monotonic()
     try:
@@ -1161,11 +1318,14 @@ def main(argv: list[str]) -> int:
             log("the limit: kTLS socket pair")
             limit = ktls_limit(s)
             log(f"  {limit}")
+        log("crypto alone: OpenSSL and the kernel's AES-128-GCM")
+        crypto = crypto_speed(1.0 if a.quick else 3.0)
+        log(f"  {crypto}")
     finally:
         kill_everything()
     env["load1"] = loadavg()
     log(f"done in {time.monotonic() - t_start:.0f}s")
-    section = render(contenders, limit, s, command, env)
+    section = render(contenders, limit, crypto, s, command, env)
     print()
     print(section)
     if a.profile:
@@ -1173,6 +1333,10 @@ def main(argv: list[str]) -> int:
             print(f"py-spy profile of ironsocket serve, {f.stem} (active threads, 250 Hz, --nonblocking):")
             print(summarize_profile(f))
             print()
+    if a.perf:
+        for f in sorted(tmp.glob("perf-*.txt")):
+            print(f"perf profile, {f.stem} (cpu-clock, 499 Hz, all CPUs, during the 1-stream bulk test):")
+            print(f.read_text())
     if a.markdown_out:
         try:
             update_markdown(a.markdown_out, env["where"], section)
