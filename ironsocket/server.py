@@ -4,7 +4,7 @@ Each accepted connection gets one thread: it runs the TLS 1.3 handshake (bounded
 ``handshake_timeout``), connects to the backend, hands the record layer to the kernel (kTLS) or
 keeps it in userspace, then starts the two pumps of its `relay.Relay` and ends.
 
-The accept loop and every pump wait in ``poll`` together with the `relay.PauseControl` waker,
+The accept loop and every pump wait in ``poll``, and a wait is a safe point (`relay.PauseControl`),
 so `pause()` can bring the whole process to a safe point for an exec upgrade (`upgrade.py`),
 and `adopt()` takes over the listener and connections a previous program left in the state.
 
@@ -297,9 +297,15 @@ class ProxyServer:
                     self.control.park()
                     continue
                 # At max_connections we stop calling accept(): new clients wait in the backlog.
-                if not self._slots.acquire(timeout=0.5):
-                    continue
-                if not any(fd == self._listener.fileno() for fd, _ in poller.poll(500)):
+                # Both waits are safe points; after them, busy() holds us while paused.
+                self.control.idle()
+                try:
+                    if not self._slots.acquire(timeout=0.5):
+                        continue
+                    ready = any(fd == self._listener.fileno() for fd, _ in poller.poll(500))
+                finally:
+                    self.control.busy()
+                if not ready:
                     self._slots.release()
                     continue
                 try:
