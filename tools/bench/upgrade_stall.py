@@ -37,6 +37,7 @@ import datetime
 import multiprocessing as mp
 import os
 import platform
+import random
 import re
 import resource
 import shlex
@@ -126,11 +127,12 @@ def payload(conn: int, seq: int) -> bytes:
 
 
 class Conn:
-    __slots__ = ("index", "times", "connected", "lost", "mismatch", "error", "rtts")
+    __slots__ = ("index", "times", "spans", "connected", "lost", "mismatch", "error", "rtts")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.times: list[float] = []  # completion times of round-trips since the last trim
+        self.spans: list[tuple[float, float]] = []  # (sent, echoed) of each round-trip, same trim
         self.connected = False
         self.lost = False
         self.mismatch = 0
@@ -147,8 +149,11 @@ async def run_conn(c: Conn, port: int, ctx: ssl.SSLContext, gate: asyncio.Semaph
         c.connected = True
         c.times.append(time.monotonic())
         seq = 0
+        if interval:  # spread the pings over the interval (otherwise they go in lockstep bursts)
+            await asyncio.sleep(random.uniform(0, interval))
         while not stop.is_set():
             data = payload(c.index, seq)
+            sent = time.monotonic()
             writer.write(data)
             got = await asyncio.wait_for(reader.readexactly(PING), timeout)
             if got != data:
@@ -156,6 +161,7 @@ async def run_conn(c: Conn, port: int, ctx: ssl.SSLContext, gate: asyncio.Semaph
                 c.error = f"mismatch at round-trip {seq}"
                 break
             c.times.append(time.monotonic())
+            c.spans.append((sent, c.times[-1]))
             c.rtts += 1
             seq += 1
             if interval:
@@ -167,6 +173,12 @@ async def run_conn(c: Conn, port: int, ctx: ssl.SSLContext, gate: asyncio.Semaph
         if not stop.is_set():
             c.lost = True
             c.error = f"{type(exc).__name__}: {exc}"
+
+
+def window_rtt(spans: list[tuple[float, float]], t0: float, t1: float) -> float:
+    """Longest round-trip (ping sent → echo back) that overlaps [t0, t1]: with think time
+    between pings this is the stall itself, without the think time."""
+    return max((b - a for a, b in spans if b >= t0 and a <= t1), default=0.0)
 
 
 def window_gaps(times: list[float], t0: float, t1: float) -> float:
@@ -200,10 +212,12 @@ def client_worker(port: int, indices: list[int], interval: float, timeout: float
                            "min_last": min((c.times[-1] for c in live), default=0.0)})
             elif cmd == "gaps":
                 t0, t1, trim = args
-                pipe.send([window_gaps(c.times, t0, t1) for c in conns if c.connected and not c.lost])
+                pipe.send([(window_gaps(c.times, t0, t1), window_rtt(c.spans, t0, t1))
+                           for c in conns if c.connected and not c.lost])
                 if trim:
                     for c in conns:
                         c.times = c.times[-1:]
+                        c.spans = c.spans[-1:]
             elif cmd == "stop":
                 stop.set()
                 await asyncio.wait(tasks, timeout=10)
@@ -242,7 +256,8 @@ class Clients:
                 "errors": [e for r in rows for e in r["errors"]],
                 "min_last": min(r["min_last"] for r in rows)}
 
-    def gaps(self, t0: float, t1: float, trim: bool) -> list[float]:
+    def gaps(self, t0: float, t1: float, trim: bool) -> list[tuple[float, float]]:
+        """Per live connection: (largest gap between round-trips, longest round-trip) in the window."""
         return [g for part in self.ask("gaps", t0, t1, trim) for g in part]
 
     def close(self) -> dict:
@@ -311,12 +326,15 @@ def run_one(n: int, a, tmp: Path, backend_port: int) -> dict:
             if k == 1:  # baseline: a window of the same length, just before the first upgrade
                 w = t1 - t0
                 res["baseline"] = clients.gaps(base_end - w, base_end, False)
-            gaps = clients.gaps(t0, t1, True)
+            window = clients.gaps(t0, t1, True)
+            gaps = [g for g, _ in window]
             upgrade_times.append(t1 - t0)
             res["upgrades"].append({"wall_ms": (t1 - t0) * 1000, "gaps_ms": [g * 1000 for g in gaps],
-                                    "stdout": up.stdout.strip()})
+                                    "rtt_ms": [r * 1000 for _, r in window], "stdout": up.stdout.strip()})
             log(f"N={n} upgrade {k}: command {1000 * (t1 - t0):.0f} ms, largest client stall "
-                f"{1000 * max(gaps, default=0):.0f} ms, lost {st['lost']}, mismatched {st['mismatch']}")
+                f"{1000 * max(gaps, default=0):.0f} ms, longest round-trip "
+                f"{1000 * max((r for _, r in window), default=0):.0f} ms, lost {st['lost']}, mismatched {st['mismatch']}"
+                + (f"; first errors: {st['errors'][:3]}" if st["errors"] else ""))
             assert server.poll() is None and server.pid == pid
             time.sleep(a.settle)
         text = slog.read_text(errors="replace")
@@ -402,22 +420,30 @@ def render(results: list[dict], a, env: dict, command: str, load0: str, load1: s
          f"*Client stall*: per connection the largest gap between consecutive completed round-trips "
          f"overlapping the upgrade window (command start → command returned); median over all "
          f"connections and upgrades / max. *Baseline*: the same statistic over a window of equal "
-         f"length just before the first upgrade (no upgrade running).", "",
+         f"length just before the first upgrade (no upgrade running). *Round-trip*: per connection the "
+         f"longest ping → echo overlapping the same windows (without the think time).", "",
          "| connections | upgrades | upgrade command ms | quiesce ms (`paused in`) | pause ms (`resumed after`) "
          "| exec → restored ms (log) | largest client stall ms (median / max) | baseline gap ms (median / max) "
+         "| longest round-trip ms, upgrade (median / max) | baseline round-trip ms (median / max) "
          "| round-trips | lost | mismatched |",
-         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
-            L.append(f"| {r['n']} | failed: {r['error']} | | | | | | | | | |")
+            L.append(f"| {r['n']} | failed: {r['error']} | | | | | | | | | | | |")
             continue
         gaps = [g for u in r["upgrades"] for g in u["gaps_ms"]]
-        base = [g * 1000 for g in r["baseline"]]
-        stall = f"{statistics.median(gaps):.0f} / {max(gaps):.0f}" if gaps else "—"
-        bl = f"{statistics.median(base):.0f} / {max(base):.0f}" if base else "—"
+        rtt = [x for u in r["upgrades"] for x in u["rtt_ms"]]
+        base = [g * 1000 for g, _ in r["baseline"]]
+        base_rtt = [x * 1000 for _, x in r["baseline"]]
+
+        def mm(xs: list[float]) -> str:
+            return f"{statistics.median(xs):.0f} / {max(xs):.0f}" if xs else "—"
+
+        stall, bl = mm(gaps), mm(base)
         L.append(f"| {r['n']} | {len(r['upgrades'])} | {trio([u['wall_ms'] for u in r['upgrades']])} "
                  f"| {trio(r['paused_ms'])} | {trio(r['resumed_ms'])} "
                  f"| {trio([p['exec_to_restored_ms'] for p in r['phases']])} | {stall} | {bl} "
+                 f"| {mm(rtt)} | {mm(base_rtt)} "
                  f"| {r.get('rtts', 0)} | {r['lost']} | {r['mismatch']} |")
     L.append("")
     if costs:
