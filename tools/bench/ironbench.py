@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import multiprocessing
 import os
+import platform
 import re
 import resource
 import selectors
@@ -69,7 +70,18 @@ SUITE, GROUP = "TLS_AES_128_GCM_SHA256", "X25519"
 PEERS = ("stunnel", "haproxy", "nginx", "ironsocket")
 MiB = 1 << 20
 IN_VM = os.environ.get("IRONSOCKET_IN_VM") == "1"
-HOST_OR_VM = "VM" if IN_VM else "host"
+VM_DEFAULT_KERNEL = "6.1"  # tools/vm/ktls-vm's default
+
+
+def _where() -> str:
+    """The section this run writes: "host", "VM" (the harness's default kernel) or "VM 6.12"."""
+    if not IN_VM:
+        return "host"
+    major_minor = ".".join(platform.release().split(".")[:2])
+    return "VM" if major_minor == VM_DEFAULT_KERNEL else f"VM {major_minor}"
+
+
+HOST_OR_VM = _where()
 CHUNK = 256 * 1024
 
 
@@ -1104,7 +1116,11 @@ def update_markdown(path: Path, where: str, section: str) -> None:
     else:
         # host before VM; anything hand-written after the generated blocks stays after them
         other_end = END.format("host")
-        if where == "VM" and other_end in text:
+        vm_end = END.format("VM")
+        if where.startswith("VM ") and vm_end in text:
+            pre, post = text.split(vm_end, 1)
+            text = pre + vm_end + "\n\n" + block + post
+        elif where == "VM" and other_end in text:
             pre, post = text.split(other_end, 1)
             text = pre + other_end + "\n\n" + block + post
         elif where == "host" and BEGIN.format("VM") in text:
@@ -1126,10 +1142,11 @@ MARK_END = "----- bench markdown section {} end -----"
 
 def apply_from_log(logfile: Path, out: Path) -> None:
     text = logfile.read_text(errors="replace").replace("\r", "")
-    for where in ("host", "VM"):
-        b, e = MARK_BEGIN.format(where), MARK_END.format(where)
-        if b in text and e in text:
-            section = text.rsplit(b, 1)[1].split(e, 1)[0].lstrip("\n")
+    for m in reversed(list(re.finditer(re.escape(MARK_BEGIN).replace(r"\{\}", "(.+?)"), text))):
+        where = m.group(1)
+        e = MARK_END.format(where)
+        if e in text[m.end():]:
+            section = text[m.end():].split(e, 1)[0].lstrip("\n")
             update_markdown(out, where, section)
             log(f"wrote the {where} section into {out}")
             return
@@ -1224,6 +1241,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--idle", help="comma list of idle connection counts (default 1000,10000; 1000 with --quick or in the VM)")
     ap.add_argument("--vm", action="store_true",
                     help="run this same command inside tools/vm/ktls-vm and write its markdown section here on the host")
+    ap.add_argument("--vm-kernel", metavar="VERSION",
+                    help=f"with --vm: the guest kernel (tools/vm/ktls-vm --kernel; default {VM_DEFAULT_KERNEL}); "
+                         "a non-default kernel writes its own 'VM <version>' section")
     ap.add_argument("--apply-markdown", type=Path, metavar="LOG",
                     help="take the markdown section printed in LOG (a captured VM run) into --markdown-out")
     a = ap.parse_args(argv)
@@ -1266,7 +1286,8 @@ def main(argv: list[str]) -> int:
         s.warm = max(s.warm, 1.0)
     command = "tools/bench/run " + shlex.join(argv) if argv else "tools/bench/run"
     if IN_VM:
-        command = f"tools/vm/ktls-vm run --timeout 3000 -- {command}"
+        kernel = "" if HOST_OR_VM == "VM" else f" --kernel {HOST_OR_VM.split()[1]}"
+        command = f"tools/vm/ktls-vm run{kernel} --timeout 3000 -- {command}"
     env = environment()
     env["load0"] = loadavg()
     log(f"{env['where']}: kernel {env['kernel']}, {env['cpu']}, Python {env['python']}, kTLS {'yes' if has_ktls else 'no'}, "
@@ -1355,9 +1376,19 @@ def main(argv: list[str]) -> int:
 
 
 def run_in_vm(argv: list[str], a) -> int:
-    inner = [x for x in argv if x != "--vm"]
+    inner, skip = [], False
+    for i, x in enumerate(argv):  # drop --vm and --vm-kernel [VERSION]: they are for this side
+        if skip:
+            skip = False
+        elif x == "--vm":
+            continue
+        elif x == "--vm-kernel":
+            skip = True
+        elif not x.startswith("--vm-kernel="):
+            inner.append(x)
+    kernel = ["--kernel", a.vm_kernel] if a.vm_kernel else []
     logf = Path(tempfile.mkstemp(prefix="ironbench-vm-", suffix=".log")[1])
-    cmd = [str(ROOT / "tools" / "vm" / "ktls-vm"), "run", "--timeout", "3000", "--", "tools/bench/run", *inner]
+    cmd = [str(ROOT / "tools" / "vm" / "ktls-vm"), "run", *kernel, "--timeout", "3000", "--", "tools/bench/run", *inner]
     log(f"{shlex.join(cmd)}  (log: {logf})")
     with open(logf, "wb") as out:
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
