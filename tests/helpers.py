@@ -6,6 +6,8 @@ import json
 import os
 import ssl
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ironsocket.tls13.credentials import CertificateStore, load_credential
@@ -86,3 +88,13 @@ def thread_count() -> int:
 def config(**kw) -> ServerConfig:
     kw.setdefault("certificates", store())
     return ServerConfig(**kw)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str = "condition", interval: float = 0.05) -> None:
+    """Poll ``predicate`` until it is true; AssertionError naming ``what`` after ``timeout`` s.
+    Test modules bind their own TIMEOUT with functools.partial."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)

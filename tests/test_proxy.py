@@ -12,6 +12,7 @@ records it sends and receives (so the kernel's rec_seq can be checked exactly).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -32,6 +33,7 @@ from ironsocket.tls13.constants import CipherSuite, ContentType
 from ironsocket.tls13.records import RecordProtection
 from ironsocket.tls13.server import ServerConfig
 from tests.helpers import CERTS, ROOT, client_context, store
+from tests import helpers
 
 pytestmark = pytest.mark.ktls
 
@@ -148,12 +150,7 @@ def make_proxy() -> Iterator[Callable[..., ProxyServer]]:
         server.stop()
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = TIMEOUT, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+wait_until = functools.partial(helpers.wait_until, timeout=TIMEOUT, interval=0.02)
 
 
 # -- a record-counting CPython client ------------------------------------------------------------

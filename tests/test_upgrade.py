@@ -7,6 +7,7 @@ checks them by read-back). Fewer connections/upgrades in the emulated VM, same a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ import pytest
 
 from ironsocket import ktls
 from tests.helpers import CERTS, ROOT, client_context
+from tests import helpers
 
 pytestmark = pytest.mark.ktls
 
@@ -158,12 +160,7 @@ def echo_backend() -> Iterator[tuple[str, int]]:
     proc.stdout.close()
 
 
-def wait_until(predicate, timeout: float = TIMEOUT, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+wait_until = functools.partial(helpers.wait_until, timeout=TIMEOUT)
 
 
 def echo_once(port: int, payload: bytes) -> bytes:

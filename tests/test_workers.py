@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from ironsocket import control
 from tests.helpers import CERTS, ROOT, client_context
+from tests import helpers
 
 TIMEOUT = 30.0
 
@@ -22,12 +24,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(predicate, timeout: float = TIMEOUT, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+wait_until = functools.partial(helpers.wait_until, timeout=TIMEOUT)
 
 
 def serve(tmp: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
