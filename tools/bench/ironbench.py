@@ -63,6 +63,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
 import handshakes as hs  # noqa: E402  (the handshake benchmark: its client and measure())
+from _procs import STARTED, kill_everything, kill_group, spawn  # noqa: E402
 
 CERTS = ROOT / "fixtures" / "certs"
 CERT, KEY, CA = CERTS / "ecdsa-p256.pem", CERTS / "ecdsa-p256.key", CERTS / "ca.pem"
@@ -90,42 +91,6 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------ processes we start
-_STARTED: list[subprocess.Popen] = []
-
-
-def spawn(argv: list[str], logfile: Path, **kw) -> subprocess.Popen:
-    out = open(logfile, "ab")
-    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                         start_new_session=True, cwd=ROOT, **kw)
-    out.close()
-    _STARTED.append(p)
-    return p
-
-
-def kill_group(p: subprocess.Popen, grace: float = 5.0) -> None:
-    if p.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(p.pid, signal.SIGKILL)  # the group may outlive its leader (nginx workers)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        p.wait(5)
-    if p in _STARTED:
-        _STARTED.remove(p)
-
-
-def kill_everything() -> None:
-    for p in list(_STARTED):
-        kill_group(p, grace=2.0)
-    for child in multiprocessing.active_children():
-        child.kill()
-        child.join(2)
-
-
 def group_pids(pgid: int) -> list[int]:
     pids = []
     for d in os.listdir("/proc"):
@@ -665,7 +630,7 @@ def measure_bulk(c: Contender, direction: str, streams: int, s: Settings, profil
              "--duration", str(int(s.warm + s.bulk_dur + 4)), "--format", "raw",
              "--nonblocking", "-o", str(profile_to)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        _STARTED.append(prof)
+        STARTED.append(prof)
     perf = start_perf(perf_to) if perf_to is not None and c.pgid else None
     pids = group_pids(c.pgid) if c.pgid else []
     try:
@@ -705,7 +670,7 @@ def start_perf(out: Path) -> subprocess.Popen | None:
         p = subprocess.Popen([exe, "record", "-a", "-F", "499", "-e", "cpu-clock", "-q", "-o", str(out),
                               "--", "sh", "-c", workload],
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-    _STARTED.append(p)
+    STARTED.append(p)
     deadline = time.monotonic() + 120
     while not ready.exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)

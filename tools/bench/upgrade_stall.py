@@ -53,6 +53,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+from _procs import kill_everything, kill_group, spawn  # noqa: E402
 CERTS = ROOT / "fixtures" / "certs"
 PING = 64
 SECTION = "upgrade-stall"
@@ -65,37 +67,6 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------ processes we start
-_STARTED: list[subprocess.Popen] = []
-
-
-def spawn(argv: list[str], logfile: Path, env: dict[str, str] | None = None, stdout=None) -> subprocess.Popen:
-    out = open(logfile, "ab")
-    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout or out, stderr=out,
-                         start_new_session=True, cwd=ROOT, env=env)
-    out.close()
-    _STARTED.append(p)
-    return p
-
-
-def kill_group(p: subprocess.Popen, grace: float = 5.0) -> None:
-    if p.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(p.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        p.wait(5)
-    if p in _STARTED:
-        _STARTED.remove(p)
-
-
-def kill_everything() -> None:
-    for p in list(_STARTED):
-        kill_group(p, grace=2.0)
-
-
 def raise_nofile() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
