@@ -392,6 +392,18 @@ class BufferPool:
 _BUFFERS = BufferPool(READ_SIZE)
 
 
+def _recv_pooled(sock: socket.socket, consume: Callable[[memoryview], object]) -> int:
+    """One ``recv_into`` a pooled buffer, whose bytes go to ``consume`` (it must copy them: the
+    buffer goes back to the pool). Bytes read, 0 at EOF, -1 if there was nothing to read."""
+    with _BUFFERS.borrow() as view:
+        try:
+            n = sock.recv_into(view)
+        except BlockingIOError:
+            return -1
+        consume(view[:n])
+        return n
+
+
 def make_pipe() -> tuple[int, int]:
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -598,13 +610,7 @@ class Relay:
                     return False
                 if event is not NEED_DATA:
                     return False
-                with _BUFFERS.borrow() as view:
-                    try:
-                        n = channel.sock.recv_into(view)
-                    except BlockingIOError:
-                        n = -1
-                    else:
-                        channel.session.receive_data(view[:n])  # copies: the buffer goes back
+                n = _recv_pooled(channel.sock, channel.session.receive_data)
                 if n < 0:
                     self._wait(channel.sock.fileno(), select.POLLIN)
                     return False
@@ -730,13 +736,7 @@ class Relay:
                 if state.done:
                     _shutdown(channel.sock, socket.SHUT_WR)
                     return True
-                with _BUFFERS.borrow() as view:
-                    try:
-                        n = self.backend.recv_into(view)
-                    except BlockingIOError:
-                        n = -1
-                    else:
-                        channel.queue(view[:n])  # seals into channel.out: the buffer goes back
+                n = _recv_pooled(self.backend, channel.queue)  # queue seals into channel.out
                 if n < 0:
                     self._wait(self.backend.fileno(), select.POLLIN)
                     return False
