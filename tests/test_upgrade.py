@@ -355,7 +355,10 @@ def test_inspect_keys_view_continues_across_upgrade(tmp_path: Path, echo_backend
         assert after["id"] == before["id"]
         assert after["tx"]["fingerprint"] == before["tx"]["fingerprint"]
         assert after["rx"]["fingerprint"] == before["rx"]["fingerprint"]
-        assert (after["tx"]["rec_seq"], after["rx"]["rec_seq"]) == (before["tx"]["rec_seq"], before["rx"]["rec_seq"])
+        # Nothing may be sent on the connection across the upgrade. (A TX one record ahead was
+        # once the close_notify for a backend that had closed the idle connection: issue 11.)
+        assert (after["tx"]["rec_seq"], after["rx"]["rec_seq"]) == (before["tx"]["rec_seq"], before["rx"]["rec_seq"]), \
+            server.text()[-3000:]
 
         for i in range(3):
             client.send(b"after %d" % i)
