@@ -400,7 +400,8 @@ def _recv_pooled(sock: socket.socket, consume: Callable[[memoryview], object]) -
             n = sock.recv_into(view)
         except BlockingIOError:
             return -1
-        consume(view[:n])
+        if n:  # at EOF there is nothing to hand on (a Session closed for writing refuses even b"")
+            consume(view[:n])
         return n
 
 

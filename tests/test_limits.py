@@ -118,6 +118,36 @@ def test_idle_timeout_closes_with_close_notify(record_mode, thread_backend, prox
     client.close()
 
 
+@pytest.mark.parametrize("ending", ["idle timeout", "graceful stop", "protocol error"])
+def test_ordinary_endings_log_no_crash(ending, record_mode, thread_backend, proxy, caplog) -> None:
+    """Issue 12.5: an idle timeout, a graceful stop and a client's protocol error are ordinary
+    endings: one log line with the reason, never an ERROR with a traceback (in userspace mode
+    the backend's EOF after our close_notify used to reach Session.send_data(b"") and crash the
+    pump, so any client could fill the log)."""
+    caplog.set_level("INFO")
+    server = proxy(thread_backend(_echo).address, idle_timeout=1.0 if ending == "idle timeout" else 30.0)
+    client = RecordClient(server.address)
+    client.handshake()
+    client.send(b"ping")
+    assert client.recv_exact(4) == b"ping"
+    info = only_connection(server)
+    if ending == "graceful stop":
+        server.stop(drain=0.0)
+    elif ending == "protocol error":
+        client.sock.sendall(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # a record that cannot be opened
+        with pytest.raises(ssl.SSLError, match="BAD_RECORD_MAC"):  # the alert we answer with
+            client.recv_until_close()
+    else:
+        assert client.recv_until_close() == (b"", True)
+    wait_until(lambda: not server.connections, what="registry empty")
+    wait_until(lambda: info.relay is not None and not any(t.is_alive() for t in info.relay._threads),
+               what="both pumps ended")
+    assert info.relay.stats.close_reason
+    noisy = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL") or r.exc_info]
+    assert not noisy, [r.getMessage() for r in noisy]
+    client.close()
+
+
 def test_one_way_client_traffic_keeps_the_connection(record_mode, thread_backend, proxy) -> None:
     """Client → backend only (the backend never answers): not idle while bytes flow."""
     server = proxy(thread_backend(_sink).address, idle_timeout=1.0)
