@@ -194,7 +194,7 @@ class AdminServer:
     """``AdminServer(servers, listen=("127.0.0.1", 9180))`` or ``unix="/run/x.sock"``; start/stop."""
 
     def __init__(self, servers: Sequence, *, listen: tuple[str, int] | None = None, unix: str | None = None,
-                 allow_remote: bool = False) -> None:
+                 allow_remote: bool = False, fd: int | None = None) -> None:
         if (listen is None) == (unix is None):
             raise AdminError("admin: give exactly one of a HOST:PORT or a unix socket path")
         if listen is not None and not allow_remote and not is_loopback(listen[0]):
@@ -203,6 +203,10 @@ class AdminServer:
         self.servers = list(servers)
         self.listen, self.unix = listen, unix
         handler = type("AdminHandler", (_Handler,), {"servers": self.servers})
+        if fd is not None:  # carried over an exec upgrade: already bound and listening
+            self._httpd = self._adopt(fd, handler)
+            self._thread: threading.Thread | None = None
+            return
         try:
             if unix is not None:
                 path = Path(unix)
@@ -223,6 +227,26 @@ class AdminServer:
             where = unix or f"{listen[0]}:{listen[1]}"  # type: ignore[index]
             raise AdminError(f"admin: cannot listen on {where}: {exc.strerror}") from None
         self._thread: threading.Thread | None = None
+
+    def _adopt(self, fd: int, handler: type) -> socketserver.BaseServer:
+        sock = socket.socket(fileno=fd)
+        try:
+            if sock.family == socket.AF_UNIX:
+                httpd: socketserver.BaseServer = _UnixServer(sock.getsockname(), handler, bind_and_activate=False)
+            else:
+                server_cls = type("AdminTCPServer", (_TCPServer,), {"address_family": sock.family})
+                httpd = server_cls(sock.getsockname()[:2], handler, bind_and_activate=False)
+                httpd.server_name, httpd.server_port = "localhost", sock.getsockname()[1]  # type: ignore[attr-defined]
+        except BaseException:
+            sock.detach()  # the fd stays open for whoever rolls back
+            raise
+        httpd.socket.close()  # the unbound socket the constructor made
+        httpd.socket = sock
+        return httpd
+
+    def fileno(self) -> int:
+        """The listening socket (carried over an exec upgrade)."""
+        return self._httpd.socket.fileno()
 
     @property
     def address(self) -> str:

@@ -149,9 +149,8 @@ def serve(
     runtime = Runtime(config, demo=backend_addr is None, admin=admin, admin_allow_remote=admin_allow_remote,
                       control_socket=control_socket, state_dump=upgrade_state_dump, say=lambda text: typer.echo(text, err=True))
     try:
-        runtime.start()
+        runtime.start()  # stops what it started on failure (a restore keeps it for the rollback)
     except (StartupError, AdminError, ControlError) as exc:
-        runtime.stop()
         _fail(str(exc))
     server = runtime.server
     assert server is not None and runtime.control is not None

@@ -7,7 +7,9 @@ for all of them. Kept apart from `cli.py` so the command line only delegates her
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,17 +29,43 @@ def _fail(message: str) -> int:
 
 
 def start_admin(spec: str | None, servers: Sequence[ProxyServer], allow_remote: bool = False, *,
-                unix: str | None = None, listen: tuple[str, int] | None = None) -> AdminServer | None:
-    """Start the admin endpoint from a ``--admin`` value (or explicit listen/unix); None if off."""
+                unix: str | None = None, listen: tuple[str, int] | None = None,
+                fd: int | None = None) -> AdminServer | None:
+    """Start the admin endpoint from a ``--admin`` value (or explicit listen/unix); None if off.
+    ``fd``: the listening socket a previous program carried over exec (used instead of binding)."""
     if spec:
         parsed = parse_admin(spec)
         listen, unix = parsed.get("listen"), parsed.get("unix")
     if listen is None and unix is None:
         return None
-    admin = AdminServer(servers, listen=listen, unix=unix, allow_remote=allow_remote)
+    admin = AdminServer(servers, listen=listen, unix=unix, allow_remote=allow_remote, fd=fd)
     admin.start()
     typer.echo(f"ironsocket: admin endpoint on {admin.address}", err=True)
     return admin
+
+
+def admin_fd_matches(spec: str | None, fd: int) -> bool:
+    """Whether the carried admin socket ``fd`` is the one ``--admin spec`` asks for (a port 0
+    matches any port: keeping the one already bound is the point)."""
+    if not spec:
+        return False
+    parsed = parse_admin(spec)
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            name = sock.getsockname()
+            family = sock.family
+    except OSError:
+        return False
+    if "unix" in parsed:
+        return family == socket.AF_UNIX and os.path.abspath(parsed["unix"]) == os.path.abspath(name)
+    host, port = parsed["listen"]
+    if family == socket.AF_UNIX:
+        return False
+    try:
+        wanted = {info[4][0] for info in socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)}
+    except OSError:
+        return False
+    return name[0] in wanted and port in (0, name[1])
 
 
 def serve_config_file(path: Path, *, admin: str | None = None, admin_allow_remote: bool = False,

@@ -49,6 +49,13 @@ def _alert_label(exc: RemoteProtocolError) -> str:
 THREAD_STACK_SIZE = 256 * 1024  # relay threads hold a few frames; the default 8 MiB is waste
 
 
+def _shutdown_quietly(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class KtlsMode(enum.Enum):
     AUTO = "auto"
     REQUIRE = "require"
@@ -141,6 +148,9 @@ class ProxyServer:
         self._handshaking = 0
         self._handshake_cond = threading.Condition(self._lock)
         self._adopted: list[tuple[ConnectionInfo, Relay]] = []
+        self.adopted = False  # adopt() took over a previous program's listener and connections
+        self._hold_accept = False  # pause(): no new connections while handshakes finish
+        self._in_handshake: dict[int, socket.socket] = {}  # conn_id → client socket, until relayed
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -220,20 +230,35 @@ class ProxyServer:
     # -- pausing and the exec upgrade (upgrade.py) -----------------------------------------------
     def pause(self, handshake_deadline: float, park_deadline: float) -> None:
         """Bring everything to a safe point: no accept, no handshake, no pump moving bytes.
-        Raises UpgradeError (after resuming) if that does not happen within the deadlines."""
+
+        New connections wait in the kernel backlog; handshakes in flight get ``handshake_deadline``
+        to finish while the relays keep moving bytes. Handshakes still running then are cut
+        (their clients retry): a client that never finishes its handshake must not be able to
+        hold every upgrade off. Raises UpgradeError (after resuming) if the pumps do not reach a
+        safe point within ``park_deadline``."""
         from .upgrade import UpgradeError
 
-        self.control.pause()
+        self._hold_accept = True
         with self._lock:
             done = self._handshake_cond.wait_for(lambda: self._handshaking == 0, handshake_deadline)
-        if not done:
-            self.control.resume()
-            raise UpgradeError(f"{self._handshaking} handshakes still running after {handshake_deadline:g}s")
+            cut = [] if done else list(self._in_handshake.items())
+        for conn_id, sock in cut:
+            log.info("conn=%d handshake cut: not finished when the upgrade began", conn_id)
+            _shutdown_quietly(sock)  # its thread sees EOF/an error and ends
+        if cut:
+            with self._lock:
+                done = self._handshake_cond.wait_for(lambda: self._handshaking == 0, park_deadline)
+            if not done:
+                self._hold_accept = False
+                raise UpgradeError(f"{self._handshaking} connections still between handshake and relay "
+                                   f"after {handshake_deadline + park_deadline:g}s")
+        self.control.pause()
         if not self.control.wait_parked(park_deadline):
-            self.control.resume()
+            self.resume()
             raise UpgradeError(f"{self.control.running} pumps did not reach a safe point in {park_deadline:g}s")
 
     def resume(self) -> None:
+        self._hold_accept = False
         self.control.resume()
 
     def snapshot(self) -> dict:
@@ -254,11 +279,23 @@ class ProxyServer:
         }
 
     def adopt(self, doc: dict) -> None:
-        """Take over the listener and connections of the previous program (before `start`)."""
+        """Take over the listener and connections of the previous program (before `start`).
+        On failure every inherited fd is left open (for the rollback to the previous program)."""
         from .upgrade import restore_connection
 
         listener = socket.socket(fileno=doc["listener_fd"])
-        restored = [restore_connection(conn, self.control, self.config.idle_timeout) for conn in doc["connections"]]
+        restored: list[tuple[ConnectionInfo, Relay]] = []
+        try:
+            for conn in doc["connections"]:
+                restored.append(restore_connection(conn, self.control, self.config.idle_timeout))
+            if len(restored) > self.config.max_connections:
+                raise StartupError("more connections in the state than --max-connections")
+        except BaseException:
+            listener.detach()
+            for _, relay in restored:
+                relay.client.sock.detach()
+                relay.backend.detach()
+            raise
         self._listener = listener
         self._ids = itertools.count(doc["next_conn_id"])
         counters = doc.get("counters", {})
@@ -267,13 +304,13 @@ class ProxyServer:
         self.handshake_failures = dict(counters.get("handshake_failures", {}))
         self.bytes_closed = list(counters.get("bytes_closed", [0, 0]))
         for info, relay in restored:
-            if not self._slots.acquire(blocking=False):
-                raise StartupError("more connections in the state than --max-connections")
+            self._slots.acquire(blocking=False)
             info.relay = relay
             info.backend_local_addr = relay.backend.getsockname()[:2]
             self._adopted.append((info, relay))
             with self._lock:
                 self.connections[info.conn_id] = info
+        self.adopted = True
 
     def _start_relay(self, info: ConnectionInfo, relay: Relay) -> None:
         relay._on_done = lambda r: self._relay_done(info, r)
@@ -295,6 +332,13 @@ class ProxyServer:
             while not self._stopping.is_set():
                 if self.control.paused:  # an upgrade: stop accepting, the backlog keeps clients
                     self.control.park()
+                    continue
+                if self._hold_accept:  # an upgrade is letting handshakes finish: accept none
+                    self.control.idle()
+                    try:
+                        time.sleep(0.01)
+                    finally:
+                        self.control.busy()
                     continue
                 # At max_connections we stop calling accept(): new clients wait in the backlog.
                 # Both waits are safe points; after them, busy() holds us while paused.
@@ -333,6 +377,7 @@ class ProxyServer:
             self.connections[conn_id] = info
             self._threads.add(thread)
             self._handshaking += 1
+            self._in_handshake[conn_id] = sock
         thread.start()
 
     # -- one connection --------------------------------------------------------------------------
@@ -375,6 +420,7 @@ class ProxyServer:
                 if not relay_started:
                     self.connections.pop(info.conn_id, None)
                 self._threads.discard(threading.current_thread())
+                self._in_handshake.pop(info.conn_id, None)
                 self._handshaking -= 1
                 self._handshake_cond.notify_all()
             if not relay_started:

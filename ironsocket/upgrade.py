@@ -11,26 +11,35 @@ the PID stays the same and no second server ever competes for the sockets.
    and name the state format it reads. If it cannot, nothing else happens and the caller is
    told why.
 2. **Quiesce.** The accept loop stops (the listening socket stays open: new clients wait in
-   the kernel backlog, never refused); handshakes in flight get ``HANDSHAKE_DEADLINE`` to finish;
+   the kernel backlog, never refused); handshakes in flight get ``HANDSHAKE_DEADLINE`` to finish
+   while the relays keep moving bytes, and the ones still running are then cut (a client that
+   never finishes its handshake must not be able to veto every upgrade); then
    `relay.PauseControl` brings every pump to a safe point. A pump holds its bytes either in its
    splice pipe (kTLS; the pipe fds are carried) or in a Python buffer (carried in the document).
 3. **State.** One JSON document in a sealed memfd (never on disk): format and version, the
-   listener, control and demo fds, and per connection the client, backend and pipe fds, mode,
+   listener, admin, control and demo fds, and per connection the client, backend and pipe fds, mode,
    suite, SNI, ALPN, addresses, counters, start time, the traffic secrets and — read back from
    the kernel at this moment — the key, IV and next rec_seq per direction; for userspace
    connections also the partial record and buffered bytes. Every fd named in it is made
    inheritable for this one exec; every other fd stays close-on-exec (Python's default).
-4. **Exec.** ``execv(target)`` with ``IRONSOCKET_UPGRADE_STATE_FD`` in the environment.
+4. **Exec.** ``execv(target)`` with ``IRONSOCKET_UPGRADE_STATE_FD`` in the environment, if the
+   target file is still the one the check ran (else the upgrade is refused); an exec that
+   fails resumes everything.
 5. **Restore.** The new program validates the document (format, version, every fd open and of
    the right kind, every kTLS socket's suite and rec_seq read back equal to the document),
-   rebuilds the registry, resumes the pumps and the accept loop, and answers the requester.
+   rebuilds the registry, adopts the admin and control sockets, and only then resumes the pumps
+   and the accept loop (`runtime.STARTUP_STEPS`), and answers the requester.
 6. **Rollback.** A restore that fails (bad config, invalid state, a crash in restore code)
-   execs the previous program (``previous_exec`` in the document) with the same state and
-   ``IRONSOCKET_UPGRADE_FAILED`` set to the reason; it restores and reports the failure.
+   never closes what it inherited, and execs the previous program (``previous_exec``) with
+   ``IRONSOCKET_UPGRADE_FAILED`` set to the reason. If nothing was adopted yet, with the same
+   document (no byte has moved); once the connections are adopted, with the state as it is then:
+   `roll_back_live` pauses them again and writes a new document, so the previous program
+   continues every sequence number where the failed one left it — never a nonce twice.
 
 Remaining window: a crash of the new program between exec and the first line of Python that
-can catch an exception (interpreter start, imports of the standard library), or a kill -9
-during restore, loses the connections. That window is the interpreter start-up (tens of ms).
+can catch an exception (interpreter start, imports of the standard library), a kill -9 during
+restore, or a previous program that can no longer be exec'd when a rollback needs it, loses the
+connections. The first is the interpreter start-up (tens of ms).
 """
 
 from __future__ import annotations
@@ -173,7 +182,7 @@ def connection_doc(info: ConnectionInfo) -> dict[str, Any]:
 
 
 def inherited_fds(doc: dict[str, Any]) -> list[int]:
-    fds = [fd for key in ("listener_fd", "control_fd", "demo_fd", "reply_fd") if (fd := doc.get(key)) is not None]
+    fds = [fd for key in ("listener_fd", "control_fd", "demo_fd", "admin_fd", "reply_fd") if (fd := doc.get(key)) is not None]
     for conn in doc["connections"]:
         fds += [conn["client_fd"], conn["backend_fd"]]
         for direction in ("c2b", "b2c"):
@@ -224,7 +233,7 @@ def validate(doc: dict[str, Any]) -> None:
         raise StateError(f"not an {STATE_FORMAT} document")
     if doc.get("version") != STATE_VERSION:
         raise StateError(f"state version {doc.get('version')} (this program reads {STATE_VERSION})")
-    for key in ("listener_fd", "control_fd", "demo_fd"):
+    for key in ("listener_fd", "control_fd", "demo_fd", "admin_fd"):
         if doc.get(key) is not None:
             _expect(doc[key], stat.S_ISSOCK, key)
     for conn in doc.get("connections", []):
@@ -250,11 +259,22 @@ def _expect(fd: int, kind: Any, what: str) -> None:
 # -- restore --------------------------------------------------------------------------------------
 def restore_connection(conn: dict[str, Any], control: PauseControl, idle_timeout: float | None) -> tuple[Any, Relay]:
     """One connection from its document entry; verifies kTLS state against the kernel."""
+    client = socket.socket(fileno=conn["client_fd"])
+    backend = socket.socket(fileno=conn["backend_fd"])
+    try:
+        return _restore_connection(conn, client, backend, control, idle_timeout)
+    except BaseException:
+        # The fds stay open for the rollback (a socket object collected would close them).
+        client.detach()
+        backend.detach()
+        raise
+
+
+def _restore_connection(conn: dict[str, Any], client: socket.socket, backend: socket.socket,
+                        control: PauseControl, idle_timeout: float | None) -> tuple[Any, Relay]:
     from .server import ConnectionInfo
 
     suite = CipherSuite[conn["suite"]]
-    client = socket.socket(fileno=conn["client_fd"])
-    backend = socket.socket(fileno=conn["backend_fd"])
     tx, rx = _keys_from(conn["tx"]), _keys_from(conn["rx"])
     mode = RecordMode(conn["mode"])
     if mode is RecordMode.USERSPACE:
@@ -298,49 +318,79 @@ def perform(server: ProxyServer, target: list[str], reply: socket.socket | None 
             extra: dict[str, Any] | None = None, dump_path: str | None = None) -> None:
     """Check, quiesce, snapshot and exec. Returns only if the upgrade did not happen (raises
     UpgradeError with the reason after resuming everything)."""
+    identity = _identity(target[0])  # the file the check runs: exec'd only if still the same
     report = check_target(target)
     log.info("upgrade: target checked: %s", report.splitlines()[-1] if report else "")
     started = time.monotonic()
     server.pause(HANDSHAKE_DEADLINE, PARK_DEADLINE)
-    memfd = None
-    fds: list[int] = []
     try:
-        doc = server.snapshot()
-        doc.update(extra or {})
-        doc.update(format=STATE_FORMAT, version=STATE_VERSION, pid=os.getpid(), created=time.time(),
-                   paused_at_monotonic=started, previous_exec=current_program(),
-                   reply_fd=reply.fileno() if reply is not None else None)
+        if _identity(target[0]) != identity:
+            raise UpgradeError(f"{target[0]} changed after its start-up check; not running it")
+        doc = document(server, {**(extra or {}), "reply_fd": reply.fileno() if reply is not None else None},
+                       previous_exec=current_program(), paused_at=started)
         if dump_path is not None:
             dump_state(doc, dump_path)
-        memfd = write_memfd(doc)
-        fds = [*inherited_fds(doc), memfd]
+        log.info("upgrade: %d connections paused in %.1f ms; exec %s", len(doc["connections"]),
+                 (time.monotonic() - started) * 1000, " ".join(target))
+        exec_with_state(target, doc)
+    except BaseException as exc:
+        server.resume()
+        if isinstance(exc, UpgradeError):
+            raise
+        raise UpgradeError(f"exec failed: {exc}") from None
+
+
+def _identity(path: str) -> tuple[int, ...] | None:
+    """What tells a program file from its replacement (device, inode, size, mtime, ctime)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def document(server: ProxyServer, extra: dict[str, Any], *, previous_exec: list[str] | None,
+             paused_at: float) -> dict[str, Any]:
+    """The state document of a paused server, as it is at this moment."""
+    doc = server.snapshot()
+    doc.update(extra)
+    doc.update(format=STATE_FORMAT, version=STATE_VERSION, pid=os.getpid(), created=time.time(),
+               paused_at_monotonic=paused_at, previous_exec=previous_exec)
+    return doc
+
+
+def exec_with_state(target: list[str], doc: dict[str, Any], *, failed: str | None = None) -> None:
+    """exec ``target`` with ``doc`` in a sealed memfd and exactly its fds inheritable. Returns
+    only by raising (the exec failed), after making every fd close-on-exec again."""
+    memfd = write_memfd(doc)
+    fds = [*inherited_fds(doc), memfd]
+    try:
         for fd in fds:
             os.set_inheritable(fd, True)
         env = dict(os.environ)
         env[ENV_STATE_FD] = str(memfd)
         env.pop(ENV_FAILED, None)
-        log.info("upgrade: %d connections paused in %.1f ms; exec %s", len(doc["connections"]),
-                 (time.monotonic() - started) * 1000, " ".join(target))
+        if failed is not None:
+            env[ENV_FAILED] = failed[:2000]
         for handler in logging.getLogger().handlers:
             handler.flush()
         os.execve(target[0], target, env)
-    except BaseException as exc:
+    finally:  # reached only if the exec failed
         for fd in fds:
             try:
                 os.set_inheritable(fd, False)
             except OSError:
                 pass
-        if memfd is not None:
-            os.close(memfd)
-        server.resume()
-        raise UpgradeError(f"exec failed: {exc}") from None
+        os.close(memfd)
 
 
 def rollback(doc: dict[str, Any], state_fd: int, reason: str) -> None:
-    """After a failed restore: exec the previous program with the same state. Never returns
-    unless that exec itself fails."""
+    """After a failed restore that adopted nothing (no byte moved, so ``doc`` is still exact):
+    exec the previous program with the same state. Never returns unless that exec fails."""
     previous = doc.get("previous_exec") if isinstance(doc, dict) else None
     if not previous:
+        log.critical("upgrade: restore failed (%s) and there is no program to roll back to; "
+                     "the carried connections are lost", reason)
         raise StateError(f"restore failed ({reason}) and the document names no previous program")
     env = dict(os.environ)
     env[ENV_STATE_FD] = str(state_fd)
@@ -349,6 +399,31 @@ def rollback(doc: dict[str, Any], state_fd: int, reason: str) -> None:
     for handler in logging.getLogger().handlers:
         handler.flush()
     os.execve(previous[0], previous, env)
+
+
+def roll_back_live(server: ProxyServer, extra: dict[str, Any], doc: dict[str, Any], state_fd: int,
+                   reason: str) -> None:
+    """After a failure in a program that has adopted the connections (and may have moved bytes):
+    pause them, write the state as it is *now* and exec the previous program with it. The old
+    document would rewind sequence numbers (a nonce used twice) and replay bytes."""
+    previous = doc.get("previous_exec")
+    if not previous:
+        log.critical("upgrade: restore failed (%s) and there is no program to roll back to; "
+                     "the carried connections are lost", reason)
+        raise StateError(f"restore failed ({reason}) and the document names no previous program")
+    log.error("upgrade: restore failed: %s; rolling back to %s with the current state", reason, " ".join(previous))
+    server.pause(HANDSHAKE_DEADLINE, PARK_DEADLINE)
+    # previous_exec None: if the previous program cannot restore either, there is nowhere to go
+    # (going back and forth would never end).
+    now = document(server, extra, previous_exec=None, paused_at=time.monotonic())
+    # What we inherited and do not pass on (the old document, fds of connections that ended
+    # here) must not leak into the previous program.
+    for fd in {*inherited_fds(doc), state_fd} - set(inherited_fds(now)):
+        try:
+            os.set_inheritable(fd, False)
+        except OSError:
+            pass
+    exec_with_state(previous, now, failed=reason)
 
 
 def send_reply(doc: dict[str, Any], message: dict[str, Any]) -> None:

@@ -379,3 +379,171 @@ def test_inspect_keys_view_continues_across_upgrade(tmp_path: Path, echo_backend
         client.close()
     finally:
         server.close()
+
+
+# -- issue 12: a failed upgrade never reuses a nonce, never loses a connection ---------------------
+def failing_program(tmp_path: Path, step_file: Path) -> Path:
+    """A new program that passes the pre-flight check and, once exec'd with the state, fails
+    right after the start-up step named in ``step_file`` (`runtime.STARTUP_STEPS`). A test seam
+    on the outside of the product: it wraps the real program and patches one step method."""
+    prog = tmp_path / "failing-ironsocket"
+    prog.write_text(f"""#!{sys.executable}
+import os, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+step = open({str(step_file)!r}).read().strip()
+if os.environ.get("IRONSOCKET_UPGRADE_STATE_FD"):
+    from ironsocket import runtime
+    real = getattr(runtime.Runtime, "_start_" + step)
+    def fail_after(self, doc):
+        real(self, doc)
+        time.sleep(0.5)  # after "relay" the connections move bytes in this program meanwhile
+        raise RuntimeError("injected failure after start-up step " + step)
+    setattr(runtime.Runtime, "_start_" + step, fail_after)
+from ironsocket.cli import main
+sys.argv[0] = "ironsocket"
+main()
+""")
+    prog.chmod(0o755)
+    return prog
+
+
+def admin_get(server: Server, path: str = "/healthz") -> int:
+    import urllib.request
+
+    port = int(server.wait_for(r"admin endpoint on http://127\.0\.0\.1:(\d+)/").group(1))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=TIMEOUT) as resp:
+        return resp.status
+
+
+def test_failure_at_every_startup_step_rolls_back_with_the_current_state(tmp_path: Path, echo_backend) -> None:
+    """The new program fails after each start-up step in turn ("relay" and later: after it has
+    moved bytes). Every time the previous program comes back with the state *as it is then*:
+    the streams stay byte-exact, and the server's sequence numbers match exactly the records a
+    real client counted on the wire (a rewound document would send seq N twice: the client would
+    fail with bad_record_mac, and the counts would differ)."""
+    from ironsocket.runtime import STARTUP_STEPS
+    from tests.test_proxy import RecordClient
+
+    server = Server(tmp_path, echo_backend[1], "--admin", "127.0.0.1:0")
+    try:
+        pid, steps = server.proc.pid, [s for s in STARTUP_STEPS if s not in ("demo", "confirm")]
+        assert steps == ["proxy", "admin", "control", "relay"]  # a new step needs a look here
+        step_file = tmp_path / "fail-at"
+        prog = failing_program(tmp_path, step_file)
+        streamers = [flowing_streamer(server, 20 + i) for i in range(3)]
+        counted = RecordClient(("127.0.0.1", server.port))
+        counted.handshake()
+        fds = None
+        for n, step in enumerate(steps, 1):
+            step_file.write_text(step)
+            for i in range(3):
+                counted.send(b"ping %s %d" % (step.encode(), i))
+                assert counted.recv_exact(len(step) + 7) == b"ping %s %d" % (step.encode(), i)
+            fds = fds or server.fds()
+            result = server.upgrade("--exec", str(prog))
+            assert result.returncode != 0, result.stdout
+            assert "rolled back" in result.stderr and f"injected failure after start-up step {step}" in result.stderr, result.stderr
+            server.wait_for(r"upgrade: restored (\d+) connections", count=n)
+            assert server.proc.pid == pid and server.proc.poll() is None
+            for s in streamers:
+                assert s.error is None, f"after a failure at {step}: stream {s.index}: {s.error!r}"
+            progress = [s.verified for s in streamers]
+            wait_until(lambda: all(s.verified > p for s, p in zip(streamers, progress)), what=f"streams after {step}")
+            for i in range(3):
+                counted.send(b"pong %s %d" % (step.encode(), i))
+                assert counted.recv_exact(len(step) + 7) == b"pong %s %d" % (step.encode(), i)
+            mine = [c for c in inspect(server) if c["client"] == "127.0.0.1:%d" % counted.sock.getsockname()[1]]
+            assert [(c["tx"]["rec_seq"], c["rx"]["rec_seq"]) for c in mine] == [(counted.records_received, counted.records_sent)]
+            assert admin_get(server) == 200  # the admin listener came back too
+            assert echo_once(server.port, b"new after %s" % step.encode()) == b"new after %s" % step.encode()
+            wait_until(lambda: server.fds() == fds, timeout=10, what=f"fd count back to {fds} after {step}")
+        for s in streamers:
+            finish(s)
+        counted.close_notify()
+        counted.sock.close()
+        assert "Traceback" not in server.text()
+    finally:
+        server.close()
+
+
+def test_new_program_whose_admin_port_is_taken_rolls_back(tmp_path: Path, echo_backend) -> None:
+    """Issue 12.2: a configuration-type failure after exec (the new program's --admin port is
+    taken) used to stop the runtime, closing the inherited listener and connections, and the
+    previous program then died on them. Now the previous program comes back with everything."""
+    taken = socket.create_server(("127.0.0.1", 0))
+    server = Server(tmp_path, echo_backend[1], "--admin", "127.0.0.1:0")
+    try:
+        other_admin = tmp_path / "other-admin-ironsocket"
+        other_admin.write_text(
+            "#!/bin/sh\n"
+            f'for a in "$@"; do [ "$a" = --upgrade-check ] && exec {sys.executable} -m ironsocket "$@"; done\n'
+            f'exec {sys.executable} -m ironsocket "$@" --admin 127.0.0.1:{taken.getsockname()[1]}\n'
+        )
+        other_admin.chmod(0o755)
+        streamer = flowing_streamer(server, 31)
+        result = server.upgrade("--exec", str(other_admin))
+        assert result.returncode != 0, result.stdout
+        assert "rolled back" in result.stderr and "Address already in use" in result.stderr, result.stderr
+        server.wait_for(r"upgrade: restored (\d+) connections")
+        before = streamer.verified
+        wait_until(lambda: streamer.verified > before, what="stream flowing after the rollback")
+        assert admin_get(server) == 200
+        assert echo_once(server.port, b"still here") == b"still here"
+        finish(streamer)
+        assert "is not open" not in server.text()
+    finally:
+        server.close()
+        taken.close()
+
+
+def test_a_handshake_that_never_finishes_cannot_block_an_upgrade(server: Server) -> None:
+    """Issue 12.3: a client that sends one byte and waits used to veto every upgrade (quiesce
+    waited 3 s for handshakes, then gave up). Now it is cut, and the upgrade happens."""
+    streamer = flowing_streamer(server, 41)
+    stalls = []
+    for _ in range(2):
+        loris = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+        loris.sendall(b"\x16")  # the first byte of a ClientHello record, and nothing more
+        stalls.append(loris)
+    wait_until(lambda: server.text().count("handshake") >= 0 and len(stalls) == 2, what="clients in")
+    time.sleep(0.3)  # both accepted: handshakes in flight
+    result = server.upgrade()
+    assert result.returncode == 0, result.stderr
+    assert "upgraded" in result.stdout
+    for loris in stalls:
+        loris.settimeout(TIMEOUT)
+        assert loris.recv(100) == b""  # cut, not held
+        loris.close()
+    assert len(re.findall(r"handshake cut: not finished when the upgrade began", server.text())) == 2
+    before = streamer.verified
+    wait_until(lambda: streamer.verified > before, what="stream flowing after the upgrade")
+    finish(streamer)
+
+
+def test_target_replaced_after_its_check_is_not_run(server: Server, tmp_path: Path) -> None:
+    """Issue 12.4: a target that passes --upgrade-check and is then replaced (here by a program
+    that cannot restore anything) must not be exec'd: the old program keeps serving."""
+    target = tmp_path / "replaced-ironsocket"
+    broken = "#!/bin/sh\necho 'a different program' >&2\nexit 3\n"
+    target.write_text(
+        "#!/bin/sh\n"
+        f'for a in "$@"; do [ "$a" = --upgrade-check ] && {{ {sys.executable} -m ironsocket "$@"; rc=$?; '
+        f"printf '%s' {shlex_quote(broken)} > \"$0.new\"; chmod +x \"$0.new\"; mv \"$0.new\" \"$0\"; exit $rc; }}; done\n"
+        f'exec {sys.executable} -m ironsocket "$@"\n'
+    )
+    target.chmod(0o755)
+    streamer = flowing_streamer(server, 51)
+    result = server.upgrade("--exec", str(target))
+    assert result.returncode != 0, result.stdout
+    assert "changed after its start-up check" in result.stderr, result.stderr
+    assert target.read_text() == broken  # it was replaced indeed
+    before = streamer.verified
+    wait_until(lambda: streamer.verified > before, what="stream still flowing")
+    assert echo_once(server.port, b"still serving") == b"still serving"
+    finish(streamer)
+
+
+def shlex_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
