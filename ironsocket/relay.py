@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from . import ktls
+from .engine import Engine, Loop, WaitFor
 from .tls13.alerts import RemoteProtocolError
 from .tls13.constants import AlertDescription, AlertLevel, CipherSuite, ContentType, HandshakeType
 from .tls13.events import NEED_DATA, ApplicationData, ConnectionClosed, KeyUpdateReceived
@@ -80,10 +81,6 @@ class RecordMode(enum.Enum):
 
 class RelayClosed(Exception):
     """The connection ends for a reason worth logging that is not an error of ours."""
-
-
-class _Paused(Exception):
-    """A wait was interrupted by `PauseControl.pause()`."""
 
 
 def _shutdown(sock: socket.socket, how: int) -> None:
@@ -443,8 +440,21 @@ class PumpState:
     deferred_error: OSError | None = field(default=None, compare=False)
 
 
+class _Pump:
+    """One direction of a relay, as an `engine.Loop` runs it."""
+
+    __slots__ = ("relay", "name", "step")
+
+    def __init__(self, relay: Relay, name: str, step: Callable[[], bool]) -> None:
+        self.relay, self.name, self.step = relay, name, step
+
+    def finished(self, exc: BaseException | None) -> None:
+        self.relay._pump_finished(self.name, exc)
+
+
 class Relay:
-    """Both directions of one connection; owns (and closes) sockets and pipes."""
+    """Both directions of one connection; owns (and closes) sockets and pipes. Its pumps run on
+    one loop of an `engine.Engine` (no thread of its own)."""
 
     def __init__(
         self,
@@ -452,7 +462,7 @@ class Relay:
         client: ClientChannel,
         backend: socket.socket,
         *,
-        control: PauseControl,
+        engine: Engine,
         idle_timeout: float | None = 300.0,
         on_done: Callable[[Relay], None] | None = None,
         c2b: PumpState | None = None,
@@ -462,7 +472,7 @@ class Relay:
         self.conn_id = conn_id
         self.client = client
         self.backend = backend
-        self.control = control
+        self.engine = engine
         self.idle_timeout = idle_timeout
         self.stats = stats or RelayStats()
         self.splice = isinstance(client, KtlsChannel)
@@ -472,93 +482,75 @@ class Relay:
         self._lock = threading.Lock()
         self._closed = False
         self._aborted = False
-        self._threads: list[threading.Thread] = []
+        self._pumps: list[_Pump] = []
         self._live = 0
+        self._loop: Loop | None = None
+        self.done = threading.Event()  # set once closed
         for s in (client.sock, backend):
             s.setblocking(False)
 
     def start(self) -> None:
-        """Start both pumps (each counted as running until it parks or ends)."""
-        for name, state, fn in (("c2b", self.c2b, self._c2b), ("b2c", self.b2c, self._b2c)):
-            if state.done:
-                continue
-            self.control.enter()
-            t = threading.Thread(target=self._run_pump, args=(name, fn), name=f"is-{self.conn_id}-{name}", daemon=True)
-            self._threads.append(t)
-        self._live = len(self._threads)
-        for t in self._threads:
-            t.start()
-        if not self._threads:
+        """Hand both pumps (those not done) to the engine."""
+        steps = {"c2b": self._c2b_step(), "b2c": self._b2c_step()}
+        self._pumps = [_Pump(self, name, steps[name]) for name, state in (("c2b", self.c2b), ("b2c", self.b2c))
+                       if not state.done]
+        self._live = len(self._pumps)
+        if not self._pumps:
             self.close()
+            return
+        self._loop = self.engine.add(self, self.idle_timeout)
 
     def join(self, timeout: float | None = None) -> None:
-        for t in self._threads:
-            t.join(timeout)
+        self.done.wait(timeout)
 
-    def _run_pump(self, name: str, fn: Callable[[], None]) -> None:
+    # -- what the engine asks (engine.RelayLike) --------------------------------------------------
+    def pumps(self) -> list[_Pump]:
+        return list(self._pumps)
+
+    def fds(self) -> tuple[int, ...]:
+        fds = [self.client.sock.fileno(), self.backend.fileno()]
+        for state in (self.c2b, self.b2c):
+            fds += state.pipe or ()
+        return tuple(fd for fd in fds if fd >= 0)
+
+    def idle_for(self, now: float) -> float | None:
+        """Seconds left before the idle timeout (None: no timeout)."""
+        if self.idle_timeout is None or self._aborted:
+            return None
+        return self.idle_timeout - (now - self.stats.last_activity)
+
+    def idle_timeout_expired(self) -> None:
+        self._abort(f"idle for {self.idle_timeout:g}s", graceful=True)
+
+    def _pump_finished(self, name: str, exc: BaseException | None) -> None:
+        """(loop thread) A pump ended: normally, or by ``exc``."""
         try:
-            fn()
-        except RelayClosed as exc:
-            self._abort(str(exc), graceful=True)
-        except RemoteProtocolError as exc:
-            self._abort(f"client protocol error: {exc}")
-        except (OSError, ktls.KtlsError) as exc:
+            if exc is not None:
+                raise exc
+        except RelayClosed as e:
+            self._abort(str(e), graceful=True)
+        except RemoteProtocolError as e:
+            self._abort(f"client protocol error: {e}")
+        except (OSError, ktls.KtlsError) as e:
             if not self._aborted:
-                self._abort(f"{name}: {exc.__class__.__name__}: {exc}")
+                self._abort(f"{name}: {e.__class__.__name__}: {e}")
         except Exception:  # noqa: BLE001 - a bug costs one connection, not the process
             log.exception("conn=%d %s pump crashed", self.conn_id, name)
             self._abort(f"{name}: internal error")
-        finally:
-            self.control.leave()
-            with self._lock:
-                self._live -= 1
-                last = self._live == 0
-            if last:
-                self.close()
+        self._live -= 1
+        if self._live == 0:
+            if self._loop is not None:
+                self._loop.forget(self)
+            self.close()
 
     # -- waiting -------------------------------------------------------------------------------
-    def _wait(self, fd: int, events: int) -> None:
-        """Wait for ``events`` on ``fd``, a pause, or the idle timeout (raises RelayClosed)."""
-        poller = select.poll()
-        poller.register(fd, events)
-        poller.register(self.control.wake_r, select.POLLIN)
-        while True:
-            if self.control.paused:
-                raise _Paused
-            if self.idle_timeout is None:
-                timeout_ms = -1
-            else:
-                left = self.idle_timeout - (time.monotonic() - self.stats.last_activity)
-                if left <= 0:
-                    raise RelayClosed(f"idle for {self.idle_timeout:g}s")
-                timeout_ms = int(left * 1000) + 1
-            self.control.idle()
-            try:
-                events = poller.poll(timeout_ms)
-            finally:
-                self.control.busy()  # while paused, blocks here: nothing is touched
-            for rfd, revents in events:
-                if rfd == fd:
-                    return
-                if revents & select.POLLNVAL:  # the waker is gone: the server has stopped
-                    raise RelayClosed("server stopped")
-
-    def _checkpoint(self) -> None:
-        """A safe point: park here while paused."""
-        if self.control.paused:
-            self.control.park()
-
-    def _pump_loop(self, step: Callable[[], bool]) -> None:
-        while True:
-            self._checkpoint()
-            try:
-                if step():
-                    return
-            except _Paused:
-                continue
+    @staticmethod
+    def _wait(fd: int, events: int) -> None:
+        """This step cannot go on until ``fd`` is ready: the loop runs it again then."""
+        raise WaitFor(fd, events)
 
     # -- client → backend ----------------------------------------------------------------------
-    def _c2b(self) -> None:
+    def _c2b_step(self) -> Callable[[], bool]:
         state = self.c2b
         if self.splice:
             assert state.pipe is not None
@@ -595,9 +587,20 @@ class Relay:
         else:
             channel = self.client
             assert isinstance(channel, UserspaceChannel)
+
             def step() -> bool:
+                try:
+                    return userspace_step()
+                except RemoteProtocolError:
+                    channel.queue_pending_session_output()  # the alert the Session queued
+                    channel.flush()
+                    raise
+
+            def userspace_step() -> bool:
                 if state.pending:
                     return self._write_pending(state, self.backend)
+                if channel.out and not channel.flush():  # e.g. our answer to a KeyUpdate
+                    self._wait(channel.sock.fileno(), select.POLLOUT)
                 event = channel.session.next_event()
                 if isinstance(event, ApplicationData):
                     state.pending += event.data
@@ -606,8 +609,7 @@ class Relay:
                 if isinstance(event, ConnectionClosed):
                     return self._client_eof()
                 if isinstance(event, KeyUpdateReceived):
-                    channel.queue_pending_session_output()
-                    self._flush_client_blocking(channel)
+                    channel.queue_pending_session_output()  # flushed first on the next steps
                     return False
                 if event is not NEED_DATA:
                     return False
@@ -620,13 +622,7 @@ class Relay:
                     return self._client_eof()
                 return False
 
-        try:
-            self._pump_loop(step)
-        except RemoteProtocolError:
-            if isinstance(self.client, UserspaceChannel):
-                self.client.queue_pending_session_output()  # the alert the Session queued
-                self.client.flush()
-            raise
+        return step
 
     def _drain_pipe(self, pipe_r: int, dst: socket.socket, lock: threading.Lock | None = None) -> bool:
         """Splice what the pipe holds into ``dst`` (waiting if it is full); False if empty."""
@@ -691,15 +687,8 @@ class Relay:
         del state.pending[:n]
         return False
 
-    def _flush_client_blocking(self, channel: UserspaceChannel) -> None:
-        while not channel.flush():
-            try:
-                self._wait(channel.sock.fileno(), select.POLLOUT)
-            except _Paused:
-                return  # the bytes stay in channel.out and travel with the state
-
     # -- backend → client ----------------------------------------------------------------------
-    def _b2c(self) -> None:
+    def _b2c_step(self) -> Callable[[], bool]:
         state = self.b2c
         if self.splice:
             assert state.pipe is not None
@@ -729,6 +718,7 @@ class Relay:
         else:
             channel = self.client
             assert isinstance(channel, UserspaceChannel)
+
             def step() -> bool:
                 if channel.out:
                     if not channel.flush():
@@ -749,7 +739,7 @@ class Relay:
                 self.stats.last_activity = time.monotonic()
                 return False
 
-        self._pump_loop(step)
+        return step
 
     # -- ending --------------------------------------------------------------------------------
     def _abort(self, reason: str, *, graceful: bool = False) -> None:
@@ -790,5 +780,8 @@ class Relay:
                     pass
         if not self.stats.close_reason:
             self.stats.close_reason = "closed by both sides"
-        if self._on_done is not None:
-            self._on_done(self)
+        try:
+            if self._on_done is not None:
+                self._on_done(self)
+        finally:
+            self.done.set()

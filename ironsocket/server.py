@@ -1,12 +1,15 @@
 """The proxy: listener, accept loop, per-connection handshake, hand-over to the relay.
 
-Each accepted connection gets one thread: it runs the TLS 1.3 handshake (bounded by
-``handshake_timeout``), connects to the backend, hands the record layer to the kernel (kTLS) or
-keeps it in userspace, then starts the two pumps of its `relay.Relay` and ends.
+Each accepted connection gets a thread for its handshake only: it runs the TLS 1.3 handshake
+(bounded by ``handshake_timeout``), connects to the backend, hands the record layer to the
+kernel (kTLS) or keeps it in userspace, gives its `relay.Relay` to the `engine.Engine` (a few
+epoll loops that move every connection's bytes) and ends. Threads: the accept loop, the relay
+loops and the handshakes in flight — never one per established connection.
 
-The accept loop and every pump wait in ``poll``, and a wait is a safe point (`relay.PauseControl`),
-so `pause()` can bring the whole process to a safe point for an exec upgrade (`upgrade.py`),
-and `adopt()` takes over the listener and connections a previous program left in the state.
+The accept loop waits in ``poll``, and a wait is a safe point (`relay.PauseControl`); the relay
+loops park between two steps (`Engine.pause`); so `pause()` can bring the whole process to a
+safe point for an exec upgrade (`upgrade.py`), and `adopt()` takes over the listener and
+connections a previous program left in the state.
 
 While the handshake runs on a connection that may get kTLS, the thread reads exactly one record
 at a time (``TLSServer.bytes_wanted()``): nothing past the client Finished leaves the kernel's
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from . import backend as backend_mod
 from .backend import Routes
 from . import ktls
+from .engine import Engine
 from .relay import ClientChannel, KtlsChannel, PauseControl, RecordMode, Relay, UserspaceChannel
 from .tls13.alerts import RemoteProtocolError
 from .tls13.constants import AlertDescription
@@ -84,6 +88,7 @@ class ProxyConfig:
     proxy_protocol: str | None = None  # None, "v1" or "v2", for `backend`
     transparent: bool = False  # connect to `backend` from the client's own address
     name: str = ""  # a label for logs and the admin endpoint
+    relay_loops: int = 2  # engine.Engine threads moving every connection's bytes
 
 
 @dataclass
@@ -144,7 +149,8 @@ class ProxyServer:
         self.handshakes_failed = 0
         self.handshake_failures: dict[str, int] = {}  # by alert name (admin /metrics)
         self.bytes_closed = [0, 0]  # [from client, to client] of closed connections (admin /metrics)
-        self.control = PauseControl()
+        self.control = PauseControl()  # the accept loop's safe points
+        self.engine = Engine(config.relay_loops)  # every relay's pumps
         self._handshaking = 0
         self._handshake_cond = threading.Condition(self._lock)
         self._adopted: list[tuple[ConnectionInfo, Relay]] = []
@@ -183,15 +189,10 @@ class ProxyServer:
             self._listener = listener
         self._listener.setblocking(False)
         threading.stack_size(THREAD_STACK_SIZE)
-        if self._adopted:
-            # Start the adopted pumps paused: each parks at once, so starting thousands of
-            # threads does not compete with the ones already pumping (Thread.start waits for
-            # the new thread to run; with busy pumps holding the GIL that was O(N^2)).
-            self.control.pause()
-            for info, relay in self._adopted:
-                self._start_relay(info, relay)
-            self._adopted = []
-            self.control.resume()
+        self.engine.start()
+        for info, relay in self._adopted:  # no thread per connection: a registration each
+            self._start_relay(info, relay)
+        self._adopted = []
         self.control.enter()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="is-accept", daemon=True)
         self._accept_thread.start()
@@ -224,8 +225,8 @@ class ProxyServer:
         for info in infos:
             if info.relay is not None:
                 info.relay.join(max(0.0, end - time.monotonic()))
-        if not self.connections:  # a pump still polling the waker must not see it closed
-            self.control.close()
+        self.engine.stop(max(0.1, end - time.monotonic()))
+        self.control.close()
 
     # -- pausing and the exec upgrade (upgrade.py) -----------------------------------------------
     def pause(self, handshake_deadline: float, park_deadline: float) -> None:
@@ -255,17 +256,21 @@ class ProxyServer:
         self.control.pause()
         if not self.control.wait_parked(park_deadline):
             self.resume()
-            raise UpgradeError(f"{self.control.running} pumps did not reach a safe point in {park_deadline:g}s")
+            raise UpgradeError(f"the accept loop did not reach a safe point in {park_deadline:g}s")
+        if not self.engine.pause(park_deadline):
+            self.resume()
+            raise UpgradeError(f"the relay loops did not reach a safe point in {park_deadline:g}s")
 
     def resume(self) -> None:
         self._hold_accept = False
+        self.engine.resume()
         self.control.resume()
 
     def snapshot(self) -> dict:
         """The upgrade document's server part (only while paused)."""
         from .upgrade import connection_doc
 
-        assert self.control.paused and self.control.running == 0
+        assert self.control.paused and self.control.running == 0 and self.engine.paused
         assert self._listener is not None
         with self._lock:
             live = [i for i in self.connections.values() if i.relay is not None and not i.closed]
@@ -287,7 +292,7 @@ class ProxyServer:
         restored: list[tuple[ConnectionInfo, Relay]] = []
         try:
             for conn in doc["connections"]:
-                restored.append(restore_connection(conn, self.control, self.config.idle_timeout))
+                restored.append(restore_connection(conn, self.engine, self.config.idle_timeout))
             if len(restored) > self.config.max_connections:
                 raise StartupError("more connections in the state than --max-connections")
         except BaseException:
@@ -408,7 +413,7 @@ class ProxyServer:
             log.info("conn=%d open client=%s:%d sni=%s alpn=%s suite=%s group=%s mode=%s",
                      info.conn_id, *info.client_addr, info.server_name, info.alpn_protocol,
                      info.cipher_suite, info.group, info.mode.value)
-            relay = Relay(info.conn_id, channel, backend, control=self.control,
+            relay = Relay(info.conn_id, channel, backend, engine=self.engine,
                           idle_timeout=self.config.idle_timeout)
             info.relay = relay
             relay_started = True

@@ -14,7 +14,7 @@ the PID stays the same and no second server ever competes for the sockets.
    the kernel backlog, never refused); handshakes in flight get ``HANDSHAKE_DEADLINE`` to finish
    while the relays keep moving bytes, and the ones still running are then cut (a client that
    never finishes its handshake must not be able to veto every upgrade); then
-   `relay.PauseControl` brings every pump to a safe point. A pump holds its bytes either in its
+   the relay loops park between two steps (`engine.Engine.pause`): every pump at a safe point. A pump holds its bytes either in its
    splice pipe (kTLS; the pipe fds are carried) or in a Python buffer (carried in the document).
 3. **State.** One JSON document in a sealed memfd (never on disk): format and version, the
    listener, admin, control and demo fds, and per connection the client, backend and pipe fds, mode,
@@ -57,7 +57,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import ktls
-from .relay import KtlsChannel, PauseControl, PumpState, RecordMode, Relay, RelayStats, UserspaceChannel
+from .engine import Engine
+from .relay import KtlsChannel, PumpState, RecordMode, Relay, RelayStats, UserspaceChannel
 from .tls13.constants import CipherSuite, Group
 from .tls13.handoff import Handoff, TrafficKeys
 from .tls13.session import Session
@@ -257,12 +258,12 @@ def _expect(fd: int, kind: Any, what: str) -> None:
 
 
 # -- restore --------------------------------------------------------------------------------------
-def restore_connection(conn: dict[str, Any], control: PauseControl, idle_timeout: float | None) -> tuple[Any, Relay]:
+def restore_connection(conn: dict[str, Any], engine: Engine, idle_timeout: float | None) -> tuple[Any, Relay]:
     """One connection from its document entry; verifies kTLS state against the kernel."""
     client = socket.socket(fileno=conn["client_fd"])
     backend = socket.socket(fileno=conn["backend_fd"])
     try:
-        return _restore_connection(conn, client, backend, control, idle_timeout)
+        return _restore_connection(conn, client, backend, engine, idle_timeout)
     except BaseException:
         # The fds stay open for the rollback (a socket object collected would close them).
         client.detach()
@@ -271,7 +272,7 @@ def restore_connection(conn: dict[str, Any], control: PauseControl, idle_timeout
 
 
 def _restore_connection(conn: dict[str, Any], client: socket.socket, backend: socket.socket,
-                        control: PauseControl, idle_timeout: float | None) -> tuple[Any, Relay]:
+                        engine: Engine, idle_timeout: float | None) -> tuple[Any, Relay]:
     from .server import ConnectionInfo
 
     suite = CipherSuite[conn["suite"]]
@@ -308,7 +309,7 @@ def _restore_connection(conn: dict[str, Any], client: socket.socket, backend: so
     def pump(d: dict[str, Any]) -> PumpState:
         return PumpState(done=d["done"], pending=bytearray(_unb64(d["pending"])), pipe=tuple(d["pipe"]) if d["pipe"] else None)
 
-    relay = Relay(conn["id"], channel, backend, control=control, idle_timeout=idle_timeout,
+    relay = Relay(conn["id"], channel, backend, engine=engine, idle_timeout=idle_timeout,
                   c2b=pump(conn["c2b"]), b2c=pump(conn["b2c"]), stats=stats)
     return info, relay
 

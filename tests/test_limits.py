@@ -140,7 +140,7 @@ def test_ordinary_endings_log_no_crash(ending, record_mode, thread_backend, prox
     else:
         assert client.recv_until_close() == (b"", True)
     wait_until(lambda: not server.connections, what="registry empty")
-    wait_until(lambda: info.relay is not None and not any(t.is_alive() for t in info.relay._threads),
+    wait_until(lambda: info.relay is not None and info.relay.done.is_set(),
                what="both pumps ended")
     assert info.relay.stats.close_reason
     noisy = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL") or r.exc_info]
