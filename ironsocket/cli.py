@@ -46,9 +46,12 @@ def _parse_list(text: str | None, table: dict, what: str) -> tuple:
 
 
 def _open_keylog(path: Path):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.fchmod(fd, 0o600)
-    handle = os.fdopen(fd, "a", buffering=1)
+    from .secretfile import SecretFileError, open_secret
+
+    try:  # created 0600; no symlink, no file of another user or readable by others (secretfile.py)
+        handle = open_secret(path, append=True, what="keylog file", buffering=1)
+    except SecretFileError as exc:
+        _fail(str(exc))
     lock = threading.Lock()
 
     def write(line: str) -> None:
@@ -73,7 +76,7 @@ def serve(
     idle_timeout: Annotated[float, typer.Option(help="Seconds without bytes in either direction before a connection is closed (0: never).")] = 300.0,
     connect_timeout: Annotated[float, typer.Option(help="Seconds to connect to the backend.")] = 5.0,
     max_connections: Annotated[int, typer.Option(help="Connections served at once; more wait in the listen backlog.")] = 10_000,
-    keylog: Annotated[Optional[Path], typer.Option(help="Write TLS secrets in NSS key log format to this file (created 0600). Only for debugging.")] = None,
+    keylog: Annotated[Optional[Path], typer.Option(help="Write TLS secrets in NSS key log format to this file (created 0600; a symlink, or a file of another user or readable by others, is refused). Only for debugging.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
     # -- config file and admin endpoint (ironsocket.launch / ironsocket.admin) --
     config_file: Annotated[Optional[Path], typer.Option("--config", help="TOML configuration (docs/config.md): run all its listeners; the other listener options are ignored.")] = None,
@@ -122,6 +125,13 @@ def serve(
         alpn_protocols=tuple(p.strip() for p in alpn.split(",") if p.strip()) if alpn else (),
         keylog=_open_keylog(keylog) if keylog else None,
     )
+    if upgrade_state_dump is not None:  # written at each upgrade: refuse a bad path now, not then
+        from .secretfile import SecretFileError, check_secret
+
+        try:
+            check_secret(upgrade_state_dump, what="upgrade state dump")
+        except SecretFileError as exc:
+            _fail(str(exc))
     if upgrade_check:  # the exec upgrade's pre-flight: configuration loaded, state format known
         from .upgrade import check_report
 

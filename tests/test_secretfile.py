@@ -1,0 +1,161 @@
+"""ironsocket.secretfile: where `--keylog` and `--upgrade-state-dump` may write secrets, and the
+warning for private key files others can read. Real files and real `ironsocket serve`
+processes; "another user" is uid 65534 (nobody) via os.chown (the tests run as root)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from ironsocket import upgrade
+from ironsocket.secretfile import SecretFileError, check_secret, open_secret
+from tests.conftest import ManagedProcess, cert_args
+
+NOBODY = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+
+
+def serve_outcome(*extra: str) -> tuple[bool, str]:
+    """Run `ironsocket serve ... extra`: (started?, output). Stops it either way."""
+    run_dir = Path(tempfile.mkdtemp(prefix="is-sf-"))  # short: unix socket paths are limited to 107 bytes
+    proc = ManagedProcess([sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0",
+                           "--backend", "127.0.0.1:9", *cert_args("ecdsa-p256"),
+                           "--control-socket", str(run_dir / "ctl.sock"), *extra], "ironsocket serve")
+    try:
+        m = proc.wait_for_line(r"ironsocket: serving TLS 1\.3|ironsocket: error:")
+        started = m.group(0).startswith("ironsocket: serving")
+        if not started:
+            proc.proc.wait(timeout=30)
+        return started, proc.output
+    finally:
+        proc.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def assert_refused(started: bool, output: str, *needles: str) -> None:
+    assert not started, f"serve started although it should have refused:\n{output}"
+    assert "Traceback" not in output, output
+    [line] = [l for l in output.splitlines() if "error" in l]  # one line, naming the file and why
+    for needle in needles:
+        assert needle in line, line
+
+
+# -- the helper itself -----------------------------------------------------------------------------
+def test_open_secret_creates_0600_whatever_the_umask(tmp_path: Path) -> None:
+    path = tmp_path / "new"
+    old = os.umask(0)
+    try:
+        with open_secret(path, append=True) as f:
+            f.write("a\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with open_secret(path, append=True) as f:  # our own 0600 file: appended to
+        f.write("b\n")
+    assert path.read_text() == "a\nb\n"
+    with open_secret(path, truncate=True) as f:  # ... or replaced
+        f.write("c\n")
+    assert path.read_text() == "c\n"
+
+
+def test_open_secret_refuses_symlink_fifo_and_loose_modes(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.write_text("keep\n")
+    target.chmod(0o600)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with pytest.raises(SecretFileError, match="is a symbolic link; refusing to follow it"):
+        open_secret(link, append=True)
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nothing-yet")
+    with pytest.raises(SecretFileError, match="symbolic link"):
+        open_secret(dangling, truncate=True)
+    assert not (tmp_path / "nothing-yet").exists() and target.read_text() == "keep\n"
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(SecretFileError, match="is not a regular file"):  # and does not block
+        open_secret(fifo, append=True)
+    with pytest.raises(SecretFileError, match="is not a regular file"):
+        open_secret(tmp_path, append=True)
+
+    loose = tmp_path / "loose"
+    loose.write_text("old\n")
+    loose.chmod(0o644)
+    with pytest.raises(SecretFileError, match="has mode 0644.*chmod 600"):
+        open_secret(loose, truncate=True)
+    assert loose.read_text() == "old\n" and stat.S_IMODE(loose.stat().st_mode) == 0o644  # not touched
+    with pytest.raises(SecretFileError, match="directory .* does not exist"):
+        check_secret(tmp_path / "no" / "file")
+
+
+@needs_root
+def test_open_secret_refuses_a_file_of_another_user(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.write_text("")
+    theirs.chmod(0o600)
+    os.chown(theirs, NOBODY, NOBODY)
+    with pytest.raises(SecretFileError, match=f"is owned by uid {NOBODY}"):
+        open_secret(theirs, append=True)
+    with pytest.raises(SecretFileError, match=f"is owned by uid {NOBODY}"):
+        check_secret(theirs)
+    assert theirs.read_text() == ""
+
+
+# -- --keylog ------------------------------------------------------------------------------------
+def test_keylog_symlink_refused_at_startup(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    link = tmp_path / "keylog"
+    link.symlink_to(target)
+    assert_refused(*serve_outcome("--keylog", str(link)), f"keylog file {link}", "symbolic link")
+    assert target.read_text() == ""
+
+
+@needs_root
+def test_keylog_of_another_user_refused_at_startup(tmp_path: Path) -> None:
+    theirs = tmp_path / "keylog"
+    theirs.write_text("")
+    theirs.chmod(0o600)
+    os.chown(theirs, NOBODY, NOBODY)
+    assert_refused(*serve_outcome("--keylog", str(theirs)), f"keylog file {theirs}", f"owned by uid {NOBODY}")
+    loose = tmp_path / "loose"
+    loose.write_text("")
+    loose.chmod(0o640)
+    assert_refused(*serve_outcome("--keylog", str(loose)), f"keylog file {loose}", "mode 0640")
+
+
+# -- --upgrade-state-dump ---------------------------------------------------------------------------
+def test_state_dump_symlink_refused_at_startup_and_at_dump(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("keep\n")
+    target.chmod(0o600)
+    link = tmp_path / "state.json"
+    link.symlink_to(target)
+    assert_refused(*serve_outcome("--upgrade-state-dump", str(link)), f"upgrade state dump {link}", "symbolic link")
+    # and if the link appears after start-up, the dump at the upgrade refuses it too (the upgrade
+    # then fails: perform() resumes and reports it)
+    with pytest.raises(SecretFileError, match="symbolic link"):
+        upgrade.dump_state({"secret": "x"}, str(link))
+    assert target.read_text() == "keep\n"
+    fresh = tmp_path / "fresh.json"
+    upgrade.dump_state({"secret": "x"}, str(fresh))
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600 and '"secret"' in fresh.read_text()
+
+
+@needs_root
+def test_state_dump_of_another_user_refused(tmp_path: Path) -> None:
+    theirs = tmp_path / "state.json"
+    theirs.write_text("")
+    theirs.chmod(0o600)
+    os.chown(theirs, NOBODY, NOBODY)
+    assert_refused(*serve_outcome("--upgrade-state-dump", str(theirs)), f"owned by uid {NOBODY}")
+    with pytest.raises(SecretFileError, match=f"owned by uid {NOBODY}"):
+        upgrade.dump_state({"secret": "x"}, str(theirs))
+    assert theirs.read_text() == ""
