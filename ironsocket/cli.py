@@ -102,6 +102,11 @@ def serve(
     cert, key = cert or [], key or []
     if len(cert) != len(key):
         _fail(f"--cert and --key come in pairs: got {len(cert)} --cert and {len(key)} --key")
+    from .secretfile import key_file_warning
+
+    for key_file in key:
+        if (warning := key_file_warning(key_file)) is not None:
+            typer.echo(f"ironsocket: warning: {warning}", err=True)
     try:
         if cert:
             credentials = tuple(load_credential(c, k) for c, k in zip(cert, key))
@@ -265,6 +270,8 @@ def check(config_file: Annotated[Path, typer.Argument(metavar="CONFIG", help="TO
         fc = load_file(config_file)
     except ConfigError as exc:
         _fail(str(exc))
+    for warning in fc.warnings:
+        typer.echo(f"ironsocket: warning: {warning}", err=True)
     for line in summary(fc):
         typer.echo(line)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from ironsocket import upgrade
 from ironsocket.secretfile import SecretFileError, check_secret, open_secret
 from tests.conftest import ManagedProcess, cert_args
+from tests.helpers import CERTS, ROOT
 
 NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
@@ -159,3 +161,46 @@ def test_state_dump_of_another_user_refused(tmp_path: Path) -> None:
     with pytest.raises(SecretFileError, match=f"owned by uid {NOBODY}"):
         upgrade.dump_state({"secret": "x"}, str(theirs))
     assert theirs.read_text() == ""
+
+
+# -- private key files others can read (a warning, like ssh's) -------------------------------------
+def key_copies(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The fixture's certificate and two copies of its key: 0644 (loose) and 0600 (tight)."""
+    loose, tight = tmp_path / "loose.key", tmp_path / "tight.key"
+    for path, mode in ((loose, 0o644), (tight, 0o600)):
+        path.write_bytes((CERTS / "ecdsa-p256.key").read_bytes())
+        path.chmod(mode)
+    return CERTS / "ecdsa-p256.pem", loose, tight
+
+
+def test_serve_warns_about_a_key_file_others_can_read(tmp_path: Path, start_proxy) -> None:
+    cert, loose, tight = key_copies(tmp_path)
+    proxy = start_proxy("--cert", str(cert), "--key", str(loose), certs=())
+    warnings = [l for l in proxy.output.splitlines() if "UNPROTECTED PRIVATE KEY FILE" in l]
+    assert warnings == [f"ironsocket: warning: UNPROTECTED PRIVATE KEY FILE {loose}: permissions 0644 are too open "
+                        f"(group/others can read the key); chmod 600 {loose}"], proxy.output
+    proxy = start_proxy("--cert", str(cert), "--key", str(tight), certs=())
+    assert "UNPROTECTED" not in proxy.output, proxy.output
+
+
+def test_check_and_serve_config_warn_about_a_key_file_others_can_read(tmp_path: Path) -> None:
+    cert, loose, tight = key_copies(tmp_path)
+    text = f'[[listeners]]\nlisten = "127.0.0.1:0"\nbackend = "127.0.0.1:9"\n' \
+           f'[[listeners.certs]]\ncert = "{cert}"\nkey = "{{key}}"\n'
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text.format(key=loose))
+    out = subprocess.run([sys.executable, "-m", "ironsocket", "check", str(cfg)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and "OK, 1 listener" in out.stdout, out.stderr  # a warning, not an error
+    assert f"ironsocket: warning: {cfg}:6: listeners[0].certs[0].key: UNPROTECTED PRIVATE KEY FILE {loose}: " \
+           "permissions 0644 are too open" in out.stderr, out.stderr
+    proc = ManagedProcess([sys.executable, "-m", "ironsocket", "serve", "--config", str(cfg)], "serve --config")
+    try:
+        proc.wait_for_line(r"ironsocket: serving TLS 1\.3")
+        assert f"UNPROTECTED PRIVATE KEY FILE {loose}" in proc.output, proc.output
+    finally:
+        proc.stop()
+    cfg.write_text(text.format(key=tight))
+    out = subprocess.run([sys.executable, "-m", "ironsocket", "check", str(cfg)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and "UNPROTECTED" not in out.stderr + out.stdout, out.stderr
