@@ -5,6 +5,7 @@ one JSON line back per request: ``{"ok": true, ...}`` or ``{"ok": false, "error"
 Unknown commands and malformed JSON get a clean error answer; every read has a timeout.
 
 Where: ``<control_dir>/ironsocket-<pid>.sock`` (mode 0600, directory 0700), see `control_dir`.
+Binding removes an old file at the path only if it is a socket nobody listens on.
 Clients find servers with `find_servers` and pick one with `resolve`.
 
 Handlers are ``handlers[command](request) -> dict``. A handler that must keep the connection
@@ -162,10 +163,7 @@ class ControlServer:
     @staticmethod
     def _bind(path: Path) -> socket.socket:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if path.exists() or path.is_symlink():
-            if _answers(path):
-                raise ControlError(f"control socket {path} is in use by a running server")
-            path.unlink()  # stale: left by a process that died
+        _remove_if_stale(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
@@ -353,6 +351,45 @@ def find_servers(directory: Path | None = None, timeout: float = 2.0) -> list[Pa
         if _answers(path, timeout) is not None:
             found.append(path)
     return found
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "symbolic link"), (stat.S_ISDIR, "directory"), (stat.S_ISREG, "regular file"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "file"
+
+
+def _remove_if_stale(path: Path) -> None:
+    """Before binding ``path``: remove it only if it is a socket nobody listens on (left by a
+    process that died). Anything else there — another kind of file, a socket a server (ours or
+    another program) answers on, one we cannot probe — is a ControlError naming the path."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlError(f"control socket path {path} is a {_kind(st.st_mode)}, not a socket; "
+                           "refusing to remove it (pick another --control-socket or remove it yourself)")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        pass  # nobody listens: stale
+    except OSError as exc:
+        raise ControlError(f"control socket {path} exists and cannot be probed ({exc.strerror or exc}); "
+                           "refusing to remove it") from None
+    else:
+        probe.close()
+        if _answers(path):
+            raise ControlError(f"control socket {path} is in use by a running server")
+        raise ControlError(f"control socket path {path} is a socket another program listens on; refusing to remove it")
+    finally:
+        probe.close()
+    path.unlink()
+    log.debug("removed stale control socket %s", path)
 
 
 def _remove_stale(path: Path) -> None:

@@ -5,47 +5,20 @@ processes; "another user" is uid 65534 (nobody) via os.chown (the tests run as r
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from ironsocket import upgrade
 from ironsocket.secretfile import SecretFileError, check_secret, open_secret
-from tests.conftest import ManagedProcess, cert_args
-from tests.helpers import CERTS, ROOT
+from tests.conftest import ManagedProcess
+from tests.helpers import CERTS, ROOT, assert_refused, serve_outcome
 
 NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
-
-
-def serve_outcome(*extra: str) -> tuple[bool, str]:
-    """Run `ironsocket serve ... extra`: (started?, output). Stops it either way."""
-    run_dir = Path(tempfile.mkdtemp(prefix="is-sf-"))  # short: unix socket paths are limited to 107 bytes
-    proc = ManagedProcess([sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0",
-                           "--backend", "127.0.0.1:9", *cert_args("ecdsa-p256"),
-                           "--control-socket", str(run_dir / "ctl.sock"), *extra], "ironsocket serve")
-    try:
-        m = proc.wait_for_line(r"ironsocket: serving TLS 1\.3|ironsocket: error:")
-        started = m.group(0).startswith("ironsocket: serving")
-        if not started:
-            proc.proc.wait(timeout=30)
-        return started, proc.output
-    finally:
-        proc.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def assert_refused(started: bool, output: str, *needles: str) -> None:
-    assert not started, f"serve started although it should have refused:\n{output}"
-    assert "Traceback" not in output, output
-    [line] = [l for l in output.splitlines() if "error" in l]  # one line, naming the file and why
-    for needle in needles:
-        assert needle in line, line
 
 
 # -- the helper itself -----------------------------------------------------------------------------
