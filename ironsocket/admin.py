@@ -23,7 +23,6 @@ import logging
 import os
 import socket
 import socketserver
-import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -311,11 +310,12 @@ class AdminServer:
         handler = type("AdminHandler", (_Handler,), {"servers": self.servers, "timeout": request_timeout})
         try:
             if unix is not None:
-                path = Path(unix)
-                if path.exists() or path.is_symlink():
-                    if not stat.S_ISSOCK(path.lstat().st_mode):
-                        raise AdminError(f"admin: {unix} exists and is not a socket")
-                    path.unlink()
+                from .control import ControlError, remove_if_stale
+
+                try:  # only a socket nobody listens on (left by a process that died) is removed
+                    remove_if_stale(Path(unix), what="admin socket")
+                except ControlError as exc:
+                    raise AdminError(f"admin: {exc}") from None
                 old = os.umask(0o177)  # the socket is 0600: only our user may talk to it
                 try:
                     self._httpd = _UnixServer(unix, handler)

@@ -212,7 +212,7 @@ class ControlServer:
     @staticmethod
     def _bind(path: Path) -> socket.socket:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _remove_if_stale(path)
+        remove_if_stale(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
@@ -410,7 +410,7 @@ def _kind(mode: int) -> str:
     return "file"
 
 
-def _remove_if_stale(path: Path) -> None:
+def remove_if_stale(path: Path, what: str = "control socket") -> None:
     """Before binding ``path``: remove it only if it is a socket nobody listens on (left by a
     process that died). Anything else there — another kind of file, a socket a server (ours or
     another program) answers on, one we cannot probe — is a ControlError naming the path."""
@@ -419,8 +419,8 @@ def _remove_if_stale(path: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise ControlError(f"control socket path {path} is a {_kind(st.st_mode)}, not a socket; "
-                           "refusing to remove it (pick another --control-socket or remove it yourself)")
+        raise ControlError(f"{what} path {path} is a {_kind(st.st_mode)}, not a socket; "
+                           "refusing to remove it (pick another path or remove it yourself)")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2.0)
     try:
@@ -428,17 +428,17 @@ def _remove_if_stale(path: Path) -> None:
     except ConnectionRefusedError:
         pass  # nobody listens: stale
     except OSError as exc:
-        raise ControlError(f"control socket {path} exists and cannot be probed ({exc.strerror or exc}); "
+        raise ControlError(f"{what} {path} exists and cannot be probed ({exc.strerror or exc}); "
                            "refusing to remove it") from None
     else:
         probe.close()
         if _answers(path):
-            raise ControlError(f"control socket {path} is in use by a running server")
-        raise ControlError(f"control socket path {path} is a socket another program listens on; refusing to remove it")
+            raise ControlError(f"{what} {path} is in use by a running server")
+        raise ControlError(f"{what} path {path} is a socket another program listens on; refusing to remove it")
     finally:
         probe.close()
     path.unlink()
-    log.debug("removed stale control socket %s", path)
+    log.debug("removed stale %s %s", what, path)
 
 
 def _remove_stale(path: Path) -> None:

@@ -312,3 +312,24 @@ def test_serve_admin_survives_100_half_sent_requests(proxy_with_admin) -> None:
         for s in socks:
             s.close()
     assert get(base + "healthz")[0] == 200
+
+
+def test_admin_unix_socket_replaces_only_a_stale_socket(tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # another program's live socket
+    other.bind(str(path))
+    other.listen(4)
+    try:
+        with pytest.raises(AdminError, match=f"admin socket path {path} is a socket another program listens on"):
+            AdminServer([], unix=str(path))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.connect(str(path))  # still there, still theirs
+    finally:
+        other.close()
+    admin = AdminServer([], unix=str(path))  # nobody listens any more: stale, replaced
+    admin._httpd.server_close()  # (never started: stop() would wait for serve_forever)
+    path.unlink()
+    path.write_text("keep\n")
+    with pytest.raises(AdminError, match=f"admin socket path {path} is a regular file"):
+        AdminServer([], unix=str(path))
+    assert path.read_text() == "keep\n"
