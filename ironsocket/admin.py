@@ -6,6 +6,13 @@
 
 It has no authentication, so it refuses a non-loopback address unless ``allow_remote`` is set
 (``--admin-allow-remote`` / ``[admin] allow_remote = true``). It only reads the servers' state.
+
+Limits, so that clients which never finish a request cannot pin it: a client has
+``REQUEST_TIMEOUT`` seconds to send each whole request (request line and headers; on a kept-alive
+connection the wait for the next request counts too), after which the connection is closed
+without an answer; at most ``MAX_CONNECTIONS`` connections are served at once (one thread each):
+when all are taken, a new connection closes the one that has waited longest for its request, or,
+if every connection is busy answering, waits in the listen backlog (``BACKLOG``).
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ import logging
 import os
 import socket
 import socketserver
-import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +33,10 @@ from . import ktls
 from .relay import RecordMode
 
 log = logging.getLogger("ironsocket.admin")
+
+REQUEST_TIMEOUT = 5.0  # seconds a client has to send one whole request
+MAX_CONNECTIONS = 64  # admin connections served at once (a thread each)
+BACKLOG = 128  # listen backlog of the admin socket
 
 
 class AdminError(Exception):
@@ -151,8 +161,21 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "ironsocket-admin"
     protocol_version = "HTTP/1.1"
     servers: Sequence = ()
+    timeout = REQUEST_TIMEOUT  # socket timeout per read/write: a backstop for the deadline below
+
+    def handle_one_request(self) -> None:
+        if not self.server.watch(self.connection):  # type: ignore[attr-defined]
+            self.close_connection = True
+            return
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.unwatch(self.connection)  # type: ignore[attr-defined]
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if not self.server.unwatch(self.connection):  # type: ignore[attr-defined]
+            self.close_connection = True  # the deadline passed (or we were evicted) while reading
+            return
         path = self.path.split("?", 1)[0]
         if path == "/healthz":
             self._reply(200, "text/plain; charset=utf-8", f"ok\nlisteners {len(self.servers)}\n")
@@ -178,12 +201,93 @@ class _Handler(BaseHTTPRequestHandler):
         return str(self.client_address[0]) if self.client_address else "unix"
 
 
-class _TCPServer(ThreadingHTTPServer):
+class _Limits:
+    """Mixed into the threading servers: the listen backlog, the per-request deadline (a reaper
+    thread shuts down connections whose request is not complete in time) and the bound on
+    connections served at once."""
+
+    request_queue_size = BACKLOG
     daemon_threads = True
+    block_on_close = False
+
+    def setup_limits(self, request_timeout: float, max_connections: int) -> None:
+        self.request_timeout = request_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._reading: dict[socket.socket, float] = {}  # connection -> deadline of its request
+        self._guard = threading.Lock()
+        self.closing = threading.Event()
+
+    def watch(self, sock: socket.socket) -> bool:
+        with self._guard:
+            if self.closing.is_set():
+                return False
+            self._reading[sock] = time.monotonic() + self.request_timeout
+            return True
+
+    def unwatch(self, sock: socket.socket) -> bool:
+        """Stop the deadline; False if it had already passed (the connection is being closed)."""
+        with self._guard:
+            return self._reading.pop(sock, None) is not None
+
+    def _cut(self, sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # the handler's blocked read returns EOF
+        except OSError:
+            pass
+
+    def reap(self) -> None:
+        """Until closing: close every connection whose request deadline has passed."""
+        interval = min(0.2, self.request_timeout / 5)
+        while not self.closing.wait(interval):
+            now = time.monotonic()
+            with self._guard:
+                late = [sock for sock, deadline in self._reading.items() if deadline <= now]
+                for sock in late:
+                    del self._reading[sock]
+            for sock in late:
+                log.debug("admin: request not complete within %gs: closing the connection", self.request_timeout)
+                self._cut(sock)
+
+    def _evict_oldest(self) -> bool:
+        with self._guard:
+            if not self._reading:
+                return False
+            sock = min(self._reading, key=self._reading.__getitem__)
+            del self._reading[sock]
+        log.debug("admin: connection limit reached: closing the one waiting longest for its request")
+        self._cut(sock)
+        return True
+
+    def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        while not self._slots.acquire(blocking=False):
+            if self.closing.is_set():
+                self.shutdown_request(request)  # type: ignore[attr-defined]
+                return
+            self._evict_oldest()  # else every connection is answering: wait for one to end
+            if self._slots.acquire(timeout=0.1):
+                break
+        try:
+            super().process_request(request, client_address)  # type: ignore[misc]
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[misc]
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        log.debug("admin: error serving a request", exc_info=True)  # a client cut off: no traceback on stderr
 
 
-class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+class _TCPServer(_Limits, ThreadingHTTPServer):
+    pass
+
+
+class _UnixServer(_Limits, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    pass
 
     def get_request(self):  # type: ignore[override]
         sock, _ = self.socket.accept()
@@ -194,7 +298,8 @@ class AdminServer:
     """``AdminServer(servers, listen=("127.0.0.1", 9180))`` or ``unix="/run/x.sock"``; start/stop."""
 
     def __init__(self, servers: Sequence, *, listen: tuple[str, int] | None = None, unix: str | None = None,
-                 allow_remote: bool = False, fd: int | None = None) -> None:
+                 allow_remote: bool = False, request_timeout: float = REQUEST_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS, fd: int | None = None) -> None:
         if (listen is None) == (unix is None):
             raise AdminError("admin: give exactly one of a HOST:PORT or a unix socket path")
         if listen is not None and not allow_remote and not is_loopback(listen[0]):
@@ -202,18 +307,21 @@ class AdminServer:
                              "endpoint has no authentication (use --admin-allow-remote / allow_remote = true)")
         self.servers = list(servers)
         self.listen, self.unix = listen, unix
-        handler = type("AdminHandler", (_Handler,), {"servers": self.servers})
+        handler = type("AdminHandler", (_Handler,), {"servers": self.servers, "timeout": request_timeout})
+        self._thread: threading.Thread | None = None
+        self._reaper: threading.Thread | None = None
         if fd is not None:  # carried over an exec upgrade: already bound and listening
             self._httpd = self._adopt(fd, handler)
-            self._thread: threading.Thread | None = None
+            self._httpd.setup_limits(request_timeout, max_connections)
             return
         try:
             if unix is not None:
-                path = Path(unix)
-                if path.exists() or path.is_symlink():
-                    if not stat.S_ISSOCK(path.lstat().st_mode):
-                        raise AdminError(f"admin: {unix} exists and is not a socket")
-                    path.unlink()
+                from .control import ControlError, remove_if_stale
+
+                try:  # only a socket nobody listens on (left by a process that died) is removed
+                    remove_if_stale(Path(unix), what="admin socket")
+                except ControlError as exc:
+                    raise AdminError(f"admin: {exc}") from None
                 old = os.umask(0o177)  # the socket is 0600: only our user may talk to it
                 try:
                     self._httpd = _UnixServer(unix, handler)
@@ -226,13 +334,13 @@ class AdminServer:
         except OSError as exc:
             where = unix or f"{listen[0]}:{listen[1]}"  # type: ignore[index]
             raise AdminError(f"admin: cannot listen on {where}: {exc.strerror}") from None
-        self._thread: threading.Thread | None = None
+        self._httpd.setup_limits(request_timeout, max_connections)
 
-    def _adopt(self, fd: int, handler: type) -> socketserver.BaseServer:
+    def _adopt(self, fd: int, handler: type) -> _TCPServer | _UnixServer:
         sock = socket.socket(fileno=fd)
         try:
             if sock.family == socket.AF_UNIX:
-                httpd: socketserver.BaseServer = _UnixServer(sock.getsockname(), handler, bind_and_activate=False)
+                httpd: _TCPServer | _UnixServer = _UnixServer(sock.getsockname(), handler, bind_and_activate=False)
             else:
                 server_cls = type("AdminTCPServer", (_TCPServer,), {"address_family": sock.family})
                 httpd = server_cls(sock.getsockname()[:2], handler, bind_and_activate=False)
@@ -258,14 +366,18 @@ class AdminServer:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="is-admin", daemon=True)
+        self._reaper = threading.Thread(target=self._httpd.reap, name="is-admin-reaper", daemon=True)
         self._thread.start()
+        self._reaper.start()
         log.info("admin endpoint on %s", self.address)
 
     def stop(self) -> None:
+        self._httpd.closing.set()
         self._httpd.shutdown()
         self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
+        for thread in (self._thread, self._reaper):
+            if thread is not None:
+                thread.join(5)
         if self.unix is not None:
             try:
                 os.unlink(self.unix)

@@ -46,9 +46,12 @@ def _parse_list(text: str | None, table: dict, what: str) -> tuple:
 
 
 def _open_keylog(path: Path):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.fchmod(fd, 0o600)
-    handle = os.fdopen(fd, "a", buffering=1)
+    from .secretfile import SecretFileError, open_secret
+
+    try:  # created 0600; no symlink, no file of another user or readable by others (secretfile.py)
+        handle = open_secret(path, append=True, what="keylog file", buffering=1)
+    except SecretFileError as exc:
+        _fail(str(exc))
     lock = threading.Lock()
 
     def write(line: str) -> None:
@@ -73,7 +76,7 @@ def serve(
     idle_timeout: Annotated[float, typer.Option(help="Seconds without bytes in either direction before a connection is closed (0: never).")] = 300.0,
     connect_timeout: Annotated[float, typer.Option(help="Seconds to connect to the backend.")] = 5.0,
     max_connections: Annotated[int, typer.Option(help="Connections served at once; more wait in the listen backlog.")] = 10_000,
-    keylog: Annotated[Optional[Path], typer.Option(help="Write TLS secrets in NSS key log format to this file (created 0600). Only for debugging.")] = None,
+    keylog: Annotated[Optional[Path], typer.Option(help="Write TLS secrets in NSS key log format to this file (created 0600; a symlink, or a file of another user or readable by others, is refused). Only for debugging.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
     # -- config file and admin endpoint (ironsocket.launch / ironsocket.admin) --
     config_file: Annotated[Optional[Path], typer.Option("--config", help="TOML configuration (docs/config.md): run all its listeners; the other listener options are ignored.")] = None,
@@ -99,6 +102,11 @@ def serve(
     cert, key = cert or [], key or []
     if len(cert) != len(key):
         _fail(f"--cert and --key come in pairs: got {len(cert)} --cert and {len(key)} --key")
+    from .secretfile import key_file_warning
+
+    for key_file in key:
+        if (warning := key_file_warning(key_file)) is not None:
+            typer.echo(f"ironsocket: warning: {warning}", err=True)
     try:
         if cert:
             credentials = tuple(load_credential(c, k) for c, k in zip(cert, key))
@@ -122,6 +130,13 @@ def serve(
         alpn_protocols=tuple(p.strip() for p in alpn.split(",") if p.strip()) if alpn else (),
         keylog=_open_keylog(keylog) if keylog else None,
     )
+    if upgrade_state_dump is not None:  # written at each upgrade: refuse a bad path now, not then
+        from .secretfile import SecretFileError, check_secret
+
+        try:
+            check_secret(upgrade_state_dump, what="upgrade state dump")
+        except SecretFileError as exc:
+            _fail(str(exc))
     if upgrade_check:  # the exec upgrade's pre-flight: configuration loaded, state format known
         from .upgrade import check_report
 
@@ -254,6 +269,8 @@ def check(config_file: Annotated[Path, typer.Argument(metavar="CONFIG", help="TO
         fc = load_file(config_file)
     except ConfigError as exc:
         _fail(str(exc))
+    for warning in fc.warnings:
+        typer.echo(f"ironsocket: warning: {warning}", err=True)
     for line in summary(fc):
         typer.echo(line)
 

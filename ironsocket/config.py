@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .backend import BackendSpec, Routes
+from .secretfile import key_file_warning
 from .server import KtlsMode, ProxyConfig, parse_hostport
 from .tls13.constants import CipherSuite, Group
 from .tls13.credentials import CertificateStore, Credential, CredentialError, load_credential
@@ -158,6 +159,8 @@ class FileConfig:
     admin: AdminConfig | None = None
     # For `ironsocket check`: per listener, the credentials loaded and the routes as written.
     details: list[dict[str, Any]] = field(default_factory=list)
+    # Problems that do not stop it (a private key file others can read); shown at start-up and by `check`.
+    warnings: list[str] = field(default_factory=list)
 
 
 # -- the loader ------------------------------------------------------------------------------------
@@ -166,6 +169,7 @@ class _Loader:
         self.path, self.text = path, text
         self.lines = KeyLines(text)
         self.base = path.parent
+        self.warnings: list[str] = []
 
     def error(self, path: Path_, message: str) -> ConfigError:
         return ConfigError(self.path, message, key=format_path(path) or None, line=self.lines.find(path))
@@ -233,6 +237,9 @@ class _Loader:
 
     def credential(self, table: dict, path: Path_) -> Credential:
         cert, key = self.file_path(table, "cert", path), self.file_path(table, "key", path)
+        if (warning := key_file_warning(key)) is not None:
+            where = f"{self.path}:{line}" if (line := self.lines.find(path + ("key",))) else str(self.path)
+            self.warnings.append(f"{where}: {format_path(path + ('key',))}: {warning}")
         try:
             return load_credential(cert, key)
         except CredentialError as exc:
@@ -297,7 +304,7 @@ class _Loader:
             listeners.append(config)
             details.append(detail)
         return FileConfig(path=self.path, listeners=listeners, log_level=log_level.lower(), admin=admin,
-                          details=details)
+                          details=details, warnings=self.warnings)
 
     def admin(self, doc: dict) -> AdminConfig | None:
         table = self.get(doc, "admin", dict, ())

@@ -4,7 +4,8 @@ Protocol: a client connects, sends one JSON object per line ``{"command": "...",
 one JSON line back per request: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
 Unknown commands and malformed JSON get a clean error answer; every read has a timeout.
 
-Where: ``<control_dir>/ironsocket-<pid>.sock`` (mode 0600, directory 0700), see `control_dir`.
+Where: ``<control_dir>/ironsocket-<pid>.sock`` (mode 0600; the directory is ours and private, see
+`control_dir`). Binding removes an old file at the path only if it is a socket nobody listens on.
 Clients find servers with `find_servers` and pick one with `resolve`.
 
 Handlers are ``handlers[command](request) -> dict``. A handler that must keep the connection
@@ -42,7 +43,15 @@ class ControlError(Exception):
 # -- where --------------------------------------------------------------------------------------
 def control_dir(create: bool = True) -> Path:
     """``$IRONSOCKET_RUN_DIR``, else ``/run/ironsocket`` if we can write there (root), else
-    ``$XDG_RUNTIME_DIR/ironsocket``, else ``/tmp/ironsocket-<uid>``; created 0700."""
+    ``$XDG_RUNTIME_DIR/ironsocket``, else ``/tmp/ironsocket-<uid>``.
+
+    Only a directory we create is given mode 0700; an existing one is never chmod'ed
+    (``IRONSOCKET_RUN_DIR=/tmp`` must not make /tmp private). An existing directory is used as
+    it is if it is safe: not a symlink, owned by us, not writable by group/others. A shared
+    sticky directory like /tmp (world-writable, sticky, owned by root or us) is not used
+    directly: our sockets go into a private subdirectory ``ironsocket-<uid>`` of it (created 0700,
+    or, if it exists, held to the same rule). Anything else is a ControlError naming the path.
+    With ``create=False`` nothing is created or checked (clients looking for servers)."""
     env = os.environ.get("IRONSOCKET_RUN_DIR")
     if env:
         path = Path(env)
@@ -52,17 +61,58 @@ def control_dir(create: bool = True) -> Path:
         path = Path(os.environ["XDG_RUNTIME_DIR"]) / "ironsocket"
     else:
         path = Path(f"/tmp/ironsocket-{os.getuid()}")
-    if create:
-        try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ControlError(f"cannot create control directory {path}: {exc.strerror}") from None
-        st = path.lstat()
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-            raise ControlError(f"control directory {path} is not a directory owned by uid {os.getuid()}")
-        if stat.S_IMODE(st.st_mode) & 0o077:
-            os.chmod(path, 0o700)
+    if not create:
+        return _private_subdir(path) if _is_shared_sticky(path) else path
+    if _ensure_dir(path) == "shared":
+        path = _private_subdir(path)
+        if _ensure_dir(path) == "shared":
+            raise ControlError(f"control directory {path} is writable by group/others")
     return path
+
+
+def _private_subdir(path: Path) -> Path:
+    return path / f"ironsocket-{os.getuid()}"  # as the /tmp fallback: IRONSOCKET_RUN_DIR=/tmp gives the same
+
+
+def _is_shared_sticky(path: Path) -> bool:
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return (stat.S_ISDIR(st.st_mode) and bool(st.st_mode & stat.S_ISVTX) and bool(st.st_mode & 0o002)
+            and st.st_uid in (0, os.geteuid()))
+
+
+def _ensure_dir(path: Path) -> str:
+    """Create ``path`` 0700 ("created"), or check an existing one: "ok" (ours, private enough),
+    "shared" (a sticky world-writable directory); ControlError otherwise."""
+    if not path.parent.is_dir():
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ControlError(f"cannot create control directory {path.parent}: {exc.strerror}") from None
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ControlError(f"cannot create control directory {path}: {exc.strerror}") from None
+    else:
+        os.chmod(path, 0o700)  # we created it: exactly 0700 whatever the umask
+        return "created"
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        raise ControlError(f"control directory {path} is a symbolic link; refusing to follow it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ControlError(f"control directory {path} is not a directory")
+    if _is_shared_sticky(path):
+        return "shared"
+    if st.st_uid != os.geteuid():
+        raise ControlError(f"control directory {path} is owned by uid {st.st_uid}, not by us (uid {os.geteuid()})")
+    if st.st_mode & 0o022:
+        raise ControlError(f"control directory {path} is writable by group/others (mode "
+                           f"{stat.S_IMODE(st.st_mode):04o}); fix its mode or set IRONSOCKET_RUN_DIR elsewhere")
+    return "ok"
 
 
 def default_socket_path(pid: int | None = None) -> Path:
@@ -162,10 +212,7 @@ class ControlServer:
     @staticmethod
     def _bind(path: Path) -> socket.socket:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if path.exists() or path.is_symlink():
-            if _answers(path):
-                raise ControlError(f"control socket {path} is in use by a running server")
-            path.unlink()  # stale: left by a process that died
+        remove_if_stale(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
@@ -353,6 +400,45 @@ def find_servers(directory: Path | None = None, timeout: float = 2.0) -> list[Pa
         if _answers(path, timeout) is not None:
             found.append(path)
     return found
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "symbolic link"), (stat.S_ISDIR, "directory"), (stat.S_ISREG, "regular file"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "file"
+
+
+def remove_if_stale(path: Path, what: str = "control socket") -> None:
+    """Before binding ``path``: remove it only if it is a socket nobody listens on (left by a
+    process that died). Anything else there — another kind of file, a socket a server (ours or
+    another program) answers on, one we cannot probe — is a ControlError naming the path."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlError(f"{what} path {path} is a {_kind(st.st_mode)}, not a socket; "
+                           "refusing to remove it (pick another path or remove it yourself)")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        pass  # nobody listens: stale
+    except OSError as exc:
+        raise ControlError(f"{what} {path} exists and cannot be probed ({exc.strerror or exc}); "
+                           "refusing to remove it") from None
+    else:
+        probe.close()
+        if _answers(path):
+            raise ControlError(f"{what} {path} is in use by a running server")
+        raise ControlError(f"{what} path {path} is a socket another program listens on; refusing to remove it")
+    finally:
+        probe.close()
+    path.unlink()
+    log.debug("removed stale %s %s", what, path)
 
 
 def _remove_stale(path: Path) -> None:

@@ -75,6 +75,8 @@ def serve_config_file(path: Path, *, admin: str | None = None, admin_allow_remot
         fc = load_file(path)
     except ConfigError as exc:
         return _fail(str(exc))
+    for warning in fc.warnings:
+        typer.echo(f"ironsocket: warning: {warning}", err=True)
     logging.getLogger().setLevel(getattr(logging, fc.log_level.upper(), logging.INFO))
     servers: list[ProxyServer] = []
     admin_server: AdminServer | None = None

@@ -205,9 +205,9 @@ def write_memfd(doc: dict[str, Any]) -> int:
 def dump_state(doc: dict[str, Any], path: str) -> None:
     """Debugging only (``serve --upgrade-state-dump FILE``): the document, secrets included, in a
     file created 0600 — for ``ironsocket inspect-keys --state FILE`` post-mortems."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w") as f:
+    from .secretfile import open_secret  # no symlink, no file of another user or readable by others
+
+    with open_secret(path, truncate=True, what="upgrade state dump") as f:
         json.dump(doc, f, indent=1)
     log.warning("upgrade: state document (with traffic secrets) written to %s as asked", path)
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import ssl
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -98,3 +101,33 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str = "con
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+def serve_outcome(*extra: str, control_socket: Path | None = None) -> tuple[bool, str]:
+    """Run `ironsocket serve ... extra` until it serves or reports an error: (started?, output).
+    Stops it either way. The control socket goes to a fresh private directory unless given."""
+    from tests.conftest import ManagedProcess, cert_args
+
+    run_dir = Path(tempfile.mkdtemp(prefix="is-t-"))  # short: unix socket paths are limited to 107 bytes
+    proc = ManagedProcess([sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0",
+                           "--backend", "127.0.0.1:9", *cert_args("ecdsa-p256"),
+                           "--control-socket", str(control_socket or run_dir / "ctl.sock"), *extra],
+                          "ironsocket serve")
+    try:
+        m = proc.wait_for_line(r"ironsocket: serving TLS 1\.3|ironsocket: error:")
+        started = m.group(0).startswith("ironsocket: serving")
+        if not started:
+            proc.proc.wait(timeout=30)
+        return started, proc.output
+    finally:
+        proc.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def assert_refused(started: bool, output: str, *needles: str) -> None:
+    assert not started, f"serve started although it should have refused:\n{output}"
+    assert "Traceback" not in output, output
+    [line] = [l for l in output.splitlines() if "error" in l.lower()]  # one line, naming the file and why
+    assert line.startswith("ironsocket: error: "), line
+    for needle in needles:
+        assert needle in line, line

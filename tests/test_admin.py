@@ -7,6 +7,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -209,3 +210,126 @@ def test_metrics_text_kernel_counters() -> None:
     samples = {s.labels["counter"]: s.value for s in fams["ironsocket_kernel_tls_stat"].samples}
     assert samples == {"TlsTxSw": 3, "TlsRxSw": 2, "TlsDecryptError": 0}
     assert "ironsocket_kernel_tls_stat" not in metrics_text([], tls_stat=dict)
+
+
+# -- limits: half-sent requests cannot pin the endpoint ---------------------------------------------
+HALF = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"  # no empty line: the request never completes
+
+
+def half_sent(address: tuple[str, int], n: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(address, timeout=TIMEOUT)
+        s.sendall(HALF)
+        socks.append(s)
+    return socks
+
+
+def closed_without_answer(s: socket.socket, within: float) -> bool:
+    """True if the server closes ``s`` within ``within`` seconds having sent nothing."""
+    s.settimeout(within)
+    try:
+        return s.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def listen_backlog(port: int) -> int | None:
+    """The backlog of the TCP listener on ``port`` (ss shows it as Send-Q), None without ss."""
+    try:
+        out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, timeout=10)
+    except FileNotFoundError:
+        return None
+    [line] = out.stdout.splitlines()
+    return int(line.split()[2])
+
+
+def test_half_sent_requests_time_out_and_do_not_block_healthz() -> None:
+    """In-process AdminServer with a short timeout (a parameter) and bound, real sockets."""
+    timeout, bound = 2.0, 8
+    admin = AdminServer([], listen=("127.0.0.1", 0), request_timeout=timeout, max_connections=bound)
+    admin.start()
+    try:
+        address = admin._httpd.server_address[:2]
+        backlog = listen_backlog(address[1])
+        assert backlog is None or backlog >= 128, backlog
+        threads_before = threading.active_count()
+        started = time.monotonic()
+        socks = half_sent(address, 100)
+        try:
+            status, _, body = get(admin.address + "healthz")  # answered now, not after the timeout
+            assert status == 200 and body.startswith("ok\n")
+            assert time.monotonic() - started < timeout, "healthz had to wait for the half-sent requests"
+            assert threading.active_count() <= threads_before + bound, threading.active_count()
+            # every half-sent request is closed, none answered, by the deadline (+ reaper slack)
+            assert all(closed_without_answer(s, max(0.1, started + timeout + 2 - time.monotonic())) for s in socks)
+        finally:
+            for s in socks:
+                s.close()
+        # a client that sends its request slowly, a header line at a time, is cut off too
+        with socket.create_connection(address, timeout=TIMEOUT) as slow:
+            t0 = time.monotonic()
+            slow.sendall(b"GET /healthz HTTP/1.1\r\n")
+            cut = False
+            while time.monotonic() - t0 < timeout + 2:
+                try:
+                    slow.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    cut = True
+                    break
+                if closed_without_answer(slow, 0.2):
+                    cut = True
+                    break
+            assert cut and time.monotonic() - t0 >= timeout * 0.9
+        assert get(admin.address + "healthz")[0] == 200
+    finally:
+        admin.stop()
+
+
+def test_serve_admin_survives_100_half_sent_requests(proxy_with_admin) -> None:
+    """The real `ironsocket serve --admin`, default limits: 100 half-sent requests neither pin 100
+    threads nor stop /healthz, and all are closed after REQUEST_TIMEOUT."""
+    from ironsocket.admin import MAX_CONNECTIONS, REQUEST_TIMEOUT
+
+    proc, _, base = proxy_with_admin("--admin", "127.0.0.1:0")
+    port = int(base.rsplit(":", 1)[1].strip("/"))
+
+    def threads() -> int:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        return int(next(l for l in status.splitlines() if l.startswith("Threads:")).split()[1])
+
+    assert get(base + "healthz")[0] == 200
+    before = threads()
+    started = time.monotonic()
+    socks = half_sent(("127.0.0.1", port), 100)
+    try:
+        assert get(base + "healthz")[0] == 200
+        assert threads() <= before + MAX_CONNECTIONS, threads()
+        assert all(closed_without_answer(s, max(0.1, started + REQUEST_TIMEOUT + 3 - time.monotonic())) for s in socks)
+    finally:
+        for s in socks:
+            s.close()
+    assert get(base + "healthz")[0] == 200
+
+
+def test_admin_unix_socket_replaces_only_a_stale_socket(tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # another program's live socket
+    other.bind(str(path))
+    other.listen(4)
+    try:
+        with pytest.raises(AdminError, match=f"admin socket path {path} is a socket another program listens on"):
+            AdminServer([], unix=str(path))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.connect(str(path))  # still there, still theirs
+    finally:
+        other.close()
+    admin = AdminServer([], unix=str(path))  # nobody listens any more: stale, replaced
+    admin._httpd.server_close()  # (never started: stop() would wait for serve_forever)
+    path.unlink()
+    path.write_text("keep\n")
+    with pytest.raises(AdminError, match=f"admin socket path {path} is a regular file"):
+        AdminServer([], unix=str(path))
+    assert path.read_text() == "keep\n"
