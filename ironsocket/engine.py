@@ -309,6 +309,12 @@ class Engine:
         loop.call_soon(lambda: loop.add(relay))
         return loop
 
+    def set_idle_timeout(self, idle_timeout: float | None) -> None:
+        """The relays' idle timeout changed (a configuration loaded after an early resume)."""
+        if idle_timeout:
+            for loop in self.loops:
+                loop.call_soon(lambda loop=loop: loop.set_idle_scan(idle_timeout / 4))
+
     def pause(self, timeout: float) -> bool:
         """Park every loop between two steps; True once all are (then no byte moves)."""
         self.paused = True

@@ -478,7 +478,7 @@ class Relay:
         self.splice = isinstance(client, KtlsChannel)
         self.c2b = c2b or PumpState(pipe=make_pipe() if self.splice else None)
         self.b2c = b2c or PumpState(pipe=make_pipe() if self.splice else None)
-        self._on_done = on_done
+        self.on_done = on_done  # called once, after close()
         self._lock = threading.Lock()
         self._closed = False
         self._aborted = False
@@ -781,7 +781,7 @@ class Relay:
         if not self.stats.close_reason:
             self.stats.close_reason = "closed by both sides"
         try:
-            if self._on_done is not None:
-                self._on_done(self)
+            if self.on_done is not None:
+                self.on_done(self)
         finally:
             self.done.set()

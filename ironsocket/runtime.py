@@ -55,8 +55,11 @@ def upgrade_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         if fd_text is None:
             return fn(*args, **kwargs)
         fd = int(fd_text)
+        from . import resume
+
+        early = resume.resumed
         try:
-            doc = upgrade.read_memfd(fd)
+            doc = early.doc if early is not None else upgrade.read_memfd(fd)
         except upgrade.StateError as exc:
             # Without a readable document there is no previous program to go back to.
             log.critical("upgrade: state unreadable (%s); the carried connections are lost", exc)
@@ -71,7 +74,9 @@ def upgrade_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             live = _live
             if live is not None and live.server is not None and live.server.adopted:
                 # The connections are ours now (and may have moved bytes): carry them as they are.
-                upgrade.roll_back_live(live.server, live.carried_fds(doc), doc, fd, reason)
+                upgrade.roll_back_live(live.server, Runtime.carried_fds(doc), doc, fd, reason)
+            elif early is not None:  # resumed before the configuration was loaded: the same
+                upgrade.roll_back_live(early, Runtime.carried_fds(doc), doc, fd, reason)
             else:  # nothing adopted, nothing moved: the document is still exact
                 upgrade.rollback(doc, fd, reason)
             raise
@@ -196,11 +201,17 @@ class Runtime:
             except OSError:
                 pass
         _restored = True
-        pause_ms = (time.time() - doc["created"]) * 1000
+        from . import resume
+
+        # The connections' pause: until they moved again (early, if they were resumed before the
+        # configuration was loaded), not until the whole start-up was done.
+        moving = resume.resumed.resumed_at if resume.resumed is not None else time.time()
+        pause_ms = (moving - doc["created"]) * 1000
         failed = os.environ.pop(upgrade.ENV_FAILED, None)
         n = len(doc["connections"])
         log.info("upgrade: restored %d connections in pid %d", n, os.getpid())
-        log.info("upgrade: resumed after %.1f ms", pause_ms)
+        log.info("upgrade: resumed after %.1f ms (start-up complete after %.1f ms)", pause_ms,
+                 (time.time() - doc["created"]) * 1000)
         if failed:
             upgrade.send_reply(doc, {"ok": False, "error": f"the new program failed: {failed}; rolled back, "
                                      f"{n} connections kept", "pid": os.getpid()})

@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import backend as backend_mod
 from .backend import Routes
@@ -275,6 +276,7 @@ class ProxyServer:
         with self._lock:
             live = [i for i in self.connections.values() if i.relay is not None and not i.closed]
         return {
+            "idle_timeout": self.config.idle_timeout,  # for the early resume (ironsocket.resume)
             "listener_fd": self._listener.fileno(),
             "listen": list(self.address),
             "next_conn_id": next(self._ids),
@@ -285,22 +287,36 @@ class ProxyServer:
 
     def adopt(self, doc: dict) -> None:
         """Take over the listener and connections of the previous program (before `start`).
-        On failure every inherited fd is left open (for the rollback to the previous program)."""
+        If they were resumed early (`resume.start_early`, before the configuration was loaded),
+        take over that running set. On failure every inherited fd is left open (for the rollback
+        to the previous program)."""
+        from . import resume
         from .upgrade import restore_connection
 
+        early = resume.resumed
         listener = socket.socket(fileno=doc["listener_fd"])
-        restored: list[tuple[ConnectionInfo, Relay]] = []
-        try:
-            for conn in doc["connections"]:
-                restored.append(restore_connection(conn, self.engine, self.config.idle_timeout))
-            if len(restored) > self.config.max_connections:
-                raise StartupError("more connections in the state than --max-connections")
-        except BaseException:
-            listener.detach()
-            for _, relay in restored:
-                relay.client.sock.detach()
-                relay.backend.detach()
-            raise
+        if early is not None and early.doc is doc:
+            try:
+                self._adopt_running(early)
+            except BaseException:
+                listener.detach()
+                raise
+        else:
+            restored: list[tuple[ConnectionInfo, Relay]] = []
+            try:
+                for conn in doc["connections"]:
+                    restored.append(restore_connection(conn, self.engine, self.config.idle_timeout))
+                if len(restored) > self.config.max_connections:
+                    raise StartupError("more connections in the state than --max-connections")
+            except BaseException:
+                listener.detach()
+                for _, relay in restored:
+                    relay.client.sock.detach()
+                    relay.backend.detach()
+                raise
+            for info, relay in restored:
+                self._register(info, relay)
+                self._adopted.append((info, relay))
         self._listener = listener
         self._ids = itertools.count(doc["next_conn_id"])
         counters = doc.get("counters", {})
@@ -308,17 +324,34 @@ class ProxyServer:
         self.handshakes_failed = counters.get("handshakes_failed", 0)
         self.handshake_failures = dict(counters.get("handshake_failures", {}))
         self.bytes_closed = list(counters.get("bytes_closed", [0, 0]))
-        for info, relay in restored:
-            self._slots.acquire(blocking=False)
-            info.relay = relay
-            info.backend_local_addr = relay.backend.getsockname()[:2]
-            self._adopted.append((info, relay))
-            with self._lock:
-                self.connections[info.conn_id] = info
         self.adopted = True
 
+    def _adopt_running(self, early: Any) -> None:
+        """The relays `resume.start_early` already runs become ours, with their engine."""
+        self.engine.stop(0)  # the one made in __init__: never started
+        self.engine = early.engine
+        self.engine.set_idle_timeout(self.config.idle_timeout)
+
+        def adopt(alive: list[tuple[ConnectionInfo, Relay]], ended: list[tuple[ConnectionInfo, Relay]]) -> None:
+            if len(alive) > self.config.max_connections:
+                raise StartupError("more connections in the state than --max-connections")
+            for info, relay in alive:
+                relay.idle_timeout = self.config.idle_timeout
+                self._register(info, relay)
+            for info, relay in ended:  # ended before we were ready: counted and logged now
+                self._log_close(info, relay)
+
+        early.claim(adopt, self._relay_done)
+
+    def _register(self, info: ConnectionInfo, relay: Relay) -> None:
+        self._slots.acquire(blocking=False)
+        info.relay = relay
+        info.backend_local_addr = relay.backend.getsockname()[:2]
+        with self._lock:
+            self.connections[info.conn_id] = info
+
     def _start_relay(self, info: ConnectionInfo, relay: Relay) -> None:
-        relay._on_done = lambda r: self._relay_done(info, r)
+        relay.on_done = lambda r: self._relay_done(info, r)
         relay.start()
 
     def _relay_done(self, info: ConnectionInfo, relay: Relay) -> None:

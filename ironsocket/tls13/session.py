@@ -20,7 +20,6 @@ from .constants import AlertDescription, AlertLevel, CipherSuite, ContentType, H
 from .events import NEED_DATA, AlertReceived, ApplicationData, ConnectionClosed, Event, KeyUpdateReceived
 from .handoff import Handoff
 from .keyschedule import next_traffic_secret
-from .messages import key_update
 from .records import HEADER_SIZE, MAX_PLAINTEXT, RecordProtection, split_record
 
 
@@ -140,7 +139,10 @@ class Session:
         with self._write_lock:
             if self.write_closed:
                 return
-            self._send_buffer += self._write.seal(ContentType.HANDSHAKE, key_update(request_peer_update))
+            # §4.6.3 KeyUpdate, built here: the record layer needs no message parser (tlslite-ng
+            # is not imported on the restore path of an exec upgrade).
+            key_update = bytes((HandshakeType.KEY_UPDATE, 0, 0, 1, int(request_peer_update)))
+            self._send_buffer += self._write.seal(ContentType.HANDSHAKE, key_update)
             secret = next_traffic_secret(self.cipher_suite, self._write.traffic_secret)
             self._write = RecordProtection.from_secret(self.cipher_suite, secret)
 
