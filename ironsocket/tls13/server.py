@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from . import messages
 from .alerts import (
     Alert,
+    AlertBadRecordMac,
     AlertDecodeError,
     AlertDecryptError,
     AlertHandshakeFailure,
@@ -313,12 +314,17 @@ class TLSServer:
                 raise AlertUnexpectedMessage("application_data record before the handshake keys")
             try:
                 inner_type, content = self._read_protection.open(header, body)
-            except Alert:
+            except AlertBadRecordMac:
+                # §4.2.10 skips records that fail *deprotection* only: a record that decrypts
+                # but is malformed (e.g. an all-zero TLSInnerPlaintext, §5.4) is an error.
                 if self._early_data_skip >= len(body):  # §4.2.10: skip rejected 0-RTT data
                     self._early_data_skip -= len(body)  # a failed open does not count a record
                     return True
                 raise
             self._early_data_skip = 0  # the first record that decrypts ends the skipping
+            if not content and inner_type in (ContentType.HANDSHAKE, ContentType.ALERT):
+                # §5.4: zero-length Handshake/Alert content MUST be unexpected_message.
+                raise AlertUnexpectedMessage(f"{inner_type.name} record with no content (§5.4)")
             if inner_type == ContentType.HANDSHAKE:
                 self._receive_handshake(content)
             elif inner_type == ContentType.ALERT:

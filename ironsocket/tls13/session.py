@@ -12,6 +12,7 @@ import threading
 from .alerts import (
     Alert,
     AlertDecodeError,
+    AlertIllegalParameter,
     AlertUnexpectedMessage,
     LocalProtocolError,
     RemoteProtocolError,
@@ -90,6 +91,10 @@ class Session:
                 raise AlertUnexpectedMessage("application data interleaved with a handshake message")
             return ApplicationData(data=content) if content else None
         if inner_type == ContentType.ALERT:
+            if not content:
+                # §5.4: Handshake and Alert records MUST NOT have a zero-length
+                # TLSInnerPlaintext.content; receiving one MUST be unexpected_message.
+                raise AlertUnexpectedMessage("alert record with no content (§5.4)")
             if len(content) != 2:
                 raise AlertDecodeError("alert record must be two bytes")
             code = content[1]
@@ -109,6 +114,8 @@ class Session:
         raise AlertUnexpectedMessage(f"{inner_type.name} record after the handshake")
 
     def _handle_handshake(self, content: bytes) -> Event | None:
+        if not content:
+            raise AlertUnexpectedMessage("handshake record with no content (§5.4)")
         self._handshake_buffer += content
         if len(self._handshake_buffer) < 4:
             return None
@@ -121,8 +128,11 @@ class Session:
         del self._handshake_buffer[: 4 + length]
         if msg[0] != HandshakeType.KEY_UPDATE:
             raise AlertUnexpectedMessage(f"post-handshake message type {msg[0]} not expected")
-        if length != 1 or msg[4] not in (0, 1):
-            raise AlertDecodeError("malformed KeyUpdate")
+        if length != 1:
+            raise AlertDecodeError("KeyUpdate body must be one byte")
+        if msg[4] not in (0, 1):
+            # §4.6.3: any request_update other than 0 or 1 MUST be illegal_parameter.
+            raise AlertIllegalParameter(f"KeyUpdate request_update {msg[4]} is neither 0 nor 1")
         if self._handshake_buffer:
             raise AlertUnexpectedMessage("KeyUpdate must end its record (§5.1)")
         return self.apply_key_update(bool(msg[4]))
