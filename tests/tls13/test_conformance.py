@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 
 from ironsocket.tls13.alerts import LocalProtocolError, RemoteProtocolError
-from ironsocket.tls13.constants import AlertDescription as AD, ContentType, ExtensionType as Ext, HandshakeType
+from ironsocket.tls13.constants import AlertDescription as AD, ContentType, ExtensionType as Ext, Group, HandshakeType, SignatureScheme
+from ironsocket.tls13.limits import MAX_CHANGE_CIPHER_SPEC_RECORDS, MAX_CLIENT_HELLO_SIZE, MAX_EARLY_DATA_SKIP
 from ironsocket.tls13.events import NEED_DATA, ApplicationData, ClientHelloReceived, HandshakeComplete, KeyUpdateReceived
 from ironsocket.tls13.messages import key_update
 from ironsocket.tls13.server import TLSServer
@@ -21,6 +22,8 @@ from ironsocket.tls13.session import Session
 from tests.helpers import config, drain
 from tests.tls13.test_server import (
     Client,
+    _after_hrr,
+    _hrr_client,
     assert_alert,
     hs_message,
     open_one,
@@ -120,3 +123,147 @@ def test_s5_4_all_zero_plaintext_is_not_skipped_as_early_data() -> None:
     assert client.write
     engine.receive_data(client.write.seal(ContentType.INVALID, b"", padding=20))
     assert_alert(engine, AD.unexpected_message, read=client.app_read)
+
+
+# == §4.1.2 ClientHello size ======================================================================
+def _fragmented(hello: bytes) -> bytes:
+    return b"".join(record(ContentType.HANDSHAKE, hello[i : i + 2**14]) for i in range(0, len(hello), 2**14))
+
+
+# Client's extensions block is 63 + 2n bytes with n signature schemes (supported_groups 8,
+# signature_algorithms 6 + 2n, supported_versions 7, one x25519 key share 42).
+FULL_EXTENSIONS_BLOCK_SIGALGS = (0xFFFF - 63) // 2  # 32,736: a block of 2^16 - 1 bytes
+
+
+@pytest.mark.parametrize("count", [30_000, FULL_EXTENSIONS_BLOCK_SIGALGS])
+def test_s4_2_3_client_hello_with_a_huge_signature_algorithms_list_is_tolerated(count: int) -> None:
+    # §4.2.3 SignatureSchemeList is supported_signature_algorithms<2..2^16-2>, inside the
+    # §4.1.2 extensions<8..2^16-1> block: a list of ~32,700 entries is legal (tlsfuzzer's
+    # "tolerance" case). The one we support is last: the handshake must succeed. The largest
+    # case makes the ClientHello body 65,582 bytes, past the old 64 KiB message cap.
+    unknown = tuple(s for s in range(0x0A01, 0x0A01 + count + 10) if s not in set(SignatureScheme))[: count - 1]
+    client = Client(sigalgs=unknown + (SignatureScheme.ECDSA_SECP256R1_SHA256,))
+    assert sum(4 + len(d) for _, d in client.extensions()) == 63 + 2 * count
+    hello = client.hello()
+    engine = TLSServer(config())
+    engine.receive_data(_fragmented(hello))
+    assert [type(e) for e in drain(engine)] == [ClientHelloReceived]
+    client.receive(engine.data_to_send())
+    engine.receive_data(client.finished_record())
+    (done,) = drain(engine)
+    assert isinstance(done, HandshakeComplete) and done.signature_scheme is SignatureScheme.ECDSA_SECP256R1_SHA256
+
+
+def test_s4_1_2_client_hello_longer_than_the_struct_allows_is_illegal_parameter() -> None:
+    # The §4.1.2 struct bounds a ClientHello body at MAX_CLIENT_HELLO_SIZE bytes (limits.py);
+    # a declared length past that is refused as soon as the 4-byte header is in.
+    assert MAX_CLIENT_HELLO_SIZE == 131396
+    header = bytes([HandshakeType.CLIENT_HELLO]) + (MAX_CLIENT_HELLO_SIZE + 1).to_bytes(3, "big")
+    engine = TLSServer(config())
+    engine.receive_data(record(ContentType.HANDSHAKE, header + bytes(100)))
+    assert_alert(engine, AD.illegal_parameter)
+
+
+# == §5 / Appendix D.4 change_cipher_spec =========================================================
+def test_s5_change_cipher_spec_flood_before_finished_is_unexpected_message() -> None:
+    # §5: a change_cipher_spec 0x01 between the first ClientHello and the peer's Finished
+    # "MUST simply [be dropped]" - the one a middlebox-compatible client sends (Appendix D.4).
+    # Issue 12: 200,000 of them were all dropped for free; past MAX_CHANGE_CIPHER_SPEC_RECORDS
+    # (limits.py) the engine stops with unexpected_message.
+    client = Client()
+    engine = server_flight(client)
+    ccs = record(ContentType.CHANGE_CIPHER_SPEC, b"\x01")
+    engine.receive_data(ccs * 200_000 + client.finished_record())
+    assert_alert(engine, AD.unexpected_message, read=client.app_read)
+
+
+def test_s5_change_cipher_spec_allowed_count_is_still_dropped() -> None:
+    client = Client()
+    engine = server_flight(client)
+    ccs = record(ContentType.CHANGE_CIPHER_SPEC, b"\x01")
+    engine.receive_data(ccs * MAX_CHANGE_CIPHER_SPEC_RECORDS + client.finished_record())
+    assert [type(e) for e in drain(engine)] == [HandshakeComplete]
+
+
+def test_s5_change_cipher_spec_before_the_second_client_hello_is_dropped() -> None:
+    # Appendix D.4: after a HelloRetryRequest the client's one CCS may come before its second
+    # ClientHello "or before its encrypted handshake flight" - not both, and it is one record.
+    client = _hrr_client(session_id=b"\x07" * 32)
+    engine = _after_hrr(client)
+    ccs = record(ContentType.CHANGE_CIPHER_SPEC, b"\x01")
+    engine.receive_data(ccs + client.second_hello_record())
+    assert [type(e) for e in drain(engine)] == [ClientHelloReceived]
+    client.receive(engine.data_to_send())
+    engine.receive_data(client.finished_record())
+    assert [type(e) for e in drain(engine)] == [HandshakeComplete]
+
+
+# == §4.2.10 0-RTT after HelloRetryRequest ========================================================
+def _early_hrr_client() -> tuple[Client, TLSServer]:
+    client = _hrr_client()
+    client_exts = client.extensions() + [(Ext.EARLY_DATA, b"")]
+    engine = TLSServer(config(groups=(Group.X25519,)))
+    engine.receive_data(client.hello_record(exts=client_exts))
+    assert drain(engine) == []
+    client.receive(engine.data_to_send())
+    assert client.hrr_group is not None
+    return client, engine
+
+
+def test_s4_2_10_early_data_after_hello_retry_request_is_skipped() -> None:
+    # §4.2.10: a server that answers with a HelloRetryRequest "then ignores early data by
+    # skipping all records with an external content type of "application_data" (indicating
+    # that they are encrypted), up to the configured max_early_data_size."
+    client, engine = _early_hrr_client()
+    early = record(ContentType.APPLICATION_DATA, bytes(300))
+    engine.receive_data(early + early + early)
+    assert drain(engine) == []
+    engine.receive_data(client.second_hello_record())
+    assert [type(e) for e in drain(engine)] == [ClientHelloReceived]
+    client.receive(engine.data_to_send())
+    engine.receive_data(client.finished_record())
+    (done,) = drain(engine)
+    assert isinstance(done, HandshakeComplete) and done.hello_retry
+
+
+def test_s4_2_10_early_data_after_hello_retry_request_beyond_the_budget_is_unexpected_message() -> None:
+    # "... up to the configured max_early_data_size": one byte past MAX_EARLY_DATA_SKIP
+    # (header included) is no longer skipped.
+    client, engine = _early_hrr_client()
+    chunk = record(ContentType.APPLICATION_DATA, bytes(2**14))
+    n = MAX_EARLY_DATA_SKIP // len(chunk) + 1
+    engine.receive_data(chunk * n)
+    assert_alert(engine, AD.unexpected_message)
+
+
+def test_s4_2_10_skipping_stops_at_the_second_client_hello() -> None:
+    # The second ClientHello carries no early_data (§4.2.10 "A client MUST NOT include the
+    # early_data extension in its followup ClientHello"), so an undecryptable record after it
+    # is bad_record_mac, not skipped 0-RTT data.
+    client, engine = _early_hrr_client()
+    engine.receive_data(client.second_hello_record())
+    drain(engine)
+    client.receive(engine.data_to_send())
+    engine.receive_data(record(ContentType.APPLICATION_DATA, bytes(100)))
+    assert_alert(engine, AD.bad_record_mac, read=client.app_read)
+
+
+def test_s4_2_10_early_data_without_the_extension_after_hrr_is_unexpected_message() -> None:
+    # No early_data offered: application_data before the second ClientHello is not 0-RTT.
+    client = _hrr_client()
+    engine = _after_hrr(client)
+    engine.receive_data(record(ContentType.APPLICATION_DATA, bytes(100)))
+    assert_alert(engine, AD.unexpected_message)
+
+
+def test_s4_2_10_empty_records_do_not_skip_for_free() -> None:
+    # Each skipped record costs its 5-byte header too: zero-length application_data records
+    # used to be skipped without touching the budget, i.e. without end.
+    client = Client()
+    engine = TLSServer(config())
+    engine.receive_data(client.hello_record(exts=client.extensions() + [(Ext.EARLY_DATA, b"")]))
+    drain(engine)
+    client.receive(engine.data_to_send())
+    empty = record(ContentType.APPLICATION_DATA, b"")
+    engine.receive_data(empty * (MAX_EARLY_DATA_SKIP // 5 + 1))
+    assert_alert(engine, AD.bad_record_mac, read=client.app_read)
