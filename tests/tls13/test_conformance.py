@@ -10,11 +10,23 @@ The engine and the Session are driven in memory with the hand-built `Client` of 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from ironsocket.tls13.alerts import LocalProtocolError, RemoteProtocolError
+from ironsocket.tls13 import records, session as session_mod
+
+from ironsocket.tls13.alerts import LocalProtocolError, RecordLimitReached, RemoteProtocolError
 from ironsocket.tls13.constants import AlertDescription as AD, ContentType, ExtensionType as Ext, Group, HandshakeType, SignatureScheme
-from ironsocket.tls13.limits import MAX_CHANGE_CIPHER_SPEC_RECORDS, MAX_CLIENT_HELLO_SIZE, MAX_EARLY_DATA_SKIP
+from ironsocket.tls13.keyschedule import next_traffic_secret
+from ironsocket.tls13.limits import (
+    MAX_CHANGE_CIPHER_SPEC_RECORDS,
+    MAX_CLIENT_HELLO_SIZE,
+    MAX_CONSECUTIVE_EMPTY_RECORDS,
+    MAX_EARLY_DATA_SKIP,
+    MAX_KEY_UPDATES_WITHOUT_DATA,
+)
+from ironsocket.tls13.records import AES_GCM_RECORD_LIMIT, RecordProtection
 from ironsocket.tls13.events import NEED_DATA, ApplicationData, ClientHelloReceived, HandshakeComplete, KeyUpdateReceived
 from ironsocket.tls13.messages import key_update
 from ironsocket.tls13.server import TLSServer
@@ -28,8 +40,10 @@ from tests.tls13.test_server import (
     hs_message,
     open_one,
     record,
+    connect,
     server_flight,
     session_pair,
+    split_records,
 )
 
 
@@ -267,3 +281,142 @@ def test_s4_2_10_empty_records_do_not_skip_for_free() -> None:
     empty = record(ContentType.APPLICATION_DATA, b"")
     engine.receive_data(empty * (MAX_EARLY_DATA_SKIP // 5 + 1))
     assert_alert(engine, AD.bad_record_mac, read=client.app_read)
+
+
+# == caps after the handshake (issue 12 item 9; limits.py) ========================================
+def test_s5_1_empty_application_data_flood_is_unexpected_message() -> None:
+    # §5.1: "Zero-length fragments of Application Data MAY be sent", but 100,000 in a row carry
+    # nothing: past MAX_CONSECUTIVE_EMPTY_RECORDS the Session stops with unexpected_message.
+    session, client = session_pair()
+    assert client.app_write
+    session.receive_data(b"".join(client.app_write.seal(ContentType.APPLICATION_DATA, b"") for _ in range(100_000)))
+    assert_session_alert(session, client, AD.unexpected_message)
+
+
+def test_s5_1_empty_application_data_records_up_to_the_cap_are_fine() -> None:
+    # Up to the cap in a row (with or without padding), then data, then again up to the cap.
+    session, client = session_pair()
+    assert client.app_write
+    w = client.app_write
+    burst = b"".join(w.seal(ContentType.APPLICATION_DATA, b"", padding=i % 3) for i in range(MAX_CONSECUTIVE_EMPTY_RECORDS))
+    session.receive_data(burst + w.seal(ContentType.APPLICATION_DATA, b"x"))
+    assert session.next_event() == ApplicationData(data=b"x")
+    session.receive_data(b"".join(w.seal(ContentType.APPLICATION_DATA, b"") for _ in range(MAX_CONSECUTIVE_EMPTY_RECORDS)))
+    assert session.next_event() is NEED_DATA
+
+
+def _key_update_burst(client: Client, count: int, *, requested: bool) -> bytes:
+    """``count`` KeyUpdates from the client, each under the key the previous one announced."""
+    assert client.app_write and client.suite
+    out = []
+    write = client.app_write
+    for _ in range(count):
+        out.append(write.seal(ContentType.HANDSHAKE, key_update(requested)))
+        write = RecordProtection.from_secret(client.suite, next_traffic_secret(client.suite, write.traffic_secret))
+    client.app_write = write
+    return b"".join(out)
+
+
+def test_s4_6_3_key_update_burst_is_unexpected_message() -> None:
+    # Issue 12: 20,000 KeyUpdate(update_requested) in a burst were each answered (an HKDF, a
+    # new key and a record out per record in). Past MAX_KEY_UPDATES_WITHOUT_DATA without
+    # application data in between, the Session stops with unexpected_message.
+    session, client = session_pair()
+    assert client.app_read
+    session.receive_data(_key_update_burst(client, 20_000, requested=True))
+    answers = 0
+    with pytest.raises(RemoteProtocolError) as info:
+        while session.next_event() is not NEED_DATA:
+            answers += 1
+    assert info.value.alert is AD.unexpected_message
+    assert answers == MAX_KEY_UPDATES_WITHOUT_DATA
+    # Out: one KeyUpdate(update_not_requested) per accepted request, then the alert, each under
+    # the key the previous KeyUpdate announced.
+    read = client.app_read
+    out = split_records(session.data_to_send())
+    assert len(out) == answers + 1
+    for header, body in out[:-1]:
+        assert read.open(header, body) == (ContentType.HANDSHAKE, key_update(False))
+        read = RecordProtection.from_secret(read.cipher_suite, next_traffic_secret(read.cipher_suite, read.traffic_secret))
+    assert read.open(*out[-1]) == (ContentType.ALERT, bytes([2, AD.unexpected_message]))
+
+
+def test_s4_6_3_key_updates_between_application_data_are_not_capped() -> None:
+    # Data resets the count: a client that rekeys after every record is within the rules.
+    session, client = session_pair()
+    for i in range(3 * MAX_KEY_UPDATES_WITHOUT_DATA):
+        session.receive_data(_key_update_burst(client, 1, requested=False))
+        assert client.app_write
+        session.receive_data(client.app_write.seal(ContentType.APPLICATION_DATA, b"%d" % i))
+        assert session.next_event() == KeyUpdateReceived(update_requested=False)
+        assert session.next_event() == ApplicationData(data=b"%d" % i)
+
+
+# == §5.5 AES-GCM usage limit on the write side ===================================================
+def test_s5_5_session_updates_its_write_key_before_the_aes_gcm_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # §5.5: "For AES-GCM, up to 2^24.5 full-size records (about 24 million) may be encrypted on
+    # a given connection" and "Implementations SHOULD do a key update as described in
+    # Section 4.6.3 prior to reaching these limits". Mocked: 2^24.5 records cannot be sealed in
+    # a test, so records.AES_GCM_RECORD_LIMIT and session.WRITE_KEY_UPDATE_MARGIN are made
+    # small with monkeypatch; the code that counts and rekeys is the real one.
+    monkeypatch.setattr(records, "AES_GCM_RECORD_LIMIT", 40)
+    monkeypatch.setattr(session_mod, "WRITE_KEY_UPDATE_MARGIN", 5)
+    session, client = session_pair()
+    assert client.app_read and client.suite
+    read, updates, per_key = client.app_read, 0, 0
+    for i in range(200):
+        session.send_data(b"%d" % i)
+        for header, body in split_records(session.data_to_send()):
+            content_type, content = read.open(header, body)
+            per_key += 1
+            if content_type == ContentType.HANDSHAKE:
+                assert content == key_update(False)  # update_not_requested: only our key changes
+                assert read.rec_seq - 1 == 40 - 5  # sealed with sequence number 35: 5 were left
+                read = RecordProtection.from_secret(client.suite, next_traffic_secret(client.suite, read.traffic_secret))
+                updates, per_key = updates + 1, 0
+            else:
+                assert (content_type, content) == (ContentType.APPLICATION_DATA, b"%d" % i)
+    assert updates == 200 // 35  # each key: 35 data records, then the KeyUpdate
+    assert session.snapshot().write.rec_seq == per_key
+
+
+def test_s5_5_write_key_at_the_limit_ends_with_an_alert_not_a_reused_nonce() -> None:
+    # §5.3: "If a TLS implementation would need to wrap a sequence number, it MUST either rekey
+    # (Section 4.6.3) or terminate the connection." A Session built (e.g. after an upgrade)
+    # with one record left cannot even rekey: that record carries the internal_error alert and
+    # send_data raises RecordLimitReached; nothing is sealed with a nonce twice.
+    engine, client, _ = connect()
+    handoff = engine.handoff()
+    last = AES_GCM_RECORD_LIMIT - 1
+    session = Session(dataclasses.replace(handoff, write=dataclasses.replace(handoff.write, rec_seq=last)))
+    with pytest.raises(RecordLimitReached):
+        session.send_data(b"one too many")
+    receiver = RecordProtection.from_keys(handoff.cipher_suite, dataclasses.replace(handoff.write, rec_seq=last))
+    assert open_one(receiver, session.data_to_send()) == (ContentType.ALERT, bytes([2, AD.internal_error]))
+    with pytest.raises(LocalProtocolError):
+        session.send_data(b"more")
+    session.send_close_notify()  # the relay's way out must not raise either
+    assert session.data_to_send() == b""
+
+
+def test_s5_5_write_key_past_the_limit_closes_without_sealing() -> None:
+    engine, client, _ = connect()
+    handoff = engine.handoff()
+    session = Session(dataclasses.replace(handoff, write=dataclasses.replace(handoff.write, rec_seq=AES_GCM_RECORD_LIMIT)))
+    with pytest.raises(RecordLimitReached):
+        session.send_data(b"x")
+    assert session.data_to_send() == b""  # no record left even for the alert
+    session.send_alert(AD.internal_error)  # does not raise
+    assert session.data_to_send() == b""
+
+
+def test_s5_5_read_key_at_the_limit_is_a_clean_alert() -> None:
+    # The read side keeps the AES-GCM limit; a client that never rekeys past it used to make
+    # records.py raise a bare Exception out of next_event (the relay logged a crash). Now it
+    # is the Session's one error boundary: a queued internal_error alert and RemoteProtocolError.
+    engine, client, _ = connect()
+    handoff = engine.handoff()
+    session = Session(dataclasses.replace(handoff, read=dataclasses.replace(handoff.read, rec_seq=AES_GCM_RECORD_LIMIT)))
+    assert client.app_write
+    session.receive_data(client.app_write.seal(ContentType.APPLICATION_DATA, b"x"))
+    assert_session_alert(session, client, AD.internal_error)
