@@ -84,6 +84,10 @@ DEFAULT_GROUPS = (Group.X25519, Group.SECP256R1, Group.SECP384R1)
 
 KeylogCallback = Callable[[str], None]
 
+# §4.2's table: of the extensions we recognise (constants.ExtensionType), only oid_filters
+# (CertificateRequest only) may never appear in a ClientHello.
+NOT_IN_CLIENT_HELLO = frozenset({ExtensionType.OID_FILTERS})
+
 
 class KeyExchange:
     """An ephemeral (EC)DHE key for one group (RFC 8446 §4.2.8, §7.4)."""
@@ -479,6 +483,11 @@ class TLSServer:
         """The RFC's MUSTs for a ClientHello that tlslite's parser does not enforce."""
         if len(set(hello.extension_types)) != len(hello.extension_types):
             raise AlertIllegalParameter("duplicate extension in ClientHello (§4.2)")
+        for ext in NOT_IN_CLIENT_HELLO:
+            if hello.has(ext):
+                # §4.2: a recognised extension "not specified for the message in which it
+                # appears" MUST be illegal_parameter.
+                raise AlertIllegalParameter(f"{ext.name} is not a ClientHello extension (§4.2)")
         versions = hello.supported_versions
         if versions is None or TLS13_VERSION not in versions:
             raise AlertProtocolVersion("client does not offer TLS 1.3 (supported_versions, §4.2.1)")

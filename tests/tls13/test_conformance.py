@@ -34,6 +34,11 @@ from ironsocket.tls13.session import Session
 from tests.helpers import config, drain
 from tests.tls13.test_server import (
     Client,
+    alert_record,
+    hello_with,
+    ints16,
+    u16,
+    u8,
     _after_hrr,
     _hrr_client,
     assert_alert,
@@ -420,3 +425,158 @@ def test_s5_5_read_key_at_the_limit_is_a_clean_alert() -> None:
     assert client.app_write
     session.receive_data(client.app_write.seal(ContentType.APPLICATION_DATA, b"x"))
     assert_session_alert(session, client, AD.internal_error)
+
+
+# == §4.1.2 / §4.2 / §4.2.1 what a server must ignore or refuse in a ClientHello ===================
+GREASE = 0x0A0A  # RFC 8701 values stand for "unknown to the server"
+
+
+def test_s4_1_2_unknown_cipher_suites_extensions_and_versions_are_ignored() -> None:
+    # §4.1.2 "the server MUST ignore those cipher suites and process the remaining ones as
+    # usual"; "Servers MUST ignore unrecognized extensions"; §4.2.1 servers "MUST ignore any
+    # unknown versions that are present in that extension".
+    client = Client(suites=(GREASE, 0x00FF, 0x1301), versions=(0x7A7A, 0x0305, 0x0304, 0x0303))
+    exts = [(GREASE, b""), (0x1234, b"\x01\x02\x03")] + client.extensions() + [(0xFAFA, b"")]
+    engine = TLSServer(config())
+    engine.receive_data(client.hello_record(exts=exts))
+    assert [type(e) for e in drain(engine)] == [ClientHelloReceived]
+    client.receive(engine.data_to_send())
+    engine.receive_data(client.finished_record())
+    assert [type(e) for e in drain(engine)] == [HandshakeComplete]
+
+
+def test_s4_2_extension_not_specified_for_client_hello_is_illegal_parameter() -> None:
+    # §4.2: "If an implementation receives an extension which it recognizes and which is not
+    # specified for the message in which it appears, it MUST abort the handshake with an
+    # "illegal_parameter" alert." oid_filters (48) is CertificateRequest-only.
+    engine = TLSServer(config())
+    engine.receive_data(hello_with(lambda e: e + [(Ext.OID_FILTERS, u16(b""))]))
+    assert_alert(engine, AD.illegal_parameter)
+
+
+def _encrypted_extensions(client: Client) -> list[int]:
+    (ee,) = [m for m in client.received if m[0] == HandshakeType.ENCRYPTED_EXTENSIONS]
+    body, types = ee[6:], []
+    while body:
+        types.append(int.from_bytes(body[:2], "big"))
+        body = body[4 + int.from_bytes(body[2:4], "big") :]
+    return types
+
+
+def test_s4_2_no_extension_response_the_client_did_not_ask_for() -> None:
+    # §4.2: "Implementations MUST NOT send extension responses if the remote endpoint did not
+    # send the corresponding extension requests". Without SNI/ALPN/record_size_limit in the
+    # ClientHello, EncryptedExtensions answers only supported_groups (which the client sent).
+    client = Client()
+    server_flight(client, config(alpn_protocols=("h2",)))
+    assert _encrypted_extensions(client) == [Ext.SUPPORTED_GROUPS]
+    asking = Client(server_name=b"localhost", alpn=(b"h2",))
+    exts = asking.extensions() + [(Ext.RECORD_SIZE_LIMIT, (2**14 + 1).to_bytes(2, "big"))]
+    engine = TLSServer(config(alpn_protocols=("h2",)))
+    engine.receive_data(asking.hello_record(exts=exts))
+    drain(engine)
+    asking.receive(engine.data_to_send())
+    assert set(_encrypted_extensions(asking)) == {
+        Ext.SUPPORTED_GROUPS, Ext.SERVER_NAME, Ext.APPLICATION_LAYER_PROTOCOL_NEGOTIATION, Ext.RECORD_SIZE_LIMIT,
+    }
+
+
+@pytest.mark.parametrize("group", [Group.SECP256R1, Group.SECP384R1])
+def test_s4_2_8_2_point_not_on_the_curve_is_illegal_parameter(group: Group) -> None:
+    # §4.2.8.2: "peers MUST validate each other's public value Q by ensuring that the point is
+    # a valid point on the elliptic curve"; §6: semantically invalid -> illegal_parameter.
+    size = 32 if group is Group.SECP256R1 else 48
+    bad_point = b"\x04" + (1).to_bytes(size, "big") + (1).to_bytes(size, "big")
+    client = Client(groups=(group,))
+    exts = [(t, d if t != Ext.KEY_SHARE else u16(ints16([group]) + u16(bad_point))) for t, d in client.extensions()]
+    engine = TLSServer(config())
+    engine.receive_data(client.hello_record(exts=exts))
+    assert_alert(engine, AD.illegal_parameter)
+
+
+def test_s4_1_2_client_hello_after_the_handshake_is_unexpected_message() -> None:
+    # §4.1.2: "if a server has negotiated TLS 1.3 and receives a ClientHello at any other time,
+    # it MUST terminate the connection with an "unexpected_message" alert."
+    session, client = session_pair()
+    assert client.app_write
+    session.receive_data(client.app_write.seal(ContentType.HANDSHAKE, Client().hello()))
+    assert_session_alert(session, client, AD.unexpected_message)
+
+
+# == §4.6.3 KeyUpdate ordering ====================================================================
+def test_s4_6_3_record_under_the_next_key_before_its_key_update_is_bad_record_mac() -> None:
+    # §4.6.3: "both sides MUST enforce that a KeyUpdate with the old key is received before
+    # accepting any messages encrypted with the new key."
+    session, client = session_pair()
+    assert client.app_write and client.suite
+    next_write = RecordProtection.from_secret(client.suite, next_traffic_secret(client.suite, client.app_write.traffic_secret))
+    session.receive_data(next_write.seal(ContentType.APPLICATION_DATA, b"too early"))
+    assert_session_alert(session, client, AD.bad_record_mac)
+
+
+# == §5 change_cipher_spec outside its window =====================================================
+def test_s5_protected_change_cipher_spec_is_unexpected_message() -> None:
+    # §5: "An implementation which receives ... a protected change_cipher_spec record MUST abort
+    # the handshake with an "unexpected_message" alert." Under the handshake key...
+    client = Client()
+    engine = server_flight(client)
+    assert client.write
+    engine.receive_data(client.write.seal(ContentType.CHANGE_CIPHER_SPEC, b"\x01"))
+    assert_alert(engine, AD.unexpected_message, read=client.app_read)
+    # ...and under the application key.
+    session, client = session_pair()
+    assert client.app_write
+    session.receive_data(client.app_write.seal(ContentType.CHANGE_CIPHER_SPEC, b"\x01"))
+    assert_session_alert(session, client, AD.unexpected_message)
+
+
+def test_s5_change_cipher_spec_after_the_client_finished_is_unexpected_message() -> None:
+    # §5: a change_cipher_spec "after the peer's Finished message ... MUST be treated as an
+    # unexpected record type" -> unexpected_message.
+    session, client = session_pair()
+    session.receive_data(record(ContentType.CHANGE_CIPHER_SPEC, b"\x01"))
+    assert_session_alert(session, client, AD.unexpected_message)
+
+
+# == §5.1 / §6 alerts =============================================================================
+def test_s5_1_two_alerts_in_one_record_is_decode_error() -> None:
+    # §5.1: "a record with an Alert type MUST contain exactly one message"; §6: a message that
+    # "cannot be parsed according to the syntax" -> decode_error.
+    session, client = session_pair()
+    assert client.app_write
+    session.receive_data(client.app_write.seal(ContentType.ALERT, bytes([1, AD.user_canceled, 1, AD.close_notify])))
+    assert_session_alert(session, client, AD.decode_error)
+
+
+@pytest.mark.parametrize("code", [AD.internal_error, AD.unexpected_message, 255], ids=["internal_error", "unexpected_message", "unknown"])
+def test_s6_warning_level_and_unknown_alerts_are_errors(code: int) -> None:
+    # §6: "All the alerts listed in Section 6.2 MUST be sent with AlertLevel=fatal and MUST be
+    # treated as error alerts when received regardless of the AlertLevel in the message.
+    # Unknown Alert types MUST be treated as error alerts." Sent here with level 1 (warning).
+    session, client = session_pair()
+    assert client.app_write
+    session.receive_data(client.app_write.seal(ContentType.ALERT, bytes([1, code])))
+    with pytest.raises(RemoteProtocolError) as info:
+        session.next_event()
+    assert (info.value.received, info.value.alert) == (code, None)
+    with pytest.raises(LocalProtocolError):  # §6: no further data received
+        session.next_event()
+    engine = TLSServer(config())
+    engine.receive_data(Client().hello_record() + record(ContentType.ALERT, bytes([1, code])))
+    with pytest.raises(RemoteProtocolError) as info:
+        drain(engine)
+    assert (info.value.received, info.value.alert) == (code, None)
+
+
+# == §5.4 padding in the record that carries the client Finished ==================================
+@pytest.mark.parametrize("padding", [1, 255, 2**14 - 36])
+def test_s5_4_padding_in_the_client_finished_record_is_accepted(padding: int) -> None:
+    # §5.4: "Senders MAY pad" any record, including the one with the client Finished (issue 12
+    # listed this as broken; on this engine it already worked: a regression test). 2^14 - 36 is
+    # the most padding a 36-byte Finished allows (TLSInnerPlaintext <= 2^14 + 1).
+    client = Client(suites=(0x1301,))
+    engine = server_flight(client)
+    assert client.write and client.finished is not None
+    assert len(client.finished) == 36
+    engine.receive_data(client.write.seal(ContentType.HANDSHAKE, client.finished, padding=padding))
+    assert [type(e) for e in drain(engine)] == [HandshakeComplete]
