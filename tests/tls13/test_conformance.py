@@ -436,7 +436,10 @@ def test_s4_1_2_unknown_cipher_suites_extensions_and_versions_are_ignored() -> N
     # usual"; "Servers MUST ignore unrecognized extensions"; §4.2.1 servers "MUST ignore any
     # unknown versions that are present in that extension".
     client = Client(suites=(GREASE, 0x00FF, 0x1301), versions=(0x7A7A, 0x0305, 0x0304, 0x0303))
-    exts = [(GREASE, b""), (0x1234, b"\x01\x02\x03")] + client.extensions() + [(0xFAFA, b"")]
+    # 17 is status_request_v2: §4.4.2.1 "TLS 1.3 servers MUST be able to process ClientHello
+    # messages that include it" (and "MUST NOT act upon its presence").
+    status_request_v2 = (17, u16(b"\x02" + u16(b"\x01" + u16(b"") + u16(b""))))
+    exts = [(GREASE, b""), (0x1234, b"\x01\x02\x03"), status_request_v2] + client.extensions() + [(0xFAFA, b"")]
     engine = TLSServer(config())
     engine.receive_data(client.hello_record(exts=exts))
     assert [type(e) for e in drain(engine)] == [ClientHelloReceived]
@@ -580,3 +583,76 @@ def test_s5_4_padding_in_the_client_finished_record_is_accepted(padding: int) ->
     assert len(client.finished) == 36
     engine.receive_data(client.write.seal(ContentType.HANDSHAKE, client.finished, padding=padding))
     assert [type(e) for e in drain(engine)] == [HandshakeComplete]
+
+
+@pytest.mark.parametrize("legacy_version", [b"\x03\x01", b"\x03\x04"])
+def test_s4_2_1_legacy_version_is_not_used_for_version_negotiation(legacy_version: bytes) -> None:
+    # §4.2.1: with supported_versions present, "servers MUST NOT use the
+    # ClientHello.legacy_version value for version negotiation".
+    client = Client()
+    engine = TLSServer(config())
+    engine.receive_data(client.hello_record(version=legacy_version))
+    assert [type(e) for e in drain(engine)] == [ClientHelloReceived]
+    client.receive(engine.data_to_send())
+    engine.receive_data(client.finished_record())
+    assert [type(e) for e in drain(engine)] == [HandshakeComplete]
+
+
+def test_s4_2_8_two_key_shares_for_one_group_is_illegal_parameter() -> None:
+    # §4.2.8: "Clients MUST NOT offer multiple KeyShareEntry values for the same group."
+    client = Client()
+    share = ints16([Group.X25519]) + u16(client.share(Group.X25519))
+    exts = [(t, d if t != Ext.KEY_SHARE else u16(share + share)) for t, d in client.extensions()]
+    engine = TLSServer(config())
+    engine.receive_data(client.hello_record(exts=exts))
+    assert_alert(engine, AD.illegal_parameter)
+
+
+def test_s4_2_10_early_data_in_the_second_client_hello_is_illegal_parameter() -> None:
+    # §4.2.10: "A client MUST NOT include the "early_data" extension in its followup ClientHello."
+    client, engine = _early_hrr_client()
+    exts = client.extensions((client.hrr_group,)) + [(Ext.EARLY_DATA, b"")]
+    engine.receive_data(client.hello_record(exts=exts))
+    assert_alert(engine, AD.illegal_parameter)
+
+
+def _cookie_engine(cookie: bytes | None) -> tuple[Client, TLSServer]:
+    client = _hrr_client()
+    engine = TLSServer(config(groups=(Group.X25519,), retry_cookie=(lambda: cookie) if cookie else None))
+    engine.receive_data(client.hello_record())
+    drain(engine)
+    client.receive(engine.data_to_send())
+    return client, engine
+
+
+def test_s4_2_2_second_client_hello_must_echo_the_cookie() -> None:
+    # §4.2.2: "When sending the new ClientHello, the client MUST copy the contents of the
+    # extension received in the HelloRetryRequest into a "cookie" extension".
+    client, engine = _cookie_engine(b"our-cookie")
+    exts = client.extensions((client.hrr_group,)) + [(Ext.COOKIE, u16(b"our-cookie"))]
+    engine.receive_data(client.hello_record(exts=exts))
+    assert [type(e) for e in drain(engine)] == [ClientHelloReceived]
+    client, engine = _cookie_engine(b"our-cookie")
+    exts = client.extensions((client.hrr_group,)) + [(Ext.COOKIE, u16(b"not-ours"))]
+    engine.receive_data(client.hello_record(exts=exts))
+    assert_alert(engine, AD.illegal_parameter)
+
+
+def test_s4_2_a_cookie_we_never_sent_is_unsupported_extension() -> None:
+    # §4.2: a response the remote endpoint did not ask for: "Upon receiving such an extension,
+    # an endpoint MUST abort the handshake with an "unsupported_extension" alert." Our HRR sent
+    # no cookie, so a cookie in the second ClientHello is that case.
+    client, engine = _cookie_engine(None)
+    exts = client.extensions((client.hrr_group,)) + [(Ext.COOKIE, u16(b"made-up"))]
+    engine.receive_data(client.hello_record(exts=exts))
+    assert_alert(engine, AD.unsupported_extension)
+
+
+def test_s5_1_key_update_not_ending_its_record_is_unexpected_message() -> None:
+    # §5.1: KeyUpdate can immediately precede a key change: "Implementations MUST verify that
+    # all messages immediately preceding a key change align with a record boundary; if not,
+    # then they MUST terminate the connection with an "unexpected_message" alert."
+    session, client = session_pair()
+    assert client.app_write
+    session.receive_data(client.app_write.seal(ContentType.HANDSHAKE, key_update(False) + key_update(False)[:2]))
+    assert_session_alert(session, client, AD.unexpected_message)
