@@ -405,8 +405,8 @@ class TLSServer:
         self._handshake_buffer += fragment
         while len(self._handshake_buffer) >= 4:
             length = int.from_bytes(self._handshake_buffer[1:4], "big")
-            limit = MAX_CLIENT_HELLO_SIZE if self._handshake_buffer[0] == HandshakeType.CLIENT_HELLO else MAX_HANDSHAKE_MESSAGE_SIZE
-            if length > limit:
+            is_hello = self._handshake_buffer[0] == HandshakeType.CLIENT_HELLO
+            if length > (MAX_CLIENT_HELLO_SIZE if is_hello else MAX_HANDSHAKE_MESSAGE_SIZE):
                 raise AlertIllegalParameter(f"handshake message of {length} bytes is too large")
             if len(self._handshake_buffer) < 4 + length:
                 return

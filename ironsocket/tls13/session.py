@@ -161,7 +161,9 @@ class Session:
             raise AlertUnexpectedMessage("KeyUpdate must end its record (§5.1)")
         self._key_updates_without_data += 1
         if self._key_updates_without_data > MAX_KEY_UPDATES_WITHOUT_DATA:
-            raise AlertUnexpectedMessage(f"more than {MAX_KEY_UPDATES_WITHOUT_DATA} KeyUpdates without application data")
+            raise AlertUnexpectedMessage(
+                f"more than {MAX_KEY_UPDATES_WITHOUT_DATA} KeyUpdates without application data"
+            )
         return self.apply_key_update(bool(msg[4]))
 
     def apply_key_update(self, update_requested: bool) -> KeyUpdateReceived:

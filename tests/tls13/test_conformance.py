@@ -17,7 +17,14 @@ import pytest
 from ironsocket.tls13 import records, session as session_mod
 
 from ironsocket.tls13.alerts import LocalProtocolError, RecordLimitReached, RemoteProtocolError
-from ironsocket.tls13.constants import AlertDescription as AD, ContentType, ExtensionType as Ext, Group, HandshakeType, SignatureScheme
+from ironsocket.tls13.constants import (
+    AlertDescription as AD,
+    ContentType,
+    ExtensionType as Ext,
+    Group,
+    HandshakeType,
+    SignatureScheme,
+)
 from ironsocket.tls13.keyschedule import next_traffic_secret
 from ironsocket.tls13.limits import (
     MAX_CHANGE_CIPHER_SPEC_RECORDS,
@@ -34,11 +41,9 @@ from ironsocket.tls13.session import Session
 from tests.helpers import config, drain
 from tests.tls13.test_server import (
     Client,
-    alert_record,
     hello_with,
     ints16,
     u16,
-    u8,
     _after_hrr,
     _hrr_client,
     assert_alert,
