@@ -17,6 +17,7 @@ import secrets
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -856,3 +857,30 @@ def test_client_data_and_close_notify_pipelined_with_finished(start_proxy) -> No
         assert client.server_closed, f"no close_notify from the server; got {got!r}"
     assert got == data
     proxy.wait_for_line(rf"conn=\d+ close .*bytes_in={len(data)} bytes_out={len(data)} .*reason=closed by both sides")
+
+
+@pytest.mark.parametrize("how", ["rst", "fin"])
+def test_abort_right_after_the_handshake_is_clean(start_proxy, tmp_path: Path, how: str) -> None:
+    """Issue 12: a client that aborts the TCP connection right after its Finished (the moment
+    the server has sent everything of its own: flight and any post-handshake messages) must
+    cost the proxy one logged close, not a traceback, a crashed pump or a leaked fd/thread.
+    (It already was clean in the userspace record layer: a regression test.)"""
+    proxy = start_proxy("--ciphers", "TLS_AES_128_GCM_SHA256")
+    counter = iter(range(1000))
+
+    def attempt() -> None:
+        sock, flight, _ = handshake_until_client_finished(proxy.port, tmp_path / f"keys-{next(counter)}.log")
+        with sock:
+            sock.sendall(b"".join(flight))
+            if how == "rst":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:
+                sock.shutdown(socket.SHUT_WR)
+                read_until_eof(sock)
+
+    start = proxy.line_count()
+    attempt()
+    proxy.wait_for_line(r"conn=\d+ close ", start=start)
+    assert_survives_without_leak(proxy, attempt, batch=5)
+    log = proxy.output
+    assert "Traceback" not in log and "crashed" not in log and "internal error" not in log, log

@@ -100,3 +100,13 @@ class RemoteProtocolError(ProtocolError):
 
 class LocalProtocolError(ProtocolError):
     """The caller misused the engine's API (e.g. sending application data before CONNECTED)."""
+
+
+class RecordLimitReached(ProtocolError):
+    """The write key cannot protect another record and could not be updated (RFC 8446 §5.5).
+
+    `Session` sends its own KeyUpdate well before the limit, so this only happens when it was
+    built from a `Handoff` already (nearly) at the limit. The last record the key may protect
+    is kept for the fatal internal_error alert, which is already in `data_to_send()` (unless
+    not even that record was left); the write side is closed. No nonce is ever reused.
+    """

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from .alerts import AlertBadRecordMac, AlertDecodeError, AlertRecordOverflow, AlertUnexpectedMessage
+from .alerts import AlertBadRecordMac, AlertDecodeError, AlertInternalError, AlertRecordOverflow, AlertUnexpectedMessage
 from .constants import CipherSuite, ContentType
 from .handoff import TrafficKeys
 from .keyschedule import SUITES, derive_traffic_keys
@@ -29,8 +29,13 @@ AES_GCM_RECORD_LIMIT = int(2**24.5)
 SEQUENCE_LIMIT = (1 << 64) - 1
 
 
-class SequenceExhausted(Exception):
-    """The next record would exceed the key's usage limit (RFC 8446 §5.3, §5.5)."""
+class SequenceExhausted(AlertInternalError):
+    """The next record would exceed the key's usage limit (RFC 8446 §5.3, §5.5).
+
+    Raised before any nonce is formed, so a nonce is never reused. It is an `Alert`
+    (internal_error), so the engine's and the Session's error boundaries turn it into a fatal
+    alert like any other; the Session rekeys long before its write side gets here.
+    """
 
 
 def record_limit(cipher_suite: CipherSuite) -> int:
@@ -73,6 +78,10 @@ class RecordProtection:
 
     def traffic_keys(self) -> TrafficKeys:
         return TrafficKeys(traffic_secret=self.traffic_secret, key=self.key, iv=self.iv, rec_seq=self.rec_seq)
+
+    def records_left(self) -> int:
+        """How many more records this key may protect (§5.5 usage limit, §5.3 no wrap)."""
+        return self._limit - self.rec_seq
 
     def _nonce(self) -> bytes:
         if self.rec_seq >= self._limit:

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from . import messages
 from .alerts import (
     Alert,
+    AlertBadRecordMac,
     AlertDecodeError,
     AlertDecryptError,
     AlertHandshakeFailure,
@@ -62,15 +63,15 @@ from .credentials import CertificateStore, Credential, sign
 from .events import NEED_DATA, ClientHelloReceived, Event, HandshakeComplete
 from .handoff import Handoff
 from .keyschedule import SERVER_CERTIFICATE_VERIFY_CONTEXT, KeySchedule
+from .limits import (  # bounds on what a client may make the engine do, with their reasons
+    MAX_CHANGE_CIPHER_SPEC_RECORDS,
+    MAX_CLIENT_HELLO_SIZE,
+    MAX_EARLY_DATA_SKIP,
+    MAX_HANDSHAKE_MESSAGE_SIZE,
+)
 from .records import HEADER_SIZE, MAX_PLAINTEXT, RecordProtection, record_header, split_record
 from .state import ENDS_KEY_EPOCH, TRANSITIONS, State
 
-# A ClientHello with many key shares (post-quantum hybrids are ~1.2 KiB each) and padding stays
-# far below this; OpenSSL's own limit for a ClientHello is 128 KiB, ours is tighter.
-MAX_HANDSHAKE_MESSAGE_SIZE = 64 * 1024
-# §4.2.10: a server that rejects 0-RTT skips records it cannot deprotect, "up to the configured
-# max_early_data_size". We never accept early data; this bounds what we are willing to skip.
-MAX_EARLY_DATA_SKIP = 64 * 1024
 # RFC 8449: our receive limit, sent when the client offers record_size_limit (incl. the type).
 OUR_RECORD_SIZE_LIMIT = MAX_PLAINTEXT + 1
 
@@ -82,6 +83,10 @@ DEFAULT_CIPHER_SUITES = (
 DEFAULT_GROUPS = (Group.X25519, Group.SECP256R1, Group.SECP384R1)
 
 KeylogCallback = Callable[[str], None]
+
+# §4.2's table: of the extensions we recognise (constants.ExtensionType), only oid_filters
+# (CertificateRequest only) may never appear in a ClientHello.
+NOT_IN_CLIENT_HELLO = frozenset({ExtensionType.OID_FILTERS})
 
 
 class KeyExchange:
@@ -187,6 +192,7 @@ class TLSServer:
         self._client_application_secret = b""
         self._server_application_secret = b""
         self._early_data_skip = 0
+        self._change_cipher_specs = 0
         self.error: RemoteProtocolError | None = None
 
     # -- public API ------------------------------------------------------------------------------
@@ -303,6 +309,11 @@ class TLSServer:
             # §5: one 0x01 byte, dropped, between the first ClientHello and the client Finished.
             if body != b"\x01" or self.state is State.START or self._handshake_buffer:
                 raise AlertUnexpectedMessage("unexpected change_cipher_spec")
+            self._change_cipher_specs += 1
+            if self._change_cipher_specs > MAX_CHANGE_CIPHER_SPEC_RECORDS:
+                raise AlertUnexpectedMessage(
+                    f"more than {MAX_CHANGE_CIPHER_SPEC_RECORDS} change_cipher_spec record(s) (Appendix D.4)"
+                )
             return True
         if content_type == ContentType.ALERT:
             self._check_not_interleaved("alert")
@@ -310,15 +321,23 @@ class TLSServer:
             return True
         if content_type == ContentType.APPLICATION_DATA:
             if self._read_protection is None:
+                if self.state is State.START_AFTER_RETRY and self._skip_early_data(total):
+                    # §4.2.10: after a HelloRetryRequest the server "ignores early data by
+                    # skipping all records with an external content type of application_data".
+                    return True
                 raise AlertUnexpectedMessage("application_data record before the handshake keys")
             try:
                 inner_type, content = self._read_protection.open(header, body)
-            except Alert:
-                if self._early_data_skip >= len(body):  # §4.2.10: skip rejected 0-RTT data
-                    self._early_data_skip -= len(body)  # a failed open does not count a record
+            except AlertBadRecordMac:
+                # §4.2.10 skips records that fail *deprotection* only: a record that decrypts
+                # but is malformed (e.g. an all-zero TLSInnerPlaintext, §5.4) is an error.
+                if self._skip_early_data(total):  # a failed open does not count a record
                     return True
                 raise
             self._early_data_skip = 0  # the first record that decrypts ends the skipping
+            if not content and inner_type in (ContentType.HANDSHAKE, ContentType.ALERT):
+                # §5.4: zero-length Handshake/Alert content MUST be unexpected_message.
+                raise AlertUnexpectedMessage(f"{inner_type.name} record with no content (§5.4)")
             if inner_type == ContentType.HANDSHAKE:
                 self._receive_handshake(content)
             elif inner_type == ContentType.ALERT:
@@ -331,6 +350,13 @@ class TLSServer:
         if self._read_protection is not None:
             raise AlertUnexpectedMessage("plaintext handshake record after ServerHello")
         self._receive_handshake(body)
+        return True
+
+    def _skip_early_data(self, record_size: int) -> bool:
+        """Charge one rejected 0-RTT record (header included) to the skip budget (§4.2.10)."""
+        if self._early_data_skip < record_size:
+            return False
+        self._early_data_skip -= record_size
         return True
 
     def _check_not_interleaved(self, what: str) -> None:
@@ -379,7 +405,8 @@ class TLSServer:
         self._handshake_buffer += fragment
         while len(self._handshake_buffer) >= 4:
             length = int.from_bytes(self._handshake_buffer[1:4], "big")
-            if length > MAX_HANDSHAKE_MESSAGE_SIZE:
+            is_hello = self._handshake_buffer[0] == HandshakeType.CLIENT_HELLO
+            if length > (MAX_CLIENT_HELLO_SIZE if is_hello else MAX_HANDSHAKE_MESSAGE_SIZE):
                 raise AlertIllegalParameter(f"handshake message of {length} bytes is too large")
             if len(self._handshake_buffer) < 4 + length:
                 return
@@ -437,6 +464,7 @@ class TLSServer:
         assert first is not None and self._retry_group is not None and self._negotiated
         self._check_client_hello(hello)
         self._check_second_hello_matches(first, hello)
+        self._early_data_skip = 0  # it carries no early_data (checked above): stop skipping
         # Re-run negotiation on the new hello: the suite must stay the one the HRR named (§4.1.4).
         negotiated = self._negotiate(hello)
         if negotiated.cipher_suite is not self._negotiated.cipher_suite:
@@ -455,6 +483,11 @@ class TLSServer:
         """The RFC's MUSTs for a ClientHello that tlslite's parser does not enforce."""
         if len(set(hello.extension_types)) != len(hello.extension_types):
             raise AlertIllegalParameter("duplicate extension in ClientHello (§4.2)")
+        for ext in NOT_IN_CLIENT_HELLO:
+            if hello.has(ext):
+                # §4.2: a recognised extension "not specified for the message in which it
+                # appears" MUST be illegal_parameter.
+                raise AlertIllegalParameter(f"{ext.name} is not a ClientHello extension (§4.2)")
         versions = hello.supported_versions
         if versions is None or TLS13_VERSION not in versions:
             raise AlertProtocolVersion("client does not offer TLS 1.3 (supported_versions, §4.2.1)")
@@ -577,6 +610,8 @@ class TLSServer:
         )
         self._add_to_transcript(hrr)
         self._send_plaintext(ContentType.HANDSHAKE, hrr)
+        if hello.has(ExtensionType.EARLY_DATA):
+            self._early_data_skip = MAX_EARLY_DATA_SKIP  # §4.2.10, until the second ClientHello
         if hello.legacy_session_id:  # middlebox compatibility (§D.4)
             self._send_plaintext(ContentType.CHANGE_CIPHER_SPEC, b"\x01")
         return State.START_AFTER_RETRY

@@ -3,6 +3,14 @@
 `Session` is the sans-IO record layer used when the kernel cannot carry the connection. It is
 built from a `Handoff` and can give one back (`snapshot()`), which is how the userspace mode
 survives an exec upgrade: the new program rebuilds the Session from the exact same state.
+
+Key usage (§5.5): before the write key comes within `WRITE_KEY_UPDATE_MARGIN` records of its
+AEAD limit the Session sends its own KeyUpdate (update_not_requested) and switches keys. The
+last record a write key may protect is only ever used for a fatal alert, so even a Session
+built at the limit ends with a clean alert (`RecordLimitReached`), never a reused nonce.
+
+What a peer may make the Session do is bounded by limits.py (empty records in a row,
+KeyUpdates without data, post-handshake message size).
 """
 
 from __future__ import annotations
@@ -12,15 +20,23 @@ import threading
 from .alerts import (
     Alert,
     AlertDecodeError,
+    AlertIllegalParameter,
     AlertUnexpectedMessage,
     LocalProtocolError,
+    RecordLimitReached,
     RemoteProtocolError,
 )
 from .constants import AlertDescription, AlertLevel, CipherSuite, ContentType, HandshakeType
 from .events import NEED_DATA, AlertReceived, ApplicationData, ConnectionClosed, Event, KeyUpdateReceived
 from .handoff import Handoff
 from .keyschedule import next_traffic_secret
-from .records import HEADER_SIZE, MAX_PLAINTEXT, RecordProtection, split_record
+from .limits import (
+    MAX_CONSECUTIVE_EMPTY_RECORDS,
+    MAX_KEY_UPDATES_WITHOUT_DATA,
+    MAX_POST_HANDSHAKE_MESSAGE_SIZE,
+    WRITE_KEY_UPDATE_MARGIN,
+)
+from .records import HEADER_SIZE, MAX_PLAINTEXT, RecordProtection, SequenceExhausted, split_record
 
 
 class Session:
@@ -40,6 +56,9 @@ class Session:
         self.read_closed = False
         self.write_closed = False
         self.errored = False
+        # Bounds from limits.py; both counts restart at an application_data record with content.
+        self._empty_records = 0
+        self._key_updates_without_data = 0
         # The reading side touches the write state only to answer a KeyUpdate; this lock keeps
         # that from racing a writer thread (sealing and queueing stay in record order).
         self._write_lock = threading.Lock()
@@ -87,8 +106,18 @@ class Session:
         if inner_type == ContentType.APPLICATION_DATA:
             if self._handshake_buffer:
                 raise AlertUnexpectedMessage("application data interleaved with a handshake message")
-            return ApplicationData(data=content) if content else None
+            if content:
+                self._empty_records = self._key_updates_without_data = 0
+                return ApplicationData(data=content)
+            self._empty_records += 1
+            if self._empty_records > MAX_CONSECUTIVE_EMPTY_RECORDS:
+                raise AlertUnexpectedMessage(f"more than {MAX_CONSECUTIVE_EMPTY_RECORDS} empty records in a row")
+            return None
         if inner_type == ContentType.ALERT:
+            if not content:
+                # §5.4: Handshake and Alert records MUST NOT have a zero-length
+                # TLSInnerPlaintext.content; receiving one MUST be unexpected_message.
+                raise AlertUnexpectedMessage("alert record with no content (§5.4)")
             if len(content) != 2:
                 raise AlertDecodeError("alert record must be two bytes")
             code = content[1]
@@ -108,11 +137,13 @@ class Session:
         raise AlertUnexpectedMessage(f"{inner_type.name} record after the handshake")
 
     def _handle_handshake(self, content: bytes) -> Event | None:
+        if not content:
+            raise AlertUnexpectedMessage("handshake record with no content (§5.4)")
         self._handshake_buffer += content
         if len(self._handshake_buffer) < 4:
             return None
         length = int.from_bytes(self._handshake_buffer[1:4], "big")
-        if length > 1024:
+        if length > MAX_POST_HANDSHAKE_MESSAGE_SIZE:
             raise AlertUnexpectedMessage("post-handshake message too large")
         if len(self._handshake_buffer) < 4 + length:
             return None
@@ -120,10 +151,18 @@ class Session:
         del self._handshake_buffer[: 4 + length]
         if msg[0] != HandshakeType.KEY_UPDATE:
             raise AlertUnexpectedMessage(f"post-handshake message type {msg[0]} not expected")
-        if length != 1 or msg[4] not in (0, 1):
-            raise AlertDecodeError("malformed KeyUpdate")
+        if length != 1:
+            raise AlertDecodeError("KeyUpdate body must be one byte")
+        if msg[4] not in (0, 1):
+            # §4.6.3: any request_update other than 0 or 1 MUST be illegal_parameter.
+            raise AlertIllegalParameter(f"KeyUpdate request_update {msg[4]} is neither 0 nor 1")
         if self._handshake_buffer:
             raise AlertUnexpectedMessage("KeyUpdate must end its record (§5.1)")
+        self._key_updates_without_data += 1
+        if self._key_updates_without_data > MAX_KEY_UPDATES_WITHOUT_DATA:
+            raise AlertUnexpectedMessage(
+                f"more than {MAX_KEY_UPDATES_WITHOUT_DATA} KeyUpdates without application data"
+            )
         return self.apply_key_update(bool(msg[4]))
 
     def apply_key_update(self, update_requested: bool) -> KeyUpdateReceived:
@@ -135,37 +174,67 @@ class Session:
         return KeyUpdateReceived(update_requested=update_requested)
 
     def update_write_key(self, *, request_peer_update: bool) -> None:
-        """Send KeyUpdate under the old key, then switch (§4.6.3)."""
+        """Send KeyUpdate under the old key, then switch (§4.6.3).
+
+        Raises `SequenceExhausted` (an internal_error `Alert`) if the old key has no record to
+        spare for it (see `_seal_locked`); `next_event()` turns that into the fatal alert."""
         with self._write_lock:
             if self.write_closed:
                 return
-            # §4.6.3 KeyUpdate, built here: the record layer needs no message parser (tlslite-ng
-            # is not imported on the restore path of an exec upgrade).
-            key_update = bytes((HandshakeType.KEY_UPDATE, 0, 0, 1, int(request_peer_update)))
-            self._send_buffer += self._write.seal(ContentType.HANDSHAKE, key_update)
-            secret = next_traffic_secret(self.cipher_suite, self._write.traffic_secret)
-            self._write = RecordProtection.from_secret(self.cipher_suite, secret)
+            self._key_update_locked(request_peer_update)
+
+    def _key_update_locked(self, request_peer_update: bool) -> None:
+        # §4.6.3 KeyUpdate, built here: the record layer needs no message parser (tlslite-ng is
+        # not imported on the restore path of an exec upgrade).
+        key_update = bytes((HandshakeType.KEY_UPDATE, 0, 0, 1, int(request_peer_update)))
+        self._seal_locked(ContentType.HANDSHAKE, key_update)
+        secret = next_traffic_secret(self.cipher_suite, self._write.traffic_secret)
+        self._write = RecordProtection.from_secret(self.cipher_suite, secret)
+
+    def _seal_locked(self, content_type: ContentType, data: bytes | memoryview) -> None:
+        """Seal one record (caller holds the write lock). The key's last record is kept for a
+        fatal alert; anything else there raises `SequenceExhausted` before a nonce is formed."""
+        if content_type is not ContentType.ALERT and self._write.records_left() < 2:
+            raise SequenceExhausted(f"write key at its usage limit ({self._write.rec_seq} records)")
+        self._send_buffer += self._write.seal(content_type, data)
 
     # -- sending ---------------------------------------------------------------------------------
     def send_data(self, data: bytes | memoryview) -> None:
+        """Seal ``data`` as application_data records (rekeying first near the §5.5 limit).
+
+        Raises `LocalProtocolError` after our close_notify/alert, `RecordLimitReached` if the
+        write key is exhausted and cannot be updated (the fatal alert is then queued)."""
         view = memoryview(data)
         with self._write_lock:
             if self.write_closed:
                 raise LocalProtocolError("send after close_notify")
-            for i in range(0, len(view), self.max_fragment):
-                self._send_buffer += self._write.seal(ContentType.APPLICATION_DATA, view[i : i + self.max_fragment])
+            try:
+                for i in range(0, len(view), self.max_fragment):
+                    if self._write.records_left() <= WRITE_KEY_UPDATE_MARGIN:
+                        # §5.5 "Implementations SHOULD do a key update ... prior to reaching
+                        # these limits": ours, update_not_requested (the peer's key is its own).
+                        self._key_update_locked(request_peer_update=False)
+                    self._seal_locked(ContentType.APPLICATION_DATA, view[i : i + self.max_fragment])
+            except SequenceExhausted as exc:
+                self._send_alert_locked(AlertDescription.internal_error)
+                raise RecordLimitReached(str(exc)) from exc
 
     def send_close_notify(self) -> None:
         if not self.write_closed:
             self.send_alert(AlertDescription.close_notify)
 
     def send_alert(self, description: AlertDescription) -> None:
-        level = AlertLevel.WARNING if description == AlertDescription.close_notify else AlertLevel.FATAL
         with self._write_lock:
-            if self.write_closed:
-                return
-            self._send_buffer += self._write.seal(ContentType.ALERT, bytes((level, description)))
-            self.write_closed = True
+            self._send_alert_locked(description)
+
+    def _send_alert_locked(self, description: AlertDescription) -> None:
+        level = AlertLevel.WARNING if description == AlertDescription.close_notify else AlertLevel.FATAL
+        if self.write_closed:
+            return
+        self.write_closed = True
+        if self._write.records_left() < 1:
+            return  # not one record left under this key: closing without an alert is all we can do
+        self._seal_locked(ContentType.ALERT, bytes((level, description)))
 
     def data_to_send(self) -> bytes:
         with self._write_lock:

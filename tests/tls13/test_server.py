@@ -719,7 +719,9 @@ def test_handshake_bytes_after_client_hello_in_same_record_is_unexpected_message
 
 
 def test_handshake_message_over_64k_declared_is_illegal_parameter() -> None:
-    feed_alert(record(ContentType.HANDSHAKE, b"\x01\x01\x00\x01" + bytes(100)), AD.illegal_parameter)
+    # A ClientHello may be up to limits.MAX_CLIENT_HELLO_SIZE (test_conformance); any other
+    # handshake message over 64 KiB is refused at its header.
+    feed_alert(record(ContentType.HANDSHAKE, b"\x14\x01\x00\x01" + bytes(100)), AD.illegal_parameter)
 
 
 def test_unknown_handshake_type_is_unexpected_message() -> None:
