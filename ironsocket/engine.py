@@ -35,6 +35,7 @@ Threads: the loops, whatever the number of connections. Calls from other threads
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import os
@@ -312,8 +313,9 @@ class Engine:
     def set_idle_timeout(self, idle_timeout: float | None) -> None:
         """The relays' idle timeout changed (a configuration loaded after an early resume)."""
         if idle_timeout:
+            scan = idle_timeout / 4
             for loop in self.loops:
-                loop.call_soon(lambda loop=loop: loop.set_idle_scan(idle_timeout / 4))
+                loop.call_soon(functools.partial(loop.set_idle_scan, scan))
 
     def pause(self, timeout: float) -> bool:
         """Park every loop between two steps; True once all are (then no byte moves)."""

@@ -161,7 +161,7 @@ def decrypt(pcap: Path, keylog: Path, port: int) -> dict[str, dict]:
         while layer is not None:
             if isinstance(layer, TLS13):
                 inner = layer.inner
-                assert inner is not None and not layer.getfieldval("inner") is None, "record not decrypted"
+                assert inner is not None and layer.getfieldval("inner") is not None, "record not decrypted"
                 msgs = inner.msg if isinstance(inner.msg, list) else [inner.msg]
                 if d["finished"]:
                     d["app_records"] += 1
