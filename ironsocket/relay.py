@@ -54,6 +54,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from . import ktls
 from .engine import Engine, Loop, WaitFor
@@ -402,6 +403,35 @@ def _recv_pooled(sock: socket.socket, consume: Callable[[memoryview], object]) -
         return n
 
 
+class PipePool:
+    """Splice pipes lent to a pump only while bytes are in it, so an idle kTLS connection holds
+    its two sockets and nothing else (two pipes per connection were 4 of its 6 fds, and the fd
+    limit is what caps a process's connections). Only empty pipes are ever put back."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self.keep = keep
+        self._free: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> tuple[int, int]:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return make_pipe()
+
+    def put(self, pipe: tuple[int, int]) -> None:
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(pipe)
+                return
+        for fd in pipe:
+            os.close(fd)
+
+    def free(self) -> int:
+        with self._lock:
+            return len(self._free)
+
+
 def make_pipe() -> tuple[int, int]:
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -416,6 +446,9 @@ def pipe_bytes(fd: int) -> int:
     buf = array.array("i", [0])
     fcntl.ioctl(fd, termios.FIONREAD, buf, True)
     return buf[0]
+
+
+_PIPES = PipePool()
 
 
 # -- the relay ------------------------------------------------------------------------------------
@@ -434,7 +467,7 @@ class PumpState:
 
     done: bool = False  # this direction has ended (EOF passed on)
     pending: bytearray = field(default_factory=bytearray)  # bytes read, not yet written
-    pipe: tuple[int, int] | None = None  # splice pipe (kTLS); may hold bytes
+    pipe: tuple[int, int] | None = None  # splice pipe (kTLS), held only while bytes are in it
     # an error met while filling the pipe ahead, raised once the pipe is drained (not carried:
     # a connection failing during an upgrade meets the error again, or EOF, in the new program)
     deferred_error: OSError | None = field(default=None, compare=False)
@@ -476,8 +509,8 @@ class Relay:
         self.idle_timeout = idle_timeout
         self.stats = stats or RelayStats()
         self.splice = isinstance(client, KtlsChannel)
-        self.c2b = c2b or PumpState(pipe=make_pipe() if self.splice else None)
-        self.b2c = b2c or PumpState(pipe=make_pipe() if self.splice else None)
+        self.c2b = c2b or PumpState()  # pipes come from _PIPES while bytes are in them
+        self.b2c = b2c or PumpState()
         self.on_done = on_done  # called once, after close()
         self._lock = threading.Lock()
         self._closed = False
@@ -545,7 +578,7 @@ class Relay:
 
     # -- waiting -------------------------------------------------------------------------------
     @staticmethod
-    def _wait(fd: int, events: int) -> None:
+    def _wait(fd: int, events: int) -> NoReturn:
         """This step cannot go on until ``fd`` is ready: the loop runs it again then."""
         raise WaitFor(fd, events)
 
@@ -553,21 +586,19 @@ class Relay:
     def _c2b_step(self) -> Callable[[], bool]:
         state = self.c2b
         if self.splice:
-            assert state.pipe is not None
-            pipe_r, pipe_w = state.pipe
             channel = self.client
             assert isinstance(channel, KtlsChannel)
 
             def step() -> bool:
                 if state.pending:
                     return self._write_pending(state, self.backend)
-                if self._drain_pipe(pipe_r, self.backend):
+                if self._drain_pipe(state, self.backend):
                     return False
                 try:
                     if state.deferred_error is not None:
                         exc, state.deferred_error = state.deferred_error, None
                         raise exc
-                    n = self._fill_pipe(channel.sock, pipe_w)
+                    n = self._fill_pipe(state, channel.sock)
                 except OSError as exc:
                     if exc.errno not in (errno.EINVAL, errno.EIO):
                         channel.raise_record_error(exc)
@@ -576,12 +607,11 @@ class Relay:
                     if channel.control_record():
                         return self._client_eof()
                     return False
-                if n is None:
-                    return False
                 if n == 0:
                     channel.truncated = True
                     return self._client_eof()
-                self._count_from_client(n + self._fill_pipe_more(channel.sock, pipe_w, n, state))
+                assert state.pipe is not None
+                self._count_from_client(n + self._fill_pipe_more(channel.sock, state.pipe[1], n, state))
                 return False
 
         else:
@@ -624,10 +654,16 @@ class Relay:
 
         return step
 
-    def _drain_pipe(self, pipe_r: int, dst: socket.socket, lock: threading.Lock | None = None) -> bool:
-        """Splice what the pipe holds into ``dst`` (waiting if it is full); False if empty."""
+    def _drain_pipe(self, state: PumpState, dst: socket.socket, lock: threading.Lock | None = None) -> bool:
+        """Splice what the pump's pipe holds into ``dst`` (waiting if ``dst`` is full); False if
+        the pump holds no bytes (an emptied pipe goes back to the pool here)."""
+        if state.pipe is None:
+            return False
+        pipe_r = state.pipe[0]
         in_pipe = pipe_bytes(pipe_r)
         if not in_pipe:
+            _PIPES.put(state.pipe)
+            state.pipe = None
             return False
         try:
             with lock or contextlib.nullcontext():
@@ -636,14 +672,24 @@ class Relay:
             self._wait(dst.fileno(), select.POLLOUT)
         return True
 
-    def _fill_pipe(self, src: socket.socket, pipe_w: int) -> int | None:
-        """Splice from ``src`` into the (empty) pipe: bytes moved, 0 at EOF, or None after
-        waiting for ``src`` to become readable. Other errors (a kTLS control record) raise."""
+    def _fill_pipe(self, state: PumpState, src: socket.socket) -> int:
+        """Splice from ``src`` into a pipe from the pool, which the pump then holds: bytes moved,
+        or 0 at EOF; waits if ``src`` has nothing. Other errors (a kTLS control record) raise.
+        A splice that fails moved nothing, so the pipe goes back to the pool empty."""
+        pipe = _PIPES.get()
         try:
-            return os.splice(src.fileno(), pipe_w, SPLICE_CHUNK, flags=_SPLICE_FLAGS)
+            n = os.splice(src.fileno(), pipe[1], SPLICE_CHUNK, flags=_SPLICE_FLAGS)
         except BlockingIOError:
-            self._wait(src.fileno(), select.POLLIN)
-            return None
+            _PIPES.put(pipe)
+            raise WaitFor(src.fileno(), select.POLLIN) from None
+        except BaseException:
+            _PIPES.put(pipe)
+            raise
+        if n:
+            state.pipe = pipe
+        else:
+            _PIPES.put(pipe)
+        return n
 
     @staticmethod
     def _fill_pipe_more(src: socket.socket, pipe_w: int, have: int, state: PumpState) -> int:
@@ -691,17 +737,13 @@ class Relay:
     def _b2c_step(self) -> Callable[[], bool]:
         state = self.b2c
         if self.splice:
-            assert state.pipe is not None
-            pipe_r, pipe_w = state.pipe
             channel = self.client
             assert isinstance(channel, KtlsChannel)
 
             def step() -> bool:
-                if self._drain_pipe(pipe_r, channel.sock, channel.send_lock):
+                if self._drain_pipe(state, channel.sock, channel.send_lock):
                     return False
-                n = self._fill_pipe(self.backend, pipe_w)
-                if n is None:
-                    return False
+                n = self._fill_pipe(state, self.backend)
                 if n == 0:
                     try:
                         channel.send_close_notify()

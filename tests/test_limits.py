@@ -148,6 +148,34 @@ def test_ordinary_endings_log_no_crash(ending, record_mode, thread_backend, prox
     client.close()
 
 
+def test_idle_connections_hold_only_their_sockets(record_mode, thread_backend, proxy) -> None:
+    """Issue 15.2: a kTLS pump holds a splice pipe only while bytes are in it (from
+    `relay.PipePool`); an idle connection holds its two sockets, so one process carries three
+    times as many connections within its fd limit. (Userspace mode never had pipes.)"""
+    server = proxy(thread_backend(_echo).address)
+    warm = RecordClient(server.address)  # the pool gets the pipes the echoes need
+    warm.handshake()
+    warm.send(b"w" * 1000)
+    assert warm.recv_exact(1000) == b"w" * 1000
+    before, pooled = len(os.listdir("/proc/self/fd")), relay_mod._PIPES.free()
+    clients = []
+    for i in range(5):
+        client = RecordClient(server.address)
+        client.handshake()
+        client.send(b"%d" % i * 1000)
+        assert client.recv_exact(1000) == b"%d" % i * 1000
+        clients.append(client)
+    wait_until(lambda: len(server.connections) == 6, what="six connections")
+    time.sleep(0.2)  # the pumps have gone back to waiting
+    new_fds = len(os.listdir("/proc/self/fd")) - before - 2 * (relay_mod._PIPES.free() - pooled)
+    # Per connection, all in this process: the client's socket, the proxy's client and backend
+    # sockets, the thread backend's socket. With a pipe per pump held for life it was 8.
+    assert new_fds == 4 * 5, new_fds
+    for client in (warm, *clients):
+        client.close_notify()
+        client.sock.close()
+
+
 def test_one_way_client_traffic_keeps_the_connection(record_mode, thread_backend, proxy) -> None:
     """Client → backend only (the backend never answers): not idle while bytes flow."""
     server = proxy(thread_backend(_sink).address, idle_timeout=1.0)
