@@ -17,7 +17,9 @@ other with `python -m ironsocket upgrade --socket CTL` and records, per upgrade:
   in the exec'd program: exec, interpreter start, imports, restore);
 - per connection, the largest gap between two consecutive completed round-trips that overlaps
   the upgrade window (command started .. command returned);
-- connections lost (EOF/reset/timeout) and echo mismatches: both must be 0.
+- connections lost (EOF/reset/timeout) and echo mismatches: both must be 0;
+- the server's thread count with every connection open, before the first upgrade / after the
+  last (``/proc/PID/status``): a constant, not a number per connection.
 
 For comparison it also reports the same largest-gap statistic over a window of equal length
 during the warm-up (no upgrade): on a busy 2-CPU host the load alone makes gaps.
@@ -253,6 +255,14 @@ def log_time(line_prefix: str) -> float:
     return dt.timestamp()
 
 
+def threads_of(pid: int) -> int:
+    """The server's thread count (/proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return -1
+
+
 def run_one(n: int, a, tmp: Path, backend_port: int) -> dict:
     slog = tmp / f"serve-{n}.log"
     ctl = tmp / f"ctl-{n}.sock"
@@ -278,6 +288,7 @@ def run_one(n: int, a, tmp: Path, backend_port: int) -> dict:
         log(f"N={n}: {st['connected']} connected in {time.monotonic() - t_conn:.1f} s (lost {st['lost']}); "
             f"warm-up {a.warmup} s")
         time.sleep(a.warmup)
+        res["threads"] = [threads_of(pid)]  # with every connection open, before any upgrade
         base_end = time.monotonic()
         status_before = clients.status()
         upgrade_times: list[float] = []
@@ -308,6 +319,7 @@ def run_one(n: int, a, tmp: Path, backend_port: int) -> dict:
                 + (f"; first errors: {st['errors'][:3]}" if st["errors"] else ""))
             assert server.poll() is None and server.pid == pid
             time.sleep(a.settle)
+        res["threads"].append(threads_of(pid))  # after the upgrades, the same connections
         text = slog.read_text(errors="replace")
         res["paused_ms"] = [float(x) for x in re.findall(r"upgrade: \d+ connections paused in ([\d.]+) ms", text)]
         res["resumed_ms"] = [float(x) for x in re.findall(r"upgrade: resumed after ([\d.]+) ms", text)]
@@ -393,14 +405,14 @@ def render(results: list[dict], a, env: dict, command: str, load0: str, load1: s
          f"connections and upgrades / max. *Baseline*: the same statistic over a window of equal "
          f"length just before the first upgrade (no upgrade running). *Round-trip*: per connection the "
          f"longest ping → echo overlapping the same windows (without the think time).", "",
-         "| connections | upgrades | upgrade command ms | quiesce ms (`paused in`) | pause ms (`resumed after`) "
+         "| connections | server threads | upgrades | upgrade command ms | quiesce ms (`paused in`) | pause ms (`resumed after`) "
          "| exec → restored ms (log) | largest client stall ms (median / max) | baseline gap ms (median / max) "
          "| longest round-trip ms, upgrade (median / max) | baseline round-trip ms (median / max) "
          "| round-trips | lost | mismatched |",
-         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
-            L.append(f"| {r['n']} | failed: {r['error']} | | | | | | | | | | | |")
+            L.append(f"| {r['n']} | | failed: {r['error']} | | | | | | | | | | | |")
             continue
         gaps = [g for u in r["upgrades"] for g in u["gaps_ms"]]
         rtt = [x for u in r["upgrades"] for x in u["rtt_ms"]]
@@ -411,7 +423,8 @@ def render(results: list[dict], a, env: dict, command: str, load0: str, load1: s
             return f"{statistics.median(xs):.0f} / {max(xs):.0f}" if xs else "—"
 
         stall, bl = mm(gaps), mm(base)
-        L.append(f"| {r['n']} | {len(r['upgrades'])} | {trio([u['wall_ms'] for u in r['upgrades']])} "
+        threads = " / ".join(str(t) for t in r.get("threads", [])) or "—"
+        L.append(f"| {r['n']} | {threads} | {len(r['upgrades'])} | {trio([u['wall_ms'] for u in r['upgrades']])} "
                  f"| {trio(r['paused_ms'])} | {trio(r['resumed_ms'])} "
                  f"| {trio([p['exec_to_restored_ms'] for p in r['phases']])} | {stall} | {bl} "
                  f"| {mm(rtt)} | {mm(base_rtt)} "
