@@ -148,6 +148,7 @@ def serve(
 
     runtime = Runtime(config, demo=backend_addr is None, admin=admin, admin_allow_remote=admin_allow_remote,
                       control_socket=control_socket, state_dump=upgrade_state_dump, say=lambda text: typer.echo(text, err=True))
+    runtime.install_signals()  # before start: a signal during a restore must not be the default (death)
     try:
         runtime.start()  # stops what it started on failure (a restore keeps it for the rollback)
     except (StartupError, AdminError, ControlError) as exc:
