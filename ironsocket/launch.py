@@ -28,6 +28,21 @@ def _fail(message: str) -> int:
     return 2
 
 
+def explain_startup_error(message: str) -> str:
+    """A start-up error, with the fix to try when a port below 1024 was refused (EACCES)."""
+    import re
+
+    m = re.search(r"cannot listen on \S*:(\d+): Permission denied", message)
+    if m and 0 < int(m.group(1)) < 1024:
+        import sys
+
+        python = os.path.realpath(sys.executable)
+        message += (f"; ports below 1024 need root or CAP_NET_BIND_SERVICE: `setcap cap_net_bind_service=+ep {python}`, "
+                    "AmbientCapabilities=CAP_NET_BIND_SERVICE under systemd, or systemd socket activation "
+                    "(examples/ironsocket.socket: systemd binds the port and passes it)")
+    return message
+
+
 def start_admin(spec: str | None, servers: Sequence[ProxyServer], allow_remote: bool = False, *,
                 unix: str | None = None, listen: tuple[str, int] | None = None,
                 fd: int | None = None) -> AdminServer | None:
@@ -95,7 +110,7 @@ def serve_config_file(path: Path, *, admin: str | None = None, admin_allow_remot
     except (StartupError, AdminError) as exc:
         for server in servers:
             server.stop()
-        return _fail(str(exc))
+        return _fail(explain_startup_error(str(exc)))
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
