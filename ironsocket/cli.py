@@ -161,6 +161,11 @@ def serve(
         store = CertificateStore(credentials)
     except CredentialError as exc:
         _fail(str(exc))
+    if cert and not upgrade_check:
+        from .config import expiry_warnings
+
+        for warning in expiry_warnings(credentials):
+            log.warning("%s", warning)
     try:
         listen_addr = parse_hostport(listen)
         backend_addr = parse_hostport(backend) if backend else None

@@ -91,6 +91,8 @@ def serve_config_file(path: Path, *, admin: str | None = None, admin_allow_remot
     except ConfigError as exc:
         return _fail(str(exc))
     logging.getLogger().setLevel(getattr(logging, fc.log_level.upper(), logging.INFO))
+    for warning in fc.warnings:
+        log.warning("%s", warning)
     servers: list[ProxyServer] = []
     admin_server: AdminServer | None = None
     stop = stop or threading.Event()
