@@ -16,6 +16,7 @@ from pathlib import Path
 
 import typer
 
+from . import sdnotify
 from .admin import AdminError, AdminServer, parse_admin
 from .config import ConfigError, load_file
 from .server import ProxyServer, StartupError
@@ -113,10 +114,18 @@ def serve_config_file(path: Path, *, admin: str | None = None, admin_allow_remot
         for server in servers:
             server.stop()
         return _fail(explain_startup_error(str(exc)))
+    refused: list[str] = []
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):  # no drain here: SIGQUIT = SIGTERM
             signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+        for sig in (signal.SIGHUP, signal.SIGUSR2):  # the default action would kill every listener
+            signal.signal(sig, lambda signum, _f: refused.append(signal.Signals(signum).name))
+    sdnotify.ready(f"serving {len(servers)} listeners")
+    while not stop.wait(0.5):
+        while refused:
+            log.warning("%s: reload/upgrade is not supported with --config yet (restart the service to apply "
+                        "changes); ignored, still serving", refused.pop(0))
+    sdnotify.stopping()
     typer.echo("ironsocket: stopping", err=True)
     if admin_server is not None:
         admin_server.stop()

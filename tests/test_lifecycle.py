@@ -261,3 +261,36 @@ def test_sd_notify_after_a_refused_reload_is_ready_again(cert_server, tmp_path: 
         assert server.proc.poll() is None
     finally:
         notify.close()
+
+
+def test_serve_config_notifies_and_survives_sighup(tmp_path: Path, echo_backend) -> None:
+    """`serve --config` (several listeners, no exec upgrade yet): READY=1 for systemd, and a
+    SIGHUP (ExecReload of the example unit) is refused in the log instead of killing it."""
+    config = tmp_path / "site.toml"
+    config.write_text(f"""
+[[listeners]]
+listen = "127.0.0.1:0"
+backend = "127.0.0.1:{echo_backend[1]}"
+certs = [{{ cert = "{CERTS / 'ecdsa-p256.pem'}", key = "{CERTS / 'ecdsa-p256.key'}" }}]
+""")
+    notify = NotifySocket(tmp_path / "notify.sock")
+    log_path = tmp_path / "serve.log"
+    env = os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(tmp_path), "NOTIFY_SOCKET": str(notify.path)}
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ironsocket", "serve", "--config", str(config)], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
+    try:
+        assert notify.next("READY")["MAINPID"] == str(proc.pid)
+        port = int(re.search(r"serving TLS 1\.3 on [\d.]+:(\d+)", log_path.read_text()).group(1))
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "SIGHUP: reload/upgrade is not supported with --config" in log_path.read_text(), what="refusal")
+        assert proc.poll() is None
+        assert echo_once(port, b"still here") == b"still here"
+        proc.send_signal(signal.SIGQUIT)
+        assert proc.wait(TIMEOUT) == 0
+        assert notify.next("STOPPING")["STOPPING"] == "1"
+    finally:
+        notify.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
