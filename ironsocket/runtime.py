@@ -113,6 +113,8 @@ class Runtime:
         self._upgrade_lock = threading.Lock()
         self._actions: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()  # for `run()`
         self._upgrading = False
+        self._upgrade_queued = False  # a control-socket upgrade waits in _actions
+        self._queue_lock = threading.Lock()
         self._signals_installed = False
         self._restart_failed: str | None = None
 
@@ -225,7 +227,10 @@ class Runtime:
     # Every upgrade runs on the main thread, from `run()`'s loop: the signal dispositions can only
     # be changed there, and one queue keeps upgrades and stops in order.
     def _upgrade_command(self, request: dict[str, Any], conn: Any) -> None:
-        if self._upgrade_lock.locked():
+        with self._queue_lock:
+            busy = self._upgrade_lock.locked() or self._upgrade_queued
+            self._upgrade_queued = self._upgrade_queued or not busy
+        if busy:  # a queued second one would find its requester gone after the first one's exec
             conn.send({"ok": False, "error": "an upgrade is already running"})
             conn.close()
             return
@@ -338,6 +343,8 @@ class Runtime:
                 continue
             if action[0] == "upgrade":
                 _, exec_path, conn, reason = action
+                with self._queue_lock:
+                    self._upgrade_queued = False
                 self.upgrade(exec_path, conn, reason=reason)
                 continue
             signum = action[1]

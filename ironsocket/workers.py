@@ -180,6 +180,14 @@ class _Supervisor:
         """Signal one worker and wait for its report: "ok", or why not."""
         while self.drain_messages() is not None:  # what came before is not about this upgrade
             pass
+        deadline = time.monotonic() + UPGRADE_TIMEOUT
+        while w.pid not in self.ready:  # still starting: a signal now would be the default action
+            self.take_signal()
+            if self.stop_signal is not None:
+                return "stopping"
+            if w.poll() is not None or time.monotonic() > deadline:
+                return "the worker never became ready"
+            self.drain_messages(timeout=0.2)
         w.send_signal(signum)
         started = False
         deadline = time.monotonic() + UPGRADE_START_TIMEOUT
