@@ -116,6 +116,7 @@ class Runtime:
         self._upgrade_queued = False  # a control-socket upgrade waits in _actions
         self._queue_lock = threading.Lock()
         self._signals_installed = False
+        self._announced = False
         self._restart_failed: str | None = None
 
     # -- start ----------------------------------------------------------------------------------
@@ -303,8 +304,14 @@ class Runtime:
             self.stop_event.set()
         self._actions.put(("signal", signum))
 
-    def _announce(self) -> None:
-        """In a program exec'd by an upgrade (or rolled back to): the outcome of a reload."""
+    def announce_ready(self) -> None:
+        """sd_notify READY=1 (MAINPID, STATUS, IRONSOCKET_UPGRADE=ok|failed) and, in a program
+        exec'd by a reload (or rolled back to), the reload's outcome in the log. Once per
+        program image: `run()` calls it; `_start_confirm` may call it first (then run() does
+        not repeat it). Needs `install_signals()` before `start()` to see a rollback's reason."""
+        if self._announced:
+            return
+        self._announced = True
         reload = os.environ.pop(ENV_RELOAD, None)
         n = len(self.server.connections) if self.server else 0
         if reload and self._restart_failed:
@@ -331,7 +338,7 @@ class Runtime:
         SIGUSR2 and control-socket upgrades meanwhile. Sends sd_notify READY=1 first (also in a
         program exec'd by an upgrade: READY=1 after RELOADING=1)."""
         self.install_signals()
-        self._announce()
+        self.announce_ready()
         pending = os.environ.pop(ENV_STOP_PENDING, None)
         if pending:
             log.info("stop requested (%s) during the upgrade: stopping now", pending)
