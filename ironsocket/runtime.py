@@ -264,7 +264,10 @@ class Runtime:
                      "admin_fd": self.admin.fileno() if self.admin else None}
             upgrade.perform(self.server, upgrade.target_program(exec_path), reply=conn.sock if conn else None, extra=extra,
                             dump_path=str(self.state_dump) if self.state_dump else None)
-        except upgrade.UpgradeError as exc:
+        except Exception as exc:  # noqa: BLE001 - on the main thread now: a bug must not end the process
+            if not isinstance(exc, upgrade.UpgradeError):
+                log.debug("upgrade: unexpected error", exc_info=True)  # the traceback at --log-level debug
+                exc = upgrade.UpgradeError(f"{type(exc).__name__}: {exc}")
             if reason == "reload":
                 log.error("reload refused: %s; still serving with the current program and certificates", exc)
             else:
@@ -389,7 +392,10 @@ class Runtime:
             except queue.Empty:
                 action = None
             if action is not None and action[0] == "upgrade" and action[2] is not None:
-                action[2].send({"ok": False, "error": "the server is stopping"})
+                try:
+                    action[2].send({"ok": False, "error": "the server is stopping"})
+                except OSError:
+                    pass
                 action[2].close()
             elif action is not None and action[0] == "signal" and action[1] == signal.SIGQUIT and not told_timeout:
                 told_timeout = True
