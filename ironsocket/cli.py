@@ -18,7 +18,12 @@ from .server import KtlsMode, ProxyConfig, StartupError, parse_hostport
 from .tls13.constants import CipherSuite, Group
 from .tls13.credentials import CertificateStore, CredentialError, load_credential
 
-app = typer.Typer(add_completion=False, no_args_is_help=False, help="ironsocket: a TLS 1.3 terminating proxy that hands connections to kernel TLS.")
+# This typer prints an argument's Python type after its name ("CONFIG <path>"); the help says
+# what the argument is. (Options name their value with metavar=.)
+if hasattr(typer.core, "TyperArgument") and hasattr(typer.core.TyperArgument, "display_type_rich"):
+    typer.core.TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, rich_markup_mode=None, pretty_exceptions_enable=False)
 log = logging.getLogger("ironsocket")
 
 SUITE_NAMES = {s.name: s for s in CipherSuite} | {s.name.removeprefix("TLS_"): s for s in CipherSuite}
@@ -26,10 +31,51 @@ GROUP_NAMES = {"x25519": Group.X25519, "p256": Group.SECP256R1, "secp256r1": Gro
                "p384": Group.SECP384R1, "secp384r1": Group.SECP384R1}
 
 
-def _fail(message: str) -> None:
+CONFIG_HELP = ("TOML configuration: [[listeners]] tables (listen, backend, certs = [{cert = FILE, key = FILE}], "
+               "alpn = [\"h2\", \"http/1.1\"], ciphers, groups, ktls, proxy_protocol, transparent, timeouts, "
+               "[listeners.routes.\"SNI\"] backend/cert/key) and an optional [admin] listen/unix; run all its "
+               "listeners; the other listener options are ignored. `ironsocket check FILE` validates a file and "
+               "prints what it understood.")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"ironsocket {version('ironsocket')}")
+        except PackageNotFoundError:  # run from a source tree without installing
+            typer.echo("ironsocket (not installed: version unknown)")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """ironsocket: a TLS 1.3 terminating proxy that hands connections to kernel TLS."""
+
+
+def _fail(message: str, code: int = 2) -> None:
     runtime_mod.last_error = message
     typer.echo(f"ironsocket: error: {message}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+def _require_server_process(pid: int) -> None:
+    """Exit 1 with one line unless ``pid`` is an `ironsocket serve` process (the kernel-side
+    fallback of inspect-keys would report "0 connections" of any process)."""
+    try:
+        argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except FileNotFoundError:
+        _fail(f"no process with pid {pid}", 1)
+    except OSError as exc:
+        _fail(f"cannot read /proc/{pid}/cmdline: {exc.strerror}", 1)
+    if not (any("ironsocket" in a for a in argv) and "serve" in argv):
+        shown = " ".join(argv)[:80] or "(no command line: a kernel thread or a zombie)"
+        _fail(f"pid {pid} is not an ironsocket server: {shown}", 1)
 
 
 def _parse_list(text: str | None, table: dict, what: str) -> tuple:
@@ -64,32 +110,37 @@ def _open_keylog(path: Path):
 @app.command()
 @upgrade_guard
 def serve(
-    listen: Annotated[str, typer.Option(help="HOST:PORT to accept TLS on.")] = "127.0.0.1:8443",
-    backend: Annotated[Optional[str], typer.Option(help="HOST:PORT of the plain TCP backend. Default: a built-in demo HTTP backend.")] = None,
-    cert: Annotated[Optional[list[Path]], typer.Option(help="PEM certificate chain (leaf first); repeat together with --key.")] = None,
-    key: Annotated[Optional[list[Path]], typer.Option(help="PEM private key for the --cert at the same position.")] = None,
-    alpn: Annotated[Optional[str], typer.Option(help="ALPN protocols, server preference, comma separated (e.g. h2,http/1.1).")] = None,
-    ciphers: Annotated[Optional[str], typer.Option(help="Cipher suites in preference order, e.g. TLS_AES_256_GCM_SHA384,TLS_CHACHA20_POLY1305_SHA256.")] = None,
-    groups: Annotated[Optional[str], typer.Option(help="Key exchange groups in preference order: x25519,p256,p384.")] = None,
-    ktls_mode: Annotated[KtlsMode, typer.Option("--ktls", help="auto: kernel TLS when available; require: refuse to start without it; off: userspace only.")] = KtlsMode.AUTO,
-    handshake_timeout: Annotated[float, typer.Option(help="Seconds a client has to complete the handshake.")] = 10.0,
-    idle_timeout: Annotated[float, typer.Option(help="Seconds without bytes in either direction before a connection is closed (0: never).")] = 300.0,
-    connect_timeout: Annotated[float, typer.Option(help="Seconds to connect to the backend.")] = 5.0,
-    max_connections: Annotated[int, typer.Option(help="Connections served at once; more wait in the listen backlog.")] = 10_000,
-    keylog: Annotated[Optional[Path], typer.Option(help="Write TLS secrets in NSS key log format to this file (created 0600; a symlink, or a file of another user or readable by others, is refused). Only for debugging.")] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    listen: Annotated[str, typer.Option(metavar="HOST:PORT", help="Address to accept TLS on.")] = "127.0.0.1:8443",
+    backend: Annotated[Optional[str], typer.Option(metavar="HOST:PORT", help="The plain TCP backend. Default: a built-in demo HTTP backend.")] = None,
+    cert: Annotated[Optional[list[Path]], typer.Option(metavar="FILE", help="PEM certificate chain (leaf first); repeat together with --key.")] = None,
+    key: Annotated[Optional[list[Path]], typer.Option(metavar="FILE", help="PEM private key for the --cert at the same position.")] = None,
+    alpn: Annotated[Optional[str], typer.Option(metavar="PROTO,...", help="ALPN protocols, server preference, e.g. h2,http/1.1.")] = None,
+    ciphers: Annotated[Optional[str], typer.Option(metavar="SUITE,...", help="Cipher suites in preference order, e.g. TLS_AES_256_GCM_SHA384,TLS_AES_128_GCM_SHA256 (the TLS_ prefix may be left out).")] = None,
+    groups: Annotated[Optional[str], typer.Option(metavar="GROUP,...", help="Key exchange groups in preference order: x25519, p256, p384.")] = None,
+    ktls_mode: Annotated[KtlsMode, typer.Option("--ktls", metavar="auto|require|off", help="auto: kernel TLS when available; require: refuse to start without it; off: userspace only.")] = KtlsMode.AUTO,
+    handshake_timeout: Annotated[float, typer.Option(metavar="SECONDS", help="Time a client has to complete the handshake.")] = 10.0,
+    idle_timeout: Annotated[float, typer.Option(metavar="SECONDS", help="Time without bytes in either direction before a connection is closed (0: never).")] = 300.0,
+    connect_timeout: Annotated[float, typer.Option(metavar="SECONDS", help="Time to connect to the backend.")] = 5.0,
+    max_connections: Annotated[int, typer.Option(metavar="N", help="Connections served at once; more wait in the listen backlog.")] = 10_000,
+    keylog: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write TLS secrets in NSS key log format to this file (created 0600; a symlink, or a file of another user or readable by others, is refused). Only for debugging.")] = None,
+    log_level: Annotated[str, typer.Option(metavar="LEVEL", help="debug, info, warning or error.")] = "info",
     # -- config file and admin endpoint (ironsocket.launch / ironsocket.admin) --
-    config_file: Annotated[Optional[Path], typer.Option("--config", help="TOML configuration (docs/config.md): run all its listeners; the other listener options are ignored.")] = None,
-    admin: Annotated[Optional[str], typer.Option(help="Admin HTTP endpoint (/healthz, /connections, /metrics): HOST:PORT on loopback, or a unix socket path. Off by default.")] = None,
-    admin_allow_remote: Annotated[bool, typer.Option(help="Allow --admin on a non-loopback address (it has no authentication).")] = False,
-    control_socket: Annotated[Optional[Path], typer.Option(help="Unix socket for `ironsocket inspect-keys` (and upgrades). Default: <run dir>/ironsocket-<pid>.sock.")] = None,
-    workers: Annotated[int, typer.Option(help="Worker processes sharing the port (SO_REUSEPORT), to use every core. Each worker has its own control socket.")] = 1,
-    reuse_port: Annotated[bool, typer.Option(help="Set SO_REUSEPORT on the listener (set for each worker by --workers).")] = False,
-    drain_timeout: Annotated[float, typer.Option(help="On SIGTERM/SIGINT, seconds connections may finish before they are closed with close_notify.")] = 10.0,
-    upgrade_state_dump: Annotated[Optional[Path], typer.Option(help="Debugging: at each upgrade also write the state document, traffic secrets included, to this file (0600), for `inspect-keys --state`.")] = None,
+    config_file: Annotated[Optional[Path], typer.Option("--config", metavar="FILE", help=CONFIG_HELP)] = None,
+    admin: Annotated[Optional[str], typer.Option(metavar="HOST:PORT|PATH", help="Admin HTTP endpoint (/healthz, /connections, /metrics): HOST:PORT on loopback, or a unix socket path. Off by default.")] = None,
+    admin_allow_remote: Annotated[bool, typer.Option("--admin-allow-remote", help="Allow --admin on a non-loopback address (it has no authentication).")] = False,
+    control_socket: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Unix socket for `ironsocket inspect-keys` and `ironsocket upgrade`. Default: <run dir>/ironsocket-<pid>.sock.")] = None,
+    workers: Annotated[int, typer.Option(metavar="N", help="Worker processes sharing the port (SO_REUSEPORT), to use every core. Each worker has its own control socket.")] = 1,
+    reuse_port: Annotated[bool, typer.Option("--reuse-port", help="Set SO_REUSEPORT on the listener (set for each worker by --workers).")] = False,
+    drain_timeout: Annotated[float, typer.Option(metavar="SECONDS", help="On SIGTERM/SIGINT, time connections may finish before they are closed with close_notify (SIGQUIT: no drain).")] = 10.0,
+    upgrade_state_dump: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Debugging: at each upgrade also write the state document, traffic secrets included, to this file (0600), for `inspect-keys --state`.")] = None,
     upgrade_check: Annotated[bool, typer.Option("--upgrade-check", hidden=True, help="Load the configuration, report the upgrade state format, exit.")] = False,
 ) -> None:
-    """Terminate TLS 1.3 on LISTEN and relay plaintext to BACKEND."""
+    """Terminate TLS 1.3 on LISTEN and relay plaintext to BACKEND.
+
+    Signals: SIGHUP reload (re-read program, certificates, configuration; same PID, connections
+    kept), SIGUSR2 upgrade, SIGTERM/SIGINT graceful stop (--drain-timeout), SIGQUIT fast stop."""
+    if log_level.lower() not in LOG_LEVELS:
+        _fail(f"--log-level {log_level!r}: not a log level; choose from {', '.join(LOG_LEVELS)}")
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # -- config file (ironsocket.launch): every listener of the file, optional admin --
@@ -118,6 +169,11 @@ def serve(
         store = CertificateStore(credentials)
     except CredentialError as exc:
         _fail(str(exc))
+    if cert and not upgrade_check:
+        from .config import expiry_warnings
+
+        for warning in expiry_warnings(credentials):
+            log.warning("%s", warning)
     try:
         listen_addr = parse_hostport(listen)
         backend_addr = parse_hostport(backend) if backend else None
@@ -163,10 +219,13 @@ def serve(
 
     runtime = Runtime(config, demo=backend_addr is None, admin=admin, admin_allow_remote=admin_allow_remote,
                       control_socket=control_socket, state_dump=upgrade_state_dump, say=lambda text: typer.echo(text, err=True))
+    runtime.install_signals()  # before start: a signal during a restore must not be the default (death)
     try:
         runtime.start()  # stops what it started on failure (a restore keeps it for the rollback)
     except (StartupError, AdminError, ControlError) as exc:
-        _fail(str(exc))
+        from .launch import explain_startup_error
+
+        _fail(explain_startup_error(str(exc)))
     server = runtime.server
     assert server is not None and runtime.control is not None
     typer.echo(f"ironsocket: control socket {runtime.control.path} (ironsocket inspect-keys / upgrade --pid {os.getpid()})", err=True)
@@ -177,12 +236,12 @@ def serve(
     runtime.run()
 
 
-@app.command("upgrade")
+@app.command("upgrade", short_help="Replace the running server's program in place (same PID).")
 def upgrade_command(
-    pid: Annotated[Optional[int], typer.Option(help="The server's pid (when several run).")] = None,
-    socket_path: Annotated[Optional[Path], typer.Option("--socket", help="The server's control socket path.")] = None,
-    exec_path: Annotated[Optional[Path], typer.Option("--exec", help="Switch to this ironsocket program (e.g. another venv's bin/ironsocket). Default: the running one.")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the outcome.")] = 120.0,
+    pid: Annotated[Optional[int], typer.Option(metavar="PID", help="The server's pid (when several run).")] = None,
+    socket_path: Annotated[Optional[Path], typer.Option("--socket", metavar="PATH", help="The server's control socket path.")] = None,
+    exec_path: Annotated[Optional[Path], typer.Option("--exec", metavar="PROGRAM", help="Switch to this ironsocket program (e.g. another venv's bin/ironsocket). Default: the running one.")] = None,
+    timeout: Annotated[float, typer.Option(metavar="SECONDS", help="Time to wait for the outcome.")] = 120.0,
 ) -> None:
     """Replace the running server's program in place (same PID) without dropping a connection."""
     from .control import ControlError, request, resolve
@@ -199,14 +258,14 @@ def upgrade_command(
                f"pause {answer.get('pause_ms')} ms")
 
 
-@app.command("inspect-keys")
+@app.command("inspect-keys", short_help="Each connection's record sequence numbers and key fingerprints.")
 def inspect_keys(
-    pid: Annotated[Optional[int], typer.Option(help="The server's pid (when several run). Without a control socket for it, falls back to --direct.")] = None,
-    socket_path: Annotated[Optional[Path], typer.Option("--socket", help="The server's control socket path.")] = None,
+    pid: Annotated[Optional[int], typer.Option(metavar="PID", help="The server's pid (when several run). Without a control socket for it, falls back to --direct.")] = None,
+    socket_path: Annotated[Optional[Path], typer.Option("--socket", metavar="PATH", help="The server's control socket path.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    reveal: Annotated[bool, typer.Option(help="Also print the traffic keys and IVs (hex). Secret: anyone with them can read the traffic.")] = False,
-    state: Annotated[Optional[Path], typer.Option(help="Decode an upgrade state document (JSON) instead of asking a server.")] = None,
-    direct: Annotated[bool, typer.Option(help="With --pid: pull the process's kTLS sockets with pidfd_getfd and read the kernel's state directly.")] = False,
+    reveal: Annotated[bool, typer.Option("--reveal", help="Also print the traffic keys and IVs (hex). Secret: anyone with them can read the traffic.")] = False,
+    state: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Decode an upgrade state document (JSON) instead of asking a server.")] = None,
+    direct: Annotated[bool, typer.Option("--direct", help="With --pid: pull the process's kTLS sockets with pidfd_getfd and read the kernel's state directly.")] = False,
 ) -> None:
     """Show each connection's record sequence numbers and key fingerprints, as the record
     layer holds them now (the kernel, for kTLS). Keys only with --reveal."""
@@ -232,6 +291,7 @@ def inspect_keys(
         elif direct:
             if pid is None:
                 _fail("--direct needs --pid")
+            _require_server_process(pid)
             rows = rows_from_pid(pid, reveal=reveal)
             header = {"pid": pid, "source": "pidfd_getfd"}
         else:
@@ -240,6 +300,7 @@ def inspect_keys(
             except ControlError:
                 if pid is None or socket_path is not None:
                     raise
+                _require_server_process(pid)
                 rows = rows_from_pid(pid, reveal=reveal)  # no control socket: ask the kernel
                 header = {"pid": pid, "source": "pidfd_getfd"}
             else:
@@ -260,8 +321,8 @@ def inspect_keys(
 
 
 # -- `ironsocket check CONFIG` (ironsocket.config) --
-@app.command()
-def check(config_file: Annotated[Path, typer.Argument(metavar="CONFIG", help="TOML configuration file.")]) -> None:
+@app.command(short_help="Validate a configuration file and print a summary.")
+def check(config_file: Annotated[Path, typer.Argument(metavar="CONFIG", show_default=False, help="TOML configuration file.")]) -> None:
     """Validate a configuration file (keys, addresses, certificates) and print a summary."""
     from .config import ConfigError, load_file, summary
 
@@ -275,10 +336,16 @@ def check(config_file: Annotated[Path, typer.Argument(metavar="CONFIG", help="TO
         typer.echo(line)
 
 
-@app.command()
+@app.command(short_help="What this kernel's kTLS can do (exit 1: none).")
 def doctor() -> None:
-    """Report what this kernel's TLS offload (kTLS) can do."""
-    typer.echo(ktls.probe().describe())
+    """Report what this kernel's TLS offload (kTLS) can do; exit 1 if it has none."""
+    probe = ktls.probe()
+    typer.echo(probe.describe())
+    if not probe.available:
+        typer.echo("to try: `modprobe tls` as root (add `tls` to /etc/modules-load.d/ to keep it); if there is "
+                   "no such module, the kernel was built without CONFIG_TLS (it needs CONFIG_TLS=m or =y; "
+                   "CONFIG_TLS_DEVICE for NIC offload). Meanwhile `serve` uses the userspace record layer.")
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ small scanner of the TOML text that records where each key (and table header) wa
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import ipaddress
 import re
@@ -159,7 +160,8 @@ class FileConfig:
     admin: AdminConfig | None = None
     # For `ironsocket check`: per listener, the credentials loaded and the routes as written.
     details: list[dict[str, Any]] = field(default_factory=list)
-    # Problems that do not stop it (a private key file others can read); shown at start-up and by `check`.
+    # Problems that do not stop it (a private key file others can read, a certificate that
+    # expires soon); shown at start-up and by `check`.
     warnings: list[str] = field(default_factory=list)
 
 
@@ -265,6 +267,14 @@ class _Loader:
             out.append(found)
         return tuple(out)
 
+    def alpn(self, table: dict, path: Path_) -> tuple:
+        value = table.get("alpn")
+        if isinstance(value, str):
+            items = ", ".join(f'"{v.strip()}"' for v in value.split(",") if v.strip())
+            raise self.error(path + ("alpn",), f"must be a list of protocols, not the string {value!r}: "
+                                               f"write alpn = [{items}]")
+        return self.names(table, "alpn", path, None)
+
     def proxy_protocol(self, table: dict, path: Path_, default: str | None = None) -> str | None:
         value = self.get(table, "proxy_protocol", (str, bool), path, default)
         if value is False or value in ("none", "off"):
@@ -292,19 +302,32 @@ class _Loader:
             raise self.error(("listeners",), "at least one [[listeners]] table is required")
         listeners, details = [], []
         seen: dict[tuple[str, int], int] = {}
+        names: dict[str, int] = {}
         for i, table in enumerate(raw):
             path: Path_ = ("listeners", i)
             if not isinstance(table, dict):
                 raise self.error(path, "must be a table ([[listeners]])")
             config, detail = self.listener(table, path)
+            if table.get("name"):
+                if config.name in names:
+                    raise self.error(path + ("name",), f"{config.name!r} is already the name of "
+                                                       f"listeners[{names[config.name]}]; names must be unique")
+                names[config.name] = i
             if config.listen[1] != 0:
                 if config.listen in seen:
                     raise self.error(path + ("listen",), f"same address as listeners[{seen[config.listen]}]")
+                for (host, port), j in seen.items():
+                    if port == config.listen[1] and _overlap(host, config.listen[0]):
+                        raise self.error(path + ("listen",), f"{config.listen[0]}:{port} and listeners[{j}]'s "
+                                                             f"{host}:{port} overlap ({_wildcard_of(host, config.listen[0])} "
+                                                             "covers both): the second bind would fail; use one "
+                                                             "listener or different ports")
                 seen[config.listen] = i
             listeners.append(config)
             details.append(detail)
+        warnings = [w for detail in details for w in expiry_warnings(detail["credentials"])]
         return FileConfig(path=self.path, listeners=listeners, log_level=log_level.lower(), admin=admin,
-                          details=details, warnings=self.warnings)
+                          details=details, warnings=[*self.warnings, *warnings])
 
     def admin(self, doc: dict) -> AdminConfig | None:
         table = self.get(doc, "admin", dict, ())
@@ -384,7 +407,7 @@ class _Loader:
             certificates=CertificateStore(tuple(credentials)),
             cipher_suites=self.names(table, "ciphers", path, SUITE_NAMES) or DEFAULT_CIPHER_SUITES,
             groups=self.names(table, "groups", path, GROUP_NAMES) or DEFAULT_GROUPS,
-            alpn_protocols=self.names(table, "alpn", path, None),
+            alpn_protocols=self.alpn(table, path),
         )
         idle = self.number(table, "idle_timeout", path, 300.0)
         config = ProxyConfig(
@@ -399,6 +422,57 @@ class _Loader:
             name=name or f"listeners[{path[1]}]",
         )
         return config, {"credentials": credentials, "routes": route_details}
+
+
+EXPIRY_WARNING_DAYS = 14
+
+
+def expiry_warnings(credentials: list[Credential] | tuple[Credential, ...],
+                    now: datetime.datetime | None = None) -> list[str]:
+    """One line per certificate (leaf) that has expired or expires within EXPIRY_WARNING_DAYS."""
+    from cryptography import x509
+
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    out = []
+    for cred in credentials:
+        try:
+            leaf = x509.load_der_x509_certificate(cred.chain[0])
+        except ValueError:
+            continue
+        end = leaf.not_valid_after_utc
+        where = cred.source.split(" + ")[0] or ", ".join(cred.names)
+        when = end.strftime("%Y-%m-%d %H:%M UTC")
+        if end <= now:
+            out.append(f"certificate {where} has EXPIRED: on {when} ({(now - end).days} days ago)")
+        elif end - now <= datetime.timedelta(days=EXPIRY_WARNING_DAYS):
+            days = (end - now).total_seconds() / 86400
+            out.append(f"certificate {where} expires in {days:.1f} days, on {when}")
+    return out
+
+
+def _wildcard_of(a: str, b: str) -> str:
+    return a if _is_wildcard(a) else b
+
+
+def _is_wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::", "")
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Two different listen hosts on one port where binding both fails: one of them is the
+    wildcard of the other's family (``::`` is dual-stack on Linux by default: it covers IPv4 too)."""
+    if a == b:
+        return False
+
+    def family(host: str) -> int:
+        return 6 if ":" in host else 4
+
+    for wild, other in ((a, b), (b, a)):
+        if wild == "::":
+            return True
+        if wild in ("0.0.0.0", "") and family(other) == 4:
+            return True
+    return False
 
 
 def _looks_like_ip(host: str) -> bool:
@@ -435,6 +509,8 @@ def load(path: str | Path) -> list[ProxyConfig]:
 def summary(fc: FileConfig) -> Iterator[str]:
     """What `ironsocket check` prints for a valid file."""
     yield f"{fc.path}: OK, {len(fc.listeners)} listener{'s' if len(fc.listeners) != 1 else ''}"
+    for warning in fc.warnings:
+        yield f"  warning: {warning}"
     yield f"  log_level: {fc.log_level}"
     if fc.admin:
         where = f"{fc.admin.listen[0]}:{fc.admin.listen[1]}" if fc.admin.listen else f"unix:{fc.admin.unix}"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import typer
 
+from . import sdnotify
 from .admin import AdminError, AdminServer, parse_admin
 from .config import ConfigError, load_file
 from .server import ProxyServer, StartupError
@@ -26,6 +27,21 @@ log = logging.getLogger("ironsocket")
 def _fail(message: str) -> int:
     typer.echo(f"ironsocket: error: {message}", err=True)
     return 2
+
+
+def explain_startup_error(message: str) -> str:
+    """A start-up error, with the fix to try when a port below 1024 was refused (EACCES)."""
+    import re
+
+    m = re.search(r"cannot listen on \S*:(\d+): Permission denied", message)
+    if m and 0 < int(m.group(1)) < 1024:
+        import sys
+
+        python = os.path.realpath(sys.executable)
+        message += (f"; ports below 1024 need root or CAP_NET_BIND_SERVICE: `setcap cap_net_bind_service=+ep {python}`, "
+                    "AmbientCapabilities=CAP_NET_BIND_SERVICE under systemd, or systemd socket activation "
+                    "(examples/ironsocket.socket: systemd binds the port and passes it)")
+    return message
 
 
 def start_admin(spec: str | None, servers: Sequence[ProxyServer], allow_remote: bool = False, *,
@@ -78,6 +94,8 @@ def serve_config_file(path: Path, *, admin: str | None = None, admin_allow_remot
     for warning in fc.warnings:
         typer.echo(f"ironsocket: warning: {warning}", err=True)
     logging.getLogger().setLevel(getattr(logging, fc.log_level.upper(), logging.INFO))
+    for warning in fc.warnings:
+        log.warning("%s", warning)
     servers: list[ProxyServer] = []
     admin_server: AdminServer | None = None
     stop = stop or threading.Event()
@@ -97,11 +115,19 @@ def serve_config_file(path: Path, *, admin: str | None = None, admin_allow_remot
     except (StartupError, AdminError) as exc:
         for server in servers:
             server.stop()
-        return _fail(str(exc))
+        return _fail(explain_startup_error(str(exc)))
+    refused: list[str] = []
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):  # no drain here: SIGQUIT = SIGTERM
             signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+        for sig in (signal.SIGHUP, signal.SIGUSR2):  # the default action would kill every listener
+            signal.signal(sig, lambda signum, _f: refused.append(signal.Signals(signum).name))
+    sdnotify.ready(f"serving {len(servers)} listeners")
+    while not stop.wait(0.5):
+        while refused:
+            log.warning("%s: reload/upgrade is not supported with --config yet (restart the service to apply "
+                        "changes); ignored, still serving", refused.pop(0))
+    sdnotify.stopping()
     typer.echo("ironsocket: stopping", err=True)
     if admin_server is not None:
         admin_server.stop()

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import upgrade
+from . import sdnotify, upgrade
 from .server import ProxyConfig, ProxyServer
 
 log = logging.getLogger("ironsocket")
@@ -38,6 +39,9 @@ _inherited: tuple[dict[str, Any], int] | None = None
 _restored = False
 _live: Runtime | None = None  # the runtime restoring an inherited state (for the rollback)
 last_error = ""  # the last start-up error shown to the user (for the rollback reason)
+
+ENV_RELOAD = "IRONSOCKET_RELOAD"  # set across a reload's exec: the new program logs the outcome
+ENV_STOP_PENDING = "IRONSOCKET_STOP_PENDING"  # a stop signal that came during an upgrade's exec
 
 STARTUP_STEPS = ("demo", "proxy", "admin", "control", "relay", "confirm")
 """`Runtime.start()`'s steps, in order (a method ``_start_<step>`` each): only ``relay`` and
@@ -85,7 +89,7 @@ def upgrade_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class Runtime:
-    """Owns everything one `serve` process runs; `run()` blocks until SIGTERM/SIGINT."""
+    """Owns everything one `serve` process runs; `run()` blocks until SIGTERM/SIGINT/SIGQUIT."""
 
     def __init__(
         self,
@@ -112,6 +116,13 @@ class Runtime:
         self.stop_event = threading.Event()
         self._stale_fds: list[int] = []  # inherited sockets this program does not use
         self._upgrade_lock = threading.Lock()
+        self._actions: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()  # for `run()`
+        self._upgrading = False
+        self._upgrade_queued = False  # a control-socket upgrade waits in _actions
+        self._queue_lock = threading.Lock()
+        self._signals_installed = False
+        self._announced = False
+        self._restart_failed: str | None = None
 
     # -- start ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -225,48 +236,210 @@ class Runtime:
         return {key: doc.get(key) for key in ("control_fd", "demo_fd", "admin_fd", "reply_fd")}
 
     # -- upgrade triggers --------------------------------------------------------------------------
+    # Every upgrade runs on the main thread, from `run()`'s loop: the signal dispositions can only
+    # be changed there, and one queue keeps upgrades and stops in order.
     def _upgrade_command(self, request: dict[str, Any], conn: Any) -> None:
-        exec_path = request.get("exec")
-        threading.Thread(target=self.upgrade, args=(exec_path, conn), name="is-upgrade", daemon=True).start()
+        with self._queue_lock:
+            busy = self._upgrade_lock.locked() or self._upgrade_queued
+            self._upgrade_queued = self._upgrade_queued or not busy
+        if busy:  # a queued second one would find its requester gone after the first one's exec
+            conn.send({"ok": False, "error": "an upgrade is already running"})
+            conn.close()
+            return
+        self._actions.put(("upgrade", request.get("exec"), conn, "upgrade"))
 
-    def upgrade(self, exec_path: str | None = None, conn: Any = None) -> None:
-        """Run one upgrade (SIGUSR2 or the control socket). Returns only if it did not happen."""
+    def upgrade(self, exec_path: str | None = None, conn: Any = None, *, reason: str = "upgrade") -> None:
+        """Run one upgrade (SIGUSR2, SIGHUP = ``reason="reload"``, or the control socket).
+        Returns only if it did not happen (the old program keeps serving; the log says why)."""
         if not self._upgrade_lock.acquire(blocking=False):
             if conn is not None:
                 conn.send({"ok": False, "error": "an upgrade is already running"})
                 conn.close()
             return
+        main = threading.current_thread() is threading.main_thread()
+        saved: dict[int, Any] = {}
         try:
             assert self.server is not None
+            sdnotify.reloading(f"{reason} in progress")
+            if main:
+                # Across the exec the new program has the default dispositions until it installs
+                # its handlers, and the default for SIGHUP/SIGUSR2 is to die: ignored ones stay
+                # ignored across exec (and during this upgrade another could not run anyway).
+                for sig in (signal.SIGHUP, signal.SIGUSR2):
+                    saved[sig] = signal.signal(sig, signal.SIG_IGN)
+            if reason == "reload":
+                os.environ[ENV_RELOAD] = "SIGHUP"  # the new program logs the outcome (`run`)
+            self._upgrading = True
             extra = {"control_fd": self.control.fileno() if self.control else None,
                      "demo_fd": self.demo.fileno() if self.demo else None,
                      "admin_fd": self.admin.fileno() if self.admin else None}
             upgrade.perform(self.server, upgrade.target_program(exec_path), reply=conn.sock if conn else None, extra=extra,
                             dump_path=str(self.state_dump) if self.state_dump else None)
-        except upgrade.UpgradeError as exc:
-            log.error("upgrade: not done: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - on the main thread now: a bug must not end the process
+            if not isinstance(exc, upgrade.UpgradeError):
+                log.debug("upgrade: unexpected error", exc_info=True)  # the traceback at --log-level debug
+                exc = upgrade.UpgradeError(f"{type(exc).__name__}: {exc}")
+            if reason == "reload":
+                log.error("reload refused: %s; still serving with the current program and certificates", exc)
+            else:
+                log.error("upgrade: not done: %s", exc)
+            sdnotify.ready(f"{reason} not done: {str(exc).splitlines()[0][:200]}", "IRONSOCKET_UPGRADE=failed")
             if conn is not None:
                 try:
                     conn.send({"ok": False, "error": str(exc)})
                 except OSError:
                     pass
         finally:
+            self._upgrading = False
+            os.environ.pop(ENV_RELOAD, None)
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
             if conn is not None:
                 conn.close()
             self._upgrade_lock.release()
 
+    # -- signals -------------------------------------------------------------------------------------
+    def install_signals(self) -> None:
+        """SIGHUP reload, SIGUSR2 upgrade, SIGTERM/SIGINT graceful stop, SIGQUIT fast stop. Only
+        queue the request: `run()` acts on it. Call it before `start()` (so a signal during a
+        restore is not the default action, death) and from the main thread; `run()` calls it too."""
+        if self._signals_installed:
+            return
+        self._signals_installed = True
+        self._restart_failed = os.environ.get(upgrade.ENV_FAILED)  # `_start_confirm` pops it
+        for sig in (signal.SIGHUP, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            if self._upgrading:  # the exec may come first: the new program stops then (`run`)
+                os.environ[ENV_STOP_PENDING] = name
+            self.stop_event.set()
+        self._actions.put(("signal", signum))
+
+    def announce_ready(self) -> None:
+        """sd_notify READY=1 (MAINPID, STATUS, IRONSOCKET_UPGRADE=ok|failed) and, in a program
+        exec'd by a reload (or rolled back to), the reload's outcome in the log. Once per
+        program image: `run()` calls it; `_start_confirm` may call it first (then run() does
+        not repeat it). Needs `install_signals()` before `start()` to see a rollback's reason."""
+        if self._announced:
+            return
+        self._announced = True
+        reload = os.environ.pop(ENV_RELOAD, None)
+        n = len(self.server.connections) if self.server else 0
+        if reload and self._restart_failed:
+            log.error("reload failed: the new program could not start (%s); rolled back, still serving with "
+                      "the previous program and certificates, %d connections kept", self._restart_failed, n)
+        elif reload:
+            log.info("reload done (%s): program, certificates and configuration re-read; %d connections carried",
+                     reload, n)
+        if self._restart_failed:
+            status = f"upgrade not done: {self._restart_failed.splitlines()[0][:200]}"
+            sdnotify.ready(status, "IRONSOCKET_UPGRADE=failed")
+        else:
+            sdnotify.ready(self._serving_status(), "IRONSOCKET_UPGRADE=ok")
+
+    def _serving_status(self) -> str:
+        if self.server is None:
+            return "serving"
+        host, port = self.server.address
+        return f"serving TLS 1.3 on {host}:{port}, {len(self.server.connections)} connections"
+
     # -- run and stop ------------------------------------------------------------------------------
     def run(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
-        signal.signal(signal.SIGUSR2, lambda *_: threading.Thread(target=self.upgrade, name="is-upgrade",
-                                                                  daemon=True).start())
-        self.stop_event.wait()
-        self.say("ironsocket: stopping")
-        self.stop()
+        """Serve until SIGTERM/SIGINT (graceful stop) or SIGQUIT (fast stop); act on SIGHUP,
+        SIGUSR2 and control-socket upgrades meanwhile. Sends sd_notify READY=1 first (also in a
+        program exec'd by an upgrade: READY=1 after RELOADING=1)."""
+        self.install_signals()
+        self.announce_ready()
+        pending = os.environ.pop(ENV_STOP_PENDING, None)
+        if pending:
+            log.info("stop requested (%s) during the upgrade: stopping now", pending)
+            self._actions.put(("signal", int(signal.Signals[pending])))
+        while True:
+            try:
+                action = self._actions.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if action[0] == "upgrade":
+                _, exec_path, conn, reason = action
+                with self._queue_lock:
+                    self._upgrade_queued = False
+                self.upgrade(exec_path, conn, reason=reason)
+                continue
+            signum = action[1]
+            if signum == signal.SIGHUP:
+                log.info("reload requested (SIGHUP)")
+                self.upgrade(reason="reload")
+            elif signum == signal.SIGUSR2:
+                log.info("upgrade requested (SIGUSR2)")
+                self.upgrade()
+            else:
+                os.environ.pop(ENV_STOP_PENDING, None)
+                self.shutdown(fast=signum == signal.SIGQUIT, why=signal.Signals(signum).name)
+                return
 
-    def stop(self) -> None:
-        """Stop everything that was started (safe after a failed start, and twice)."""
+    def shutdown(self, *, fast: bool = False, why: str = "") -> None:
+        """Graceful (drain, logging progress every second) or fast (close_notify now) stop.
+        A SIGQUIT while draining turns a graceful stop into a fast one."""
+        self.say("ironsocket: stopping")
+        server = self.server
+        drain = 0.0 if fast or server is None else server.config.drain_timeout
+        n = len(server.connections) if server else 0
+        sdnotify.stopping(f"stopping ({why}): {n} connections")
+        if fast:
+            log.info("fast stop (%s): close_notify to %d connections now", why, n)
+        else:
+            log.info("graceful stop (%s): listener closed, %d connections have %gs to finish "
+                     "(SIGQUIT: close them now)", why, n, drain)
+        worker = threading.Thread(target=self.stop, kwargs={"drain": drain}, name="is-stop", daemon=True)
+        worker.start()
+        end = time.monotonic() + drain
+        told_timeout = fast
+        while worker.is_alive():
+            try:
+                action = self._actions.get(timeout=1.0)
+            except queue.Empty:
+                action = None
+            if action is not None and action[0] == "upgrade" and action[2] is not None:
+                try:
+                    action[2].send({"ok": False, "error": "the server is stopping"})
+                except OSError:
+                    pass
+                action[2].close()
+            elif action is not None and action[0] == "signal" and action[1] == signal.SIGQUIT and not told_timeout:
+                told_timeout = True
+                left = self._abort_all("fast stop (SIGQUIT)")
+                log.info("fast stop (SIGQUIT) while draining: close_notify to %d connections now", left)
+                continue
+            if server is None or not worker.is_alive():
+                break
+            left, to_go = len(server.connections), end - time.monotonic()
+            if not left:
+                continue
+            if to_go > 0 and not told_timeout:
+                log.info("draining: %d connections left, %.0fs to go", left, to_go)
+                sdnotify.status(f"draining: {left} connections left, {to_go:.0f}s to go")
+            elif not told_timeout:
+                told_timeout = True
+                log.info("drain timeout: close_notify to the %d connections left", left)
+        worker.join()
+        log.info("stopped")
+
+    def _abort_all(self, reason: str) -> int:
+        server = self.server
+        if server is None:
+            return 0
+        infos = list(server.connections.values())
+        for info in infos:
+            if info.relay is not None:
+                info.relay.abort(reason)
+        return len(infos)
+
+    def stop(self, drain: float | None = None) -> None:
+        """Stop everything that was started (safe after a failed start, and twice). ``drain``:
+        seconds connections may finish (default: the configuration's drain timeout)."""
         admin, control, server, demo = self.admin, self.control, self.server, self.demo
         self.admin = self.control = self.demo = None
         if admin is not None:
@@ -274,6 +447,6 @@ class Runtime:
         if control is not None:
             control.close()
         if server is not None:
-            server.stop()
+            server.stop(drain=drain)
         if demo is not None:
             demo.stop()

@@ -1,23 +1,45 @@
 """``serve --workers N``: N worker processes accept on one port (SO_REUSEPORT), so every core
 works despite the GIL; each worker owns its connections, control socket and upgrades.
 
-The parent only supervises: SIGTERM/SIGINT → graceful stop of every worker; SIGUSR2 → every
-worker upgrades itself in place (same PIDs); a worker that dies unexpectedly is restarted
-after a second. It never touches a connection.
+The parent only supervises, and never touches a connection:
+
+- SIGTERM/SIGINT → graceful stop of every worker (SIGTERM); SIGQUIT → fast stop (SIGQUIT);
+- SIGHUP (reload) / SIGUSR2 (upgrade) → a *rolling* upgrade: the signal goes to one worker,
+  the supervisor waits until that worker reports the upgrade done, then the next. One worker at a
+  time is paused, so the port always has acceptors; a worker whose upgrade is refused (a broken
+  certificate fails the pre-flight check) stops the roll: the others keep the current program;
+- a worker that dies unexpectedly is restarted after a second.
+
+How a worker reports: the supervisor is its systemd. It binds an AF_UNIX datagram socket and
+gives it to the workers as ``$NOTIFY_SOCKET``; each worker sends ``READY=1`` once serving,
+``RELOADING=1`` when an upgrade starts and ``READY=1`` after it (from the new program, same PID,
+``IRONSOCKET_UPGRADE=ok|failed``). The sender is known from SCM_CREDENTIALS. The supervisor
+itself notifies the real ``$NOTIFY_SOCKET`` (systemd): READY=1 once every worker is ready,
+RELOADING=1/READY=1 around a rolling upgrade, STOPPING=1.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 
+from . import sdnotify
+
 log = logging.getLogger("ironsocket.workers")
 
 RESTART_DELAY = 1.0
+UPGRADE_START_TIMEOUT = 30.0  # from the signal to the worker's RELOADING=1
+UPGRADE_TIMEOUT = 240.0  # from RELOADING=1 to READY=1 (the pre-flight check may take minutes on slow machines)
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def worker_argv(argv: list[str]) -> list[str]:
@@ -37,48 +59,192 @@ def worker_argv(argv: list[str]) -> list[str]:
     return [*out, "--reuse-port"]
 
 
+class _Notifications:
+    """The supervisor's own NOTIFY_SOCKET (abstract namespace): (pid, fields) of each datagram."""
+
+    def __init__(self) -> None:
+        self.name = f"@ironsocket-workers-{os.getpid()}-{os.urandom(4).hex()}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(b"\0" + self.name[1:].encode())
+        self.messages: queue.SimpleQueue[tuple[int, dict[str, str]]] = queue.SimpleQueue()
+        threading.Thread(target=self._read, name="is-notify", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(_UCRED.size))
+            except OSError:
+                return
+            pid = 0
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= _UCRED.size:
+                    pid = _UCRED.unpack_from(payload)[0]
+            self.messages.put((pid, sdnotify.parse(data)))
+
+
 def supervise(count: int, argv: list[str]) -> int:
-    """Run ``count`` workers of ``argv`` until SIGTERM/SIGINT; the exit code."""
-    stopping = threading.Event()
-    workers: list[subprocess.Popen[bytes] | None] = [None] * count
+    """Run ``count`` workers of ``argv`` until SIGTERM/SIGINT/SIGQUIT; the exit code."""
+    return _Supervisor(count, argv).run()
 
-    def spawn(i: int) -> None:
-        workers[i] = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-        log.info("worker %d started, pid %d", i, workers[i].pid)  # type: ignore[union-attr]
 
-    def forward(signum: int) -> None:
-        for w in workers:
-            if w is not None and w.poll() is None:
-                w.send_signal(signum)
+class _Supervisor:
+    def __init__(self, count: int, argv: list[str]) -> None:
+        self.argv = argv
+        self.workers: list[subprocess.Popen[bytes] | None] = [None] * count
+        self.actions: queue.SimpleQueue[int] = queue.SimpleQueue()  # signal numbers, from handlers
+        self.stop_signal: int | None = None
+        self.notify = _Notifications()
+        self.ready: set[int] = set()  # pids that sent READY=1
+        self.told_ready = False
+        self.upstream = dict(os.environ)  # where our own notifications go (systemd's NOTIFY_SOCKET)
+        self.env = dict(os.environ) | {sdnotify.ENV: self.notify.name}
 
-    def on_stop(signum: int, _frame: object) -> None:
-        stopping.set()
-        forward(signal.SIGTERM)
+    # -- workers -----------------------------------------------------------------------------------
+    def spawn(self, i: int) -> None:
+        proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, env=self.env)
+        self.workers[i] = proc
+        log.info("worker %d started, pid %d", i, proc.pid)
 
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGUSR2, lambda signum, _f: forward(signum))
-    for i in range(count):
-        spawn(i)
-    while True:
-        alive = 0
-        for i, w in enumerate(workers):
-            if w is None:
+    def alive(self) -> list[tuple[int, subprocess.Popen[bytes]]]:
+        return [(i, w) for i, w in enumerate(self.workers) if w is not None and w.poll() is None]
+
+    def forward(self, signum: int) -> None:
+        for _, w in self.alive():
+            w.send_signal(signum)
+
+    def _notify_up(self, *lines: str) -> None:
+        sdnotify.notify(*lines, env=self.upstream)
+
+    def drain_messages(self, timeout: float = 0.0) -> tuple[int, dict[str, str]] | None:
+        """One worker notification (None after ``timeout``); READY=1 also marks the pid ready."""
+        try:
+            pid, fields = self.notify.messages.get(timeout=timeout) if timeout > 0 else self.notify.messages.get_nowait()
+        except queue.Empty:
+            return None
+        if fields.get("READY") == "1":
+            self.ready.add(pid)
+            if not self.told_ready and all(w is not None and w.pid in self.ready for w in self.workers):
+                self.told_ready = True
+                log.info("all %d workers serving", len(self.workers))
+                self._notify_up("READY=1", f"MAINPID={os.getpid()}", f"STATUS={len(self.workers)} workers serving")
+        return pid, fields
+
+    # -- signals -------------------------------------------------------------------------------------
+    def on_signal(self, signum: int, _frame: object) -> None:
+        self.actions.put(signum)
+
+    def take_signal(self) -> int | None:
+        try:
+            signum = self.actions.get_nowait()
+        except queue.Empty:
+            return None
+        if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT) and self.stop_signal is None:
+            self.stop_signal = signal.SIGQUIT if signum == signal.SIGQUIT else signal.SIGTERM
+            name = signal.Signals(signum).name
+            log.info("%s: %s stop of every worker", name, "fast" if signum == signal.SIGQUIT else "graceful")
+            self._notify_up("STOPPING=1")
+            self.forward(self.stop_signal)
+        elif signum == signal.SIGQUIT and self.stop_signal == signal.SIGTERM:
+            self.stop_signal = signal.SIGQUIT
+            log.info("SIGQUIT while stopping: fast stop of every worker")
+            self.forward(signal.SIGQUIT)
+        return signum
+
+    # -- the rolling upgrade ---------------------------------------------------------------------------
+    def rolling_upgrade(self, signum: int) -> None:
+        what = "reload" if signum == signal.SIGHUP else "upgrade"
+        name = signal.Signals(signum).name
+        log.info("%s requested (%s): upgrading the %d workers one after another", what, name, len(self.workers))
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._notify_up("RELOADING=1", f"MONOTONIC_USEC={usec}", f"STATUS={what} of the workers in progress")
+        done = 0
+        for i, w in enumerate(self.workers):
+            if w is None or w.poll() is not None:
                 continue
-            code = w.poll()
-            if code is None:
-                alive += 1
-            elif stopping.is_set():
-                workers[i] = None
-            else:
-                log.error("worker %d (pid %d) exited with %s; restarting in %gs", i, w.pid, code, RESTART_DELAY)
-                time.sleep(RESTART_DELAY)
-                if not stopping.is_set():
-                    spawn(i)
+            outcome = self.upgrade_one(i, w, signum)
+            if self.stop_signal is not None:
+                log.info("%s of the workers interrupted by a stop", what)
+                return
+            if outcome != "ok":
+                log.error("worker %d (pid %d): %s not done: %s; the other workers keep their current program",
+                          i, w.pid, what, outcome)
+                self._notify_up("READY=1", f"STATUS={what} not done: {outcome[:200]}")
+                return
+            done += 1
+            log.info("worker %d (pid %d): %s done", i, w.pid, what)
+        log.info("%s done: %d workers upgraded in place", what, done)
+        self._notify_up("READY=1", f"MAINPID={os.getpid()}", f"STATUS={len(self.workers)} workers serving")
+
+    def upgrade_one(self, i: int, w: subprocess.Popen[bytes], signum: int) -> str:
+        """Signal one worker and wait for its report: "ok", or why not."""
+        while self.drain_messages() is not None:  # what came before is not about this upgrade
+            pass
+        deadline = time.monotonic() + UPGRADE_TIMEOUT
+        while w.pid not in self.ready:  # still starting: a signal now would be the default action
+            self.take_signal()
+            if self.stop_signal is not None:
+                return "stopping"
+            if w.poll() is not None or time.monotonic() > deadline:
+                return "the worker never became ready"
+            self.drain_messages(timeout=0.2)
+        w.send_signal(signum)
+        started = False
+        deadline = time.monotonic() + UPGRADE_START_TIMEOUT
+        while True:
+            self.take_signal()
+            if self.stop_signal is not None:
+                return "stopping"
+            if w.poll() is not None:
+                return f"the worker exited with {w.returncode}"
+            if time.monotonic() > deadline:
+                if started:
+                    return f"no report within {UPGRADE_TIMEOUT:g}s"
+                return f"the worker did not start an upgrade within {UPGRADE_START_TIMEOUT:g}s (another one running?)"
+            got = self.drain_messages(timeout=0.2)
+            if got is None or got[0] != w.pid:
+                continue
+            fields = got[1]
+            if fields.get("RELOADING") == "1" and not started:
+                started = True
+                deadline = time.monotonic() + UPGRADE_TIMEOUT
+            elif fields.get("READY") == "1" and started:
+                if fields.get("IRONSOCKET_UPGRADE") == "failed":
+                    return re.sub(r"^\w+ not done: ", "", fields.get("STATUS", "refused"))
+                return "ok"
+
+    # -- main loop ---------------------------------------------------------------------------------------
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR2):
+            signal.signal(sig, self.on_signal)
+        for i in range(len(self.workers)):
+            self.spawn(i)
+        while True:
+            signum = self.take_signal()
+            if signum in (signal.SIGHUP, signal.SIGUSR2) and self.stop_signal is None:
+                self.rolling_upgrade(signum)
+                continue
+            while self.drain_messages() is not None:
+                pass
+            alive = 0
+            for i, w in enumerate(self.workers):
+                if w is None:
+                    continue
+                code = w.poll()
+                if code is None:
                     alive += 1
-        if stopping.is_set() and alive == 0:
-            return 0
-        time.sleep(0.2)
+                elif self.stop_signal is not None:
+                    self.workers[i] = None
+                else:
+                    log.error("worker %d (pid %d) exited with %s; restarting in %gs", i, w.pid, code, RESTART_DELAY)
+                    time.sleep(RESTART_DELAY)
+                    if self.stop_signal is None:
+                        self.spawn(i)
+                        alive += 1
+            if self.stop_signal is not None and alive == 0:
+                log.info("every worker stopped")
+                return 0
+            time.sleep(0.2)
 
 
 def main_argv() -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -195,3 +196,137 @@ def test_key_lines_scanner() -> None:
     assert lines.find(("listeners", 1, "certs", 0, "key")) == 13
     assert lines.find(("listeners", 1, "nope")) == 6  # the nearest written ancestor
     assert format_path(("listeners", 1, "routes", "a.b", "backend")) == 'listeners[1].routes."a.b".backend'
+
+
+# -- issue 13.5: what the bind would refuse, what will soon stop working ---------------------------
+TWO = """\
+[[listeners]]
+name = "a"
+listen = "LISTEN_A"
+backend = "127.0.0.1:8080"
+certs = [{ cert = "@CERTS@/ecdsa-p256.pem", key = "@CERTS@/ecdsa-p256.key" }]
+
+[[listeners]]
+name = "NAME_B"
+listen = "LISTEN_B"
+backend = "127.0.0.1:8081"
+certs = [{ cert = "@CERTS@/ecdsa-p256.pem", key = "@CERTS@/ecdsa-p256.key" }]
+"""
+
+
+def two(tmp_path: Path, a: str = "127.0.0.1:8443", b: str = "127.0.0.1:9443", name_b: str = "b") -> Path:
+    return write(tmp_path, TWO.replace("LISTEN_A", a).replace("LISTEN_B", b).replace("NAME_B", name_b))
+
+
+def test_duplicate_listener_names_are_refused(tmp_path: Path) -> None:
+    path = two(tmp_path, name_b="a")
+    with pytest.raises(ConfigError) as err:
+        load_file(path)
+    assert err.value.key == "listeners[1].name" and err.value.line == line_of(path.read_text(), 'name = "a"', 2)
+    assert "'a' is already the name of listeners[0]" in str(err.value)
+    result = check(path)
+    assert result.returncode == 2 and "already the name" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("a,b,wild", [("0.0.0.0:8443", "127.0.0.1:8443", "0.0.0.0"),
+                                      ("127.0.0.1:8443", "0.0.0.0:8443", "0.0.0.0"),
+                                      ("[::]:8443", "127.0.0.1:8443", "::"),
+                                      ("[::1]:8443", "[::]:8443", "::")])
+def test_a_wildcard_and_an_address_on_one_port_are_refused(tmp_path: Path, a: str, b: str, wild: str) -> None:
+    path = two(tmp_path, a, b)
+    with pytest.raises(ConfigError) as err:
+        load_file(path)
+    assert err.value.key == "listeners[1].listen"
+    assert f"({wild} covers both): the second bind would fail" in str(err.value)
+
+
+def test_what_binds_together_is_accepted(tmp_path: Path) -> None:
+    for a, b in (("127.0.0.1:8443", "127.0.0.2:8443"), ("0.0.0.0:8443", "[::1]:8443"), ("0.0.0.0:8443", "0.0.0.0:9443")):
+        assert len(load_file(two(tmp_path, a, b)).listeners) == 2, (a, b)
+
+
+def test_the_wildcard_conflict_is_real(tmp_path: Path) -> None:
+    """What the check predicts is what the kernel does (the proxy sets SO_REUSEADDR)."""
+    import socket
+
+    first = socket.socket()
+    first.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    first.bind(("0.0.0.0", 0))
+    first.listen()
+    second = socket.socket()
+    second.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        with pytest.raises(OSError):
+            second.bind(("127.0.0.1", first.getsockname()[1]))
+    finally:
+        first.close()
+        second.close()
+
+
+def test_alpn_as_a_string_is_refused_with_the_list_to_write(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace('alpn = ["h2", "http/1.1"]', 'alpn = "h2,http/1.1"'))
+    with pytest.raises(ConfigError) as err:
+        load_file(path)
+    assert err.value.key == "listeners[0].alpn" and err.value.line == line_of(path.read_text(), "alpn =")
+    assert 'must be a list of protocols, not the string \'h2,http/1.1\': write alpn = ["h2", "http/1.1"]' in str(err.value)
+
+
+def make_cert(tmp_path: Path, name: str, not_before, not_after) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(not_before).not_valid_after(not_after)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_certificates_that_expire_soon_or_have_expired_are_warned_about(tmp_path: Path) -> None:
+    import datetime
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    soon = make_cert(tmp_path, "soon", now - datetime.timedelta(days=80), now + datetime.timedelta(days=5, hours=1))
+    gone = make_cert(tmp_path, "gone", now - datetime.timedelta(days=90), now - datetime.timedelta(days=3, hours=1))
+    later = make_cert(tmp_path, "later", now - datetime.timedelta(days=1), now + datetime.timedelta(days=15))
+    text = TWO.replace("LISTEN_A", "127.0.0.1:0").replace("LISTEN_B", "127.0.0.1:0").replace("NAME_B", "b")
+    text = text.replace('certs = [{ cert = "@CERTS@/ecdsa-p256.pem", key = "@CERTS@/ecdsa-p256.key" }]',
+                        f'certs = [{{ cert = "{soon[0]}", key = "{soon[1]}" }}, {{ cert = "{later[0]}", key = "{later[1]}" }}]', 1)
+    text = text.replace('certs = [{ cert = "@CERTS@/ecdsa-p256.pem", key = "@CERTS@/ecdsa-p256.key" }]',
+                        f'certs = [{{ cert = "{gone[0]}", key = "{gone[1]}" }}]', 1)
+    path = write(tmp_path, text)
+    result = check(path)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "warning:" in line]
+    assert len(lines) == 2, result.stdout  # 15 days left: no warning
+    assert re.search(rf"warning: certificate {soon[0]} expires in 5\.0 days, on \d{{4}}-\d\d-\d\d \d\d:\d\d UTC", lines[0])
+    assert re.search(rf"warning: certificate {gone[0]} has EXPIRED: on \d{{4}}-\d\d-\d\d \d\d:\d\d UTC \(3 days ago\)", lines[1])
+
+    # At start-up too: `serve --cert` and `serve --config` log the same warning.
+    import os
+    import signal
+    import time
+
+    env = os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(tmp_path)}
+    for args in (["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9", "--cert", str(soon[0]), "--key", str(soon[1])],
+                 ["--config", str(path)]):
+        log = tmp_path / "serve.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "ironsocket", "serve", *args], stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 60
+            while "serving TLS 1.3" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert re.search(rf"WARNING ironsocket: certificate {soon[0]} expires in 5\.0 days", log.read_text()), log.read_text()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)

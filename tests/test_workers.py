@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,9 +28,9 @@ def free_port() -> int:
 wait_until = functools.partial(helpers.wait_until, timeout=TIMEOUT)
 
 
-def serve(tmp: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+def serve(tmp: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
     log = tmp / "serve.log"
-    env = os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(tmp)}
+    env = os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(tmp)} | (env or {})
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "ironsocket", "serve", "--cert", str(CERTS / "ecdsa-p256.pem"),
                                  "--key", str(CERTS / "ecdsa-p256.key"), *args], stdin=subprocess.DEVNULL, stdout=out,
@@ -114,3 +115,112 @@ def test_sigterm_drains_then_closes_with_close_notify(tmp_path: Path, echo_backe
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_sighup_to_the_supervisor_upgrades_every_worker_in_turn(tmp_path: Path, echo_backend) -> None:
+    """Issue 13.2: SIGHUP used to kill the supervisor and orphan the workers. Now each worker is
+    reloaded in place, one after another (the next only once the previous reported READY=1 from
+    its new program): same worker PIDs, byte-exact streams, the supervisor alive and notifying
+    systemd; then SIGQUIT is forwarded: close_notify at once, everything exits."""
+    from tests.test_lifecycle import NotifySocket
+    from tests.test_upgrade import Streamer, finish
+
+    port = free_port()
+    notify = NotifySocket(tmp_path / "notify.sock")
+    proc, log = serve(tmp_path, "--workers", "2", "--listen", f"127.0.0.1:{port}",
+                      "--backend", f"{echo_backend[0]}:{echo_backend[1]}", "--drain-timeout", "60",
+                      env={"NOTIFY_SOCKET": str(notify.path)})
+    try:
+        ready = notify.next("READY")
+        assert ready["MAINPID"] == str(proc.pid)  # the supervisor, once both workers serve
+        servers = control.find_servers(tmp_path)
+        pids = {control.request(p, {"command": "ping"})["pid"] for p in servers}
+        assert len(pids) == 2 and proc.pid not in pids
+        streamers = [Streamer(port, 90 + i) for i in range(12)]
+        for s in streamers:
+            s.start()
+        for s in streamers:
+            assert s.connected.wait(TIMEOUT) and s.error is None, s.error
+        wait_until(lambda: all(s.verified > 0 for s in streamers), what="every stream flowing")
+        counts = [len(control.request(p, {"command": "connections"})["connections"]) for p in servers]
+        assert min(counts) > 0, f"SO_REUSEPORT spread {counts}"  # all 12 on one worker: p = 2^-11
+
+        proc.send_signal(signal.SIGHUP)
+        assert notify.next("RELOADING")["RELOADING"] == "1"
+        assert notify.next("READY")["MAINPID"] == str(proc.pid)
+        text = log.read_text()
+        assert "reload done: 2 workers upgraded in place" in text, text[-3000:]
+        assert proc.poll() is None
+        assert {control.request(p, {"command": "ping"})["pid"] for p in control.find_servers(tmp_path)} == pids
+        # One after another: the first worker's new program was serving before the second one
+        # was asked.
+        assert text.count("reload done (SIGHUP)") == 2
+        assert text.index("reload done (SIGHUP)") < text.rindex("reload requested (SIGHUP)")
+        done = re.findall(r"worker (\d) \(pid (\d+)\): reload done", text)
+        assert [d[0] for d in done] == ["0", "1"] and {int(d[1]) for d in done} == pids
+        progress = [s.verified for s in streamers]
+        wait_until(lambda: all(s.verified > p for s, p in zip(streamers, progress)), what="streams after the reload")
+        for s in streamers:
+            finish(s)
+
+        clients = [tls_connect(port) for _ in range(4)]
+        for c in clients:
+            c.sendall(b"hi")
+            assert c.recv(2) == b"hi"
+        start = time.monotonic()
+        proc.send_signal(signal.SIGQUIT)
+        for c in clients:
+            assert c.recv(10) == b""  # close_notify now, not after the 60 s drain
+            c.close()
+        assert proc.wait(TIMEOUT) == 0
+        assert time.monotonic() - start < 15
+        assert notify.next("STOPPING")["STOPPING"] == "1"
+        for pid in pids:
+            wait_until(lambda: not os.path.exists(f"/proc/{pid}"), what=f"worker {pid} gone")
+    finally:
+        notify.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_a_refused_reload_stops_the_roll(tmp_path: Path, echo_backend) -> None:
+    """A broken certificate: the first worker's pre-flight check refuses it, the supervisor
+    does not try the second, and both keep serving."""
+    import shutil
+
+    cert, key = tmp_path / "site.pem", tmp_path / "site.key"
+    shutil.copy(CERTS / "ecdsa-p256.pem", cert)
+    shutil.copy(CERTS / "ecdsa-p256.key", key)
+    port = free_port()
+    env = os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(tmp_path)}
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ironsocket", "serve", "--cert", str(cert), "--key", str(key),
+                                 "--workers", "2", "--listen", f"127.0.0.1:{port}",
+                                 "--backend", f"{echo_backend[0]}:{echo_backend[1]}"],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        wait_until(lambda: "all 2 workers serving" in log.read_text(), what="two workers serving")
+        cert.write_text("garbage\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "the other workers keep their current program" in log.read_text(), what="roll stopped")
+        text = log.read_text()
+        assert text.count("reload refused") == 1 and text.count("reload requested (SIGHUP)") == 2  # supervisor + worker 0
+        assert re.search(r"worker 0 \(pid \d+\): reload not done: the new program failed its "
+                         r"start-up check", text), text[-2000:]
+        assert proc.poll() is None
+        for i in range(4):
+            c = tls_connect(port)
+            c.sendall(b"x%d" % i)
+            assert c.recv(8) == b"x%d" % i
+            c.close()
+        assert "Traceback" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
