@@ -102,6 +102,18 @@ class ProxyProcess(ManagedProcess):
     host: str = "127.0.0.1"
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Git keeps no permissions but the executable bit: the test PKI's private keys check out
+    0644, and `serve` rightly warns about a key others can read (one more line in every output a
+    test reads). Keys are 0600 in real use; make the fixtures so too. (In the VM the checkout is
+    read-only and the host suite has already done it.)"""
+    for key in _CERTS.glob("*.key"):
+        try:
+            key.chmod(0o600)
+        except OSError:
+            pass
+
+
 @pytest.fixture
 def echo_backend() -> Iterator[tuple[str, int]]:
     """tests/echo_backend.py as a subprocess; yields (host, port)."""

@@ -112,8 +112,12 @@ def test_a_privileged_port_as_non_root_says_how_to_allow_it() -> None:
         pytest.skip("this kernel lets anyone bind port 443 (net.ipv4.ip_unprivileged_port_start)")
     run_dir = tempfile.mkdtemp()
     os.chown(run_dir, 65534, 65534)
+    key = Path(run_dir) / "ecdsa-p256.key"  # the user's own key, 0600 (the fixture's is root's)
+    key.write_bytes((CERTS / "ecdsa-p256.key").read_bytes())
+    key.chmod(0o600)
+    os.chown(key, 65534, 65534)
     result = run("serve", "--listen", "127.0.0.1:443", "--backend", "127.0.0.1:9",
-                 "--cert", str(CERTS / "ecdsa-p256.pem"), "--key", str(CERTS / "ecdsa-p256.key"),
+                 "--cert", str(CERTS / "ecdsa-p256.pem"), "--key", str(key),
                  env={"IRONSOCKET_RUN_DIR": run_dir, "HOME": run_dir},
                  prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
                          "--bounding-set=-all"))

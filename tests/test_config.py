@@ -287,6 +287,7 @@ def make_cert(tmp_path: Path, name: str, not_before, not_after) -> tuple[Path, P
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
+    key_path.chmod(0o600)  # as a key should be (no permission warning in the output)
     return cert_path, key_path
 
 
