@@ -158,17 +158,22 @@ def test_sigterm_logs_drain_progress_then_close_notify(cert_server) -> None:
     assert "Traceback" not in server.text()
 
 
+def closed_then_exited(server, clients: list[socket.socket]) -> None:
+    """Every client sees the connection end, then the server exits 0."""
+    for c in clients:
+        c.settimeout(TIMEOUT)
+        assert c.recv(10) == b""
+        c.close()
+    assert server.proc.wait(TIMEOUT) == 0
+
+
 def test_sigquit_closes_every_connection_now(cert_server) -> None:
     """SIGQUIT: no drain (here 60 s): close_notify to every connection at once, exit 0."""
     server = cert_server("--drain-timeout", "60")
     clients = idle_clients(server.port, 3)
     start = time.monotonic()
     server.proc.send_signal(signal.SIGQUIT)
-    for c in clients:
-        c.settimeout(TIMEOUT)
-        assert c.recv(10) == b""
-        c.close()
-    assert server.proc.wait(TIMEOUT) == 0
+    closed_then_exited(server, clients)
     assert time.monotonic() - start < 10
     assert re.search(r"fast stop \(SIGQUIT\): close_notify to 3 connections now", server.text())
 
@@ -179,11 +184,7 @@ def test_sigquit_during_a_drain_ends_it(cert_server) -> None:
     server.proc.send_signal(signal.SIGINT)
     server.wait_for(r"draining: 2 connections left")
     server.proc.send_signal(signal.SIGQUIT)
-    for c in clients:
-        c.settimeout(TIMEOUT)
-        assert c.recv(10) == b""
-        c.close()
-    assert server.proc.wait(TIMEOUT) == 0
+    closed_then_exited(server, clients)
     assert "fast stop (SIGQUIT) while draining: close_notify to 2 connections now" in server.text()
 
 

@@ -301,17 +301,23 @@ def test_upgrade_to_a_broken_program_keeps_serving(server: Server, tmp_path: Pat
     finish(streamer)
 
 
+def checked_then_different(tmp_path: Path, name: str, extra_args: str) -> Path:
+    """A new program that passes the pre-flight check as the real one, and once exec'd runs
+    with ``extra_args`` added (what makes its restore fail)."""
+    prog = tmp_path / name
+    prog.write_text(
+        "#!/bin/sh\n"
+        f'for a in "$@"; do [ "$a" = --upgrade-check ] && exec {sys.executable} -m ironsocket "$@"; done\n'
+        f'exec {sys.executable} -m ironsocket "$@" {extra_args}\n'
+    )
+    prog.chmod(0o755)
+    return prog
+
+
 def test_restore_failure_after_exec_rolls_back(server: Server, tmp_path: Path) -> None:
     """A new program that passes the check but cannot restore (here: its certificate vanished)
     execs the previous program back; the connections survive and the caller learns why."""
-    lying = tmp_path / "lying-ironsocket"
-    real = sys.executable
-    lying.write_text(
-        "#!/bin/sh\n"
-        f'for a in "$@"; do [ "$a" = --upgrade-check ] && exec {real} -m ironsocket "$@"; done\n'
-        f'exec {real} -m ironsocket "$@" --cert /nonexistent/cert.pem --key /nonexistent/key.pem\n'
-    )
-    lying.chmod(0o755)
+    lying = checked_then_different(tmp_path, "lying-ironsocket", "--cert /nonexistent/cert.pem --key /nonexistent/key.pem")
     streamer = flowing_streamer(server, 11)
     result = server.upgrade("--exec", str(lying))
     assert result.returncode != 0, result.stdout
@@ -473,13 +479,7 @@ def test_new_program_whose_admin_port_is_taken_rolls_back(tmp_path: Path, echo_b
     taken = socket.create_server(("127.0.0.1", 0))
     server = Server(tmp_path, echo_backend[1], "--admin", "127.0.0.1:0")
     try:
-        other_admin = tmp_path / "other-admin-ironsocket"
-        other_admin.write_text(
-            "#!/bin/sh\n"
-            f'for a in "$@"; do [ "$a" = --upgrade-check ] && exec {sys.executable} -m ironsocket "$@"; done\n'
-            f'exec {sys.executable} -m ironsocket "$@" --admin 127.0.0.1:{taken.getsockname()[1]}\n'
-        )
-        other_admin.chmod(0o755)
+        other_admin = checked_then_different(tmp_path, "other-admin-ironsocket", f"--admin 127.0.0.1:{taken.getsockname()[1]}")
         streamer = flowing_streamer(server, 31)
         result = server.upgrade("--exec", str(other_admin))
         assert result.returncode != 0, result.stdout
