@@ -213,9 +213,24 @@ class _Limits:
     def setup_limits(self, request_timeout: float, max_connections: int) -> None:
         self.request_timeout = request_timeout
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._max_connections = max_connections
         self._reading: dict[socket.socket, float] = {}  # connection -> deadline of its request
         self._guard = threading.Lock()
         self.closing = threading.Event()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until no request is being answered (every slot free); False after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        taken = 0
+        try:
+            while taken < self._max_connections:
+                if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    return False
+                taken += 1
+            return True
+        finally:
+            for _ in range(taken):
+                self._slots.release()
 
     def watch(self, sock: socket.socket) -> bool:
         with self._guard:
@@ -370,6 +385,23 @@ class AdminServer:
         self._thread.start()
         self._reaper.start()
         log.info("admin endpoint on %s", self.address)
+
+    def pause(self, timeout: float) -> None:
+        """Before an exec upgrade: accept nothing new (the listening socket stays open: a probe
+        waits in the backlog and the next program answers it) and let the requests being
+        answered finish (the exec would cut them: a load balancer would see a reset)."""
+        if self._thread is not None:
+            self._httpd.shutdown()  # serve_forever returns; the socket stays open
+            self._thread.join(timeout)
+            self._thread = None
+        self._httpd.drain(timeout)
+
+    def resume(self) -> None:
+        """The upgrade did not happen: answer again."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                            name="is-admin", daemon=True)
+            self._thread.start()
 
     def stop(self) -> None:
         self._httpd.closing.set()

@@ -274,7 +274,8 @@ class Runtime:
                      "demo_fd": self.demo.fileno() if self.demo else None,
                      "admin_fd": self.admin.fileno() if self.admin else None}
             upgrade.perform(self.server, upgrade.target_program(exec_path), reply=conn.sock if conn else None, extra=extra,
-                            dump_path=str(self.state_dump) if self.state_dump else None)
+                            dump_path=str(self.state_dump) if self.state_dump else None,
+                            also_pause=[self.admin] if self.admin else [])
         except Exception as exc:  # noqa: BLE001 - on the main thread now: a bug must not end the process
             if not isinstance(exc, upgrade.UpgradeError):
                 log.debug("upgrade: unexpected error", exc_info=True)  # the traceback at --log-level debug

@@ -54,6 +54,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import ktls
@@ -316,14 +317,31 @@ def _restore_connection(conn: dict[str, Any], client: socket.socket, backend: so
 
 # -- performing one ------------------------------------------------------------------------------
 def perform(server: ProxyServer, target: list[str], reply: socket.socket | None = None,
-            extra: dict[str, Any] | None = None, dump_path: str | None = None) -> None:
+            extra: dict[str, Any] | None = None, dump_path: str | None = None,
+            also_pause: Sequence[Any] = ()) -> None:
     """Check, quiesce, snapshot and exec. Returns only if the upgrade did not happen (raises
-    UpgradeError with the reason after resuming everything)."""
+    UpgradeError with the reason after resuming everything). ``also_pause``: other services
+    whose listener is carried (the admin endpoint), paused with the server (``pause()``:
+    finish what is in progress, take nothing new) and resumed if the exec does not happen."""
     identity = _identity(target[0])  # the file the check runs: exec'd only if still the same
     report = check_target(target)
     log.info("upgrade: target checked: %s", report.splitlines()[-1] if report else "")
+    paused: list[Any] = []
+    try:  # first, so that its wait (up to its poll interval) does not lengthen the connections' pause
+        for service in also_pause:
+            service.pause(PARK_DEADLINE)
+            paused.append(service)
+    except BaseException:
+        for service in paused:
+            service.resume()
+        raise
     started = time.monotonic()
-    server.pause(HANDSHAKE_DEADLINE, PARK_DEADLINE)
+    try:
+        server.pause(HANDSHAKE_DEADLINE, PARK_DEADLINE)
+    except BaseException:
+        for service in paused:
+            service.resume()
+        raise
     try:
         if _identity(target[0]) != identity:
             raise UpgradeError(f"{target[0]} changed after its start-up check; not running it")
@@ -335,6 +353,8 @@ def perform(server: ProxyServer, target: list[str], reply: socket.socket | None 
                  (time.monotonic() - started) * 1000, " ".join(target))
         exec_with_state(target, doc)
     except BaseException as exc:
+        for service in paused:
+            service.resume()
         server.resume()
         if isinstance(exc, UpgradeError):
             raise

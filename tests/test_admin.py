@@ -333,3 +333,51 @@ def test_admin_unix_socket_replaces_only_a_stale_socket(tmp_path: Path) -> None:
     with pytest.raises(AdminError, match=f"admin socket path {path} is a regular file"):
         AdminServer([], unix=str(path))
     assert path.read_text() == "keep\n"
+
+
+def test_healthz_never_refuses_through_upgrades(tmp_path: Path, echo_backend) -> None:
+    """Issue 13.4: the admin listener is carried over exec like the TLS listener, so a load
+    balancer polling /healthz every 10 ms through 5 upgrades is never refused (a probe that
+    arrives while the program execs waits in the backlog and is answered after). It used to be
+    closed and bound again: ~0.5 s of refused probes per upgrade."""
+    import urllib.error
+
+    from tests.test_upgrade import Server
+
+    server = Server(tmp_path, echo_backend[1], "--admin", "127.0.0.1:0")
+    try:
+        import re
+
+        port = int(server.wait_for(r"admin endpoint on http://127\.0\.0\.1:(\d+)/").group(1))
+        stop = threading.Event()
+        seen = {"ok": 0, "refused": 0}
+        other: list[str] = []
+
+        def poll() -> None:
+            while not stop.is_set():
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=60) as resp:
+                        seen["ok" if resp.status == 200 else "refused"] += 1
+                except urllib.error.URLError as exc:
+                    if isinstance(exc.reason, ConnectionRefusedError):
+                        seen["refused"] += 1
+                    else:
+                        other.append(repr(exc))
+                except OSError as exc:
+                    other.append(repr(exc))
+                time.sleep(0.01)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        for n in range(1, 6):
+            result = server.upgrade()
+            assert result.returncode == 0, result.stderr
+            server.wait_for(r"upgrade: restored (\d+) connections", count=n)
+        time.sleep(0.2)
+        stop.set()
+        poller.join(70)
+        assert seen["refused"] == 0 and not other, (seen, other[:3])
+        assert seen["ok"] > 50, seen
+        assert len(re.findall(r"admin endpoint on", server.text())) >= 1
+    finally:
+        server.close()

@@ -142,7 +142,7 @@ class Server:
 
 @pytest.fixture
 def server(tmp_path: Path, echo_backend) -> Iterator[Server]:
-    srv = Server(tmp_path, echo_backend[1])
+    srv = Server(tmp_path, echo_backend[1], "--admin", "127.0.0.1:0")
     yield srv
     srv.close()
     print("--- server log (tail) ---\n" + "\n".join(srv.text().splitlines()[-80:]))  # shown on failure
@@ -537,6 +537,7 @@ def test_target_replaced_after_its_check_is_not_run(server: Server, tmp_path: Pa
     assert result.returncode != 0, result.stdout
     assert "changed after its start-up check" in result.stderr, result.stderr
     assert target.read_text() == broken  # it was replaced indeed
+    assert admin_get(server) == 200  # paused for the exec that did not happen, answering again
     before = streamer.verified
     wait_until(lambda: streamer.verified > before, what="stream still flowing")
     assert echo_once(server.port, b"still serving") == b"still serving"
