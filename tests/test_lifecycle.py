@@ -2,7 +2,9 @@
 
 SIGHUP = reload (the exec upgrade to the same program, which re-reads the certificate files),
 SIGUSR2 = upgrade, SIGTERM/SIGINT = graceful stop with drain progress, SIGQUIT = fast stop.
-Streams are the byte-exact `Streamer`s of test_upgrade.
+Streams are the byte-exact `Streamer`s of test_upgrade. Host only (not marked ``ktls``):
+signals and notifications do not depend on the record layer, and the exec upgrade with kTLS
+connections is tested in the VM by test_upgrade; an upgrade costs minutes under emulation.
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ import pytest
 
 from tests.helpers import CERTS, ROOT
 from tests.test_upgrade import TIMEOUT, Server, echo_backend, echo_once, finish, flowing_streamer, wait_until  # noqa: F401
-
-pytestmark = pytest.mark.ktls
 
 
 class CertServer(Server):
