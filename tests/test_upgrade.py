@@ -434,6 +434,8 @@ def test_failure_at_every_startup_step_rolls_back_with_the_current_state(tmp_pat
     try:
         pid, steps = server.proc.pid, [s for s in STARTUP_STEPS if s not in ("demo", "confirm")]
         assert steps == ["proxy", "admin", "control", "relay"]  # a new step needs a look here
+        if IN_VM:  # each failed upgrade costs minutes under emulation: the first and the last
+            steps = ["proxy", "relay"]
         step_file = tmp_path / "fail-at"
         prog = failing_program(tmp_path, step_file)
         streamers = [flowing_streamer(server, 20 + i) for i in range(3)]
@@ -458,8 +460,10 @@ def test_failure_at_every_startup_step_rolls_back_with_the_current_state(tmp_pat
             for i in range(3):
                 counted.send(b"pong %s %d" % (step.encode(), i))
                 assert counted.recv_exact(len(step) + 7) == b"pong %s %d" % (step.encode(), i)
-            mine = [c for c in inspect(server) if c["client"] == "127.0.0.1:%d" % counted.sock.getsockname()[1]]
-            assert [(c["tx"]["rec_seq"], c["rx"]["rec_seq"]) for c in mine] == [(counted.records_received, counted.records_sent)]
+            if not IN_VM or step == steps[-1]:  # (inspect-keys is a Python start: slow in the VM)
+                mine = [c for c in inspect(server) if c["client"] == "127.0.0.1:%d" % counted.sock.getsockname()[1]]
+                assert [(c["tx"]["rec_seq"], c["rx"]["rec_seq"]) for c in mine] == \
+                    [(counted.records_received, counted.records_sent)]
             assert admin_get(server) == 200  # the admin listener came back too
             assert echo_once(server.port, b"new after %s" % step.encode()) == b"new after %s" % step.encode()
             wait_until(lambda: server.fds() == fds, timeout=10, what=f"fd count back to {fds} after {step}")
