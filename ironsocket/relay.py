@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-Two threads per connection, one per direction (the design card's blocking-thread relay), each
-a `Pump` that moves bytes from a source fd to a destination fd:
+Two pumps per connection, one per direction, each a *step* run by an `engine.Engine` loop
+(a few threads for every connection of the process; the design card's blocking-thread relay
+became this: threads that block in the kernel — epoll_wait, splice — never one per connection):
 
 - ``c2b``: client → backend. With kTLS the client socket yields plaintext and the bytes move
   ``client ─splice→ pipe ─splice→ backend`` without entering Python. In userspace mode the
@@ -12,13 +13,13 @@ a `Pump` that moves bytes from a source fd to a destination fd:
   seals records. In userspace mode the pump seals what it reads into the client channel's
   outgoing stream and writes that.
 
-Sockets are non-blocking and every wait is a ``poll`` on the fd (and on the process-wide
-`PauseControl` waker, which the server closes to stop). Every wait is a safe point: whatever a
-pump holds is described by its state — bytes in a splice pipe (the pipe fd is carried over
-exec) or in a Python buffer (carried in the upgrade document); nothing is ever held only in a
-local variable across a wait. That is what makes the exec upgrade possible: a pump blocked in
-``poll`` already counts as parked, and `PauseControl.pause()` only has to wait for the pumps
-that are between two waits; one that wakes while paused blocks before touching anything.
+Sockets are non-blocking. A step does what it can and returns, or raises `engine.WaitFor` (fd,
+events) when it cannot go on; the loop runs it again when the fd is ready. Between two steps is a
+safe point: whatever a pump holds is described by its state — bytes in a splice pipe (the pipe
+fd is carried over exec) or in a Python buffer (carried in the upgrade document); nothing is
+ever held only in a local variable across a wait. That is what makes the exec upgrade possible:
+parking the loops (`Engine.pause`) parks every pump at a safe point. Splice pipes come from
+`PipePool` and are held only while bytes are in them.
 
 Half-close (RFC 8446 §6.1 lets each side close its write half): close_notify (or FIN) from the
 client → ``shutdown(SHUT_WR)`` toward the backend while backend → client keeps flowing; backend
@@ -33,8 +34,8 @@ else close cleanly with the reason logged (Linux 6.1 and 6.12 cannot rekey an in
 Guarantees:
 - every socket and pipe belongs to one `Relay`, which closes each exactly once (``close()``);
 - an error in one direction shuts both sockets down, which wakes the other pump;
-- a wait lasts at most ``idle_timeout``; a connection with no bytes either way for that long
-  is closed with close_notify;
+- a connection with no bytes either way for ``idle_timeout`` is closed with close_notify (the
+  loop's idle scan);
 - while paused, a pump touches nothing and no idle timer runs.
 """
 
@@ -89,86 +90,6 @@ def _shutdown(sock: socket.socket, how: int) -> None:
         sock.shutdown(how)
     except OSError:
         pass
-
-
-# -- pausing (for the exec upgrade) ---------------------------------------------------------------
-class PauseControl:
-    """Parks every pump of a process at a safe point, and lets them go again.
-
-    ``running`` counts pumps that are between safe points. A pump waiting in ``poll`` is at one
-    (`idle` before the wait, `busy` after it), so ``pause()`` wakes nobody: `wait_parked`
-    returns once the pumps that were running have parked (at `park`, or by starting a wait),
-    and then no byte moves and every pump's state is complete in its fields. Waking all
-    20,000 pumps of 10,000 connections to park them took longer than the 5 s quiesce budget.
-    """
-
-    def __init__(self) -> None:
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        lock = threading.Lock()
-        # Two conditions on one lock: parking pumps wake only the upgrade thread, and resume
-        # wakes only parked pumps (one shared condition made quiesce O(pumps²) in wake-ups).
-        self._count_changed = threading.Condition(lock)
-        self._resumed = threading.Condition(lock)
-        self.paused = False
-        self.running = 0
-
-    def pause(self) -> None:
-        with self._count_changed:
-            self.paused = True
-
-    def wait_parked(self, timeout: float) -> bool:
-        with self._count_changed:
-            return self._count_changed.wait_for(lambda: self.running == 0, timeout)
-
-    def resume(self) -> None:
-        with self._resumed:
-            self.paused = False
-            try:
-                while os.read(self.wake_r, 4096):
-                    pass
-            except BlockingIOError:
-                pass
-            self._resumed.notify_all()
-
-    def enter(self) -> None:
-        with self._count_changed:
-            self.running += 1
-
-    def leave(self) -> None:
-        with self._count_changed:
-            self.running -= 1
-            if self.running == 0:
-                self._count_changed.notify_all()
-
-    def idle(self) -> None:
-        """A pump is about to wait (a safe point): it stops counting as running."""
-        with self._count_changed:
-            self.running -= 1
-            if self.running == 0:
-                self._count_changed.notify_all()
-
-    def busy(self) -> None:
-        """A pump's wait is over: it counts as running again, once no pause is on."""
-        with self._resumed:
-            if self.paused:
-                self._resumed.wait_for(lambda: not self.paused)
-            self.running += 1
-
-    def park(self) -> None:
-        """Called by a pump at a safe point while paused: blocks until resumed."""
-        with self._resumed:
-            self.running -= 1
-            if self.running == 0:
-                self._count_changed.notify_all()
-            self._resumed.wait_for(lambda: not self.paused)
-            self.running += 1
-
-    def close(self) -> None:
-        for fd in (self.wake_r, self.wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 # -- client channels ------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ kernel (kTLS) or keeps it in userspace, gives its `relay.Relay` to the `engine.E
 epoll loops that move every connection's bytes) and ends. Threads: the accept loop, the relay
 loops and the handshakes in flight — never one per established connection.
 
-The accept loop waits in ``poll``, and a wait is a safe point (`relay.PauseControl`); the relay
+The accept loop waits in ``poll``, and a wait is a safe point (`PauseControl`); the relay
 loops park between two steps (`Engine.pause`); so `pause()` can bring the whole process to a
 safe point for an exec upgrade (`upgrade.py`), and `adopt()` takes over the listener and
 connections a previous program left in the state.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import os
 import select
 import socket
 import threading
@@ -32,7 +33,7 @@ from . import backend as backend_mod
 from .backend import Routes
 from . import ktls
 from .engine import Engine
-from .relay import ClientChannel, KtlsChannel, PauseControl, RecordMode, Relay, UserspaceChannel
+from .relay import ClientChannel, KtlsChannel, RecordMode, Relay, UserspaceChannel
 from .tls13.alerts import RemoteProtocolError
 from .tls13.constants import AlertDescription
 from .tls13.events import NEED_DATA, ClientHelloReceived, HandshakeComplete
@@ -52,6 +53,86 @@ def _alert_label(exc: RemoteProtocolError) -> str:
     return "none"
 
 THREAD_STACK_SIZE = 256 * 1024  # relay threads hold a few frames; the default 8 MiB is waste
+
+
+# -- pausing the accept loop (for the exec upgrade) -----------------------------------------------
+class PauseControl:
+    """Parks the accept loop at a safe point, and lets it go again (the relays' pumps are parked
+    by `engine.Engine.pause`).
+
+    ``running`` counts the threads between safe points. A thread waiting in ``poll`` is at one
+    (`idle` before the wait, `busy` after it), so ``pause()`` wakes nobody: `wait_parked`
+    returns once the ones that were running have parked (at `park`, or by starting a wait).
+    """
+
+    def __init__(self) -> None:
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        lock = threading.Lock()
+        # Two conditions on one lock: parking pumps wake only the upgrade thread, and resume
+        # wakes only parked pumps (one shared condition made quiesce O(pumps²) in wake-ups).
+        self._count_changed = threading.Condition(lock)
+        self._resumed = threading.Condition(lock)
+        self.paused = False
+        self.running = 0
+
+    def pause(self) -> None:
+        with self._count_changed:
+            self.paused = True
+
+    def wait_parked(self, timeout: float) -> bool:
+        with self._count_changed:
+            return self._count_changed.wait_for(lambda: self.running == 0, timeout)
+
+    def resume(self) -> None:
+        with self._resumed:
+            self.paused = False
+            try:
+                while os.read(self.wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+            self._resumed.notify_all()
+
+    def enter(self) -> None:
+        with self._count_changed:
+            self.running += 1
+
+    def leave(self) -> None:
+        with self._count_changed:
+            self.running -= 1
+            if self.running == 0:
+                self._count_changed.notify_all()
+
+    def idle(self) -> None:
+        """A pump is about to wait (a safe point): it stops counting as running."""
+        with self._count_changed:
+            self.running -= 1
+            if self.running == 0:
+                self._count_changed.notify_all()
+
+    def busy(self) -> None:
+        """A pump's wait is over: it counts as running again, once no pause is on."""
+        with self._resumed:
+            if self.paused:
+                self._resumed.wait_for(lambda: not self.paused)
+            self.running += 1
+
+    def park(self) -> None:
+        """Called by a pump at a safe point while paused: blocks until resumed."""
+        with self._resumed:
+            self.running -= 1
+            if self.running == 0:
+                self._count_changed.notify_all()
+            self._resumed.wait_for(lambda: not self.paused)
+            self.running += 1
+
+    def close(self) -> None:
+        for fd in (self.wake_r, self.wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
 
 
 def _shutdown_quietly(sock: socket.socket) -> None:
