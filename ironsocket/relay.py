@@ -329,7 +329,7 @@ class PipePool:
     its two sockets and nothing else (two pipes per connection were 4 of its 6 fds, and the fd
     limit is what caps a process's connections). Only empty pipes are ever put back."""
 
-    def __init__(self, keep: int = 64) -> None:
+    def __init__(self, keep: int) -> None:
         self.keep = keep
         self._free: list[tuple[int, int]] = []
         self._lock = threading.Lock()
@@ -369,7 +369,8 @@ def pipe_bytes(fd: int) -> int:
     return buf[0]
 
 
-_PIPES = PipePool()
+PIPE_POOL_KEEP = 64  # empty pipes kept for reuse (per process)
+_PIPES = PipePool(PIPE_POOL_KEEP)
 
 
 # -- the relay ------------------------------------------------------------------------------------
