@@ -49,10 +49,7 @@ log = logging.getLogger("ironsocket.engine")
 
 STEP_BUDGET = 16  # steps a pump may run in a row before the others get their turn
 DEFAULT_LOOPS = 2
-_ONESHOT = select.EPOLLONESHOT
-# poll(2) names (what pumps say they wait for) → epoll's, which have the same values on Linux.
-READABLE = select.POLLIN
-WRITABLE = select.POLLOUT
+_ONESHOT = select.EPOLLONESHOT  # pumps wait for poll(2)'s POLLIN/POLLOUT: the same bits as epoll's
 
 
 class WaitFor(Exception):

@@ -71,13 +71,10 @@ class Early:
             adopt(alive, ended)
             self._handler = on_done
 
-    # -- what roll_back_live needs of a server, before there is one -------------------------------
+    # -- what roll_back_live needs of a server (pause, snapshot), before there is one --------------
     def pause(self, handshake_deadline: float, park_deadline: float) -> None:
         if not self.engine.pause(park_deadline):
             raise upgrade.UpgradeError(f"the relay loops did not reach a safe point in {park_deadline:g}s")
-
-    def resume(self) -> None:
-        self.engine.resume()
 
     def snapshot(self) -> dict[str, Any]:
         """The document's server part, with the connections as they are now (while paused)."""
