@@ -97,28 +97,26 @@ class PauseControl:
         with self._count_changed:
             self.running += 1
 
-    def leave(self) -> None:
+    def idle(self) -> None:
+        """The thread is about to wait (a safe point): it stops counting as running."""
         with self._count_changed:
             self.running -= 1
             if self.running == 0:
                 self._count_changed.notify_all()
 
-    def idle(self) -> None:
-        """A pump is about to wait (a safe point): it stops counting as running."""
-        with self._count_changed:
-            self.running -= 1
-            if self.running == 0:
-                self._count_changed.notify_all()
+    def leave(self) -> None:
+        """The thread ends: it stops counting, as at a wait that never ends."""
+        self.idle()
 
     def busy(self) -> None:
-        """A pump's wait is over: it counts as running again, once no pause is on."""
+        """The thread's wait is over: it counts as running again, once no pause is on."""
         with self._resumed:
             if self.paused:
                 self._resumed.wait_for(lambda: not self.paused)
             self.running += 1
 
     def park(self) -> None:
-        """Called by a pump at a safe point while paused: blocks until resumed."""
+        """Called by the thread at a safe point while paused: blocks until resumed."""
         with self._resumed:
             self.running -= 1
             if self.running == 0:

@@ -327,22 +327,14 @@ def perform(server: ProxyServer, target: list[str], reply: socket.socket | None 
     report = check_target(target)
     log.info("upgrade: target checked: %s", report.splitlines()[-1] if report else "")
     paused: list[Any] = []
-    try:  # first, so that its wait (up to its poll interval) does not lengthen the connections' pause
-        for service in also_pause:
+    server_paused = False
+    try:
+        for service in also_pause:  # first: their wait (up to a poll interval) is not the connections' pause
             service.pause(PARK_DEADLINE)
             paused.append(service)
-    except BaseException:
-        for service in paused:
-            service.resume()
-        raise
-    started = time.monotonic()
-    try:
-        server.pause(HANDSHAKE_DEADLINE, PARK_DEADLINE)
-    except BaseException:
-        for service in paused:
-            service.resume()
-        raise
-    try:
+        started = time.monotonic()
+        server.pause(HANDSHAKE_DEADLINE, PARK_DEADLINE)  # resumes by itself if it raises
+        server_paused = True
         if _identity(target[0]) != identity:
             raise UpgradeError(f"{target[0]} changed after its start-up check; not running it")
         doc = document(server, {**(extra or {}), "reply_fd": reply.fileno() if reply is not None else None},
@@ -355,8 +347,9 @@ def perform(server: ProxyServer, target: list[str], reply: socket.socket | None 
     except BaseException as exc:
         for service in paused:
             service.resume()
-        server.resume()
-        if isinstance(exc, UpgradeError):
+        if server_paused:
+            server.resume()
+        if isinstance(exc, UpgradeError) or not server_paused:
             raise
         raise UpgradeError(f"exec failed: {exc}") from None
 
