@@ -154,6 +154,31 @@ class Loop:
     def set_idle_scan(self, seconds: float) -> None:
         self._idle_scan = min(self._idle_scan, max(0.05, seconds))
 
+    # -- while parked (the exec upgrade's bridge, ironsocket.bridge) ----------------------------
+    def release(self, relay: RelayLike) -> None:
+        """(while parked) Let go of ``relay`` as if it had never been added: no registration, no
+        pump queued. Its fds stay open; the caller hands them on."""
+        assert self.parked or not self._thread.is_alive()
+        self.forget(relay)
+        pumps = set(relay.pumps())
+        self._ready = collections.deque(p for p in self._ready if p not in pumps)
+        for fd, waiting in list(self._waiting.items()):
+            for pump in pumps & waiting.keys():
+                del waiting[pump]
+            if not waiting:
+                del self._waiting[fd]
+
+    def after_fork(self) -> None:
+        """(in a child forked while this loop was parked) A thread of its own again, with fresh
+        locks, parked: `resume()` lets it run. The epoll set and its registrations carry over."""
+        self._lock = threading.Lock()
+        self._resumed = threading.Condition(self._lock)
+        self._parked_changed = threading.Condition(self._lock)
+        self._pause_wanted = True
+        self.parked = False
+        self._thread = threading.Thread(target=self._run, name=f"is-{self.name}", daemon=True)
+        self._thread.start()
+
     # -- in the loop thread ----------------------------------------------------------------------
     def add(self, relay: RelayLike) -> None:
         """(loop thread) Start ``relay``'s pumps: each runs its first step soon."""
@@ -326,6 +351,19 @@ class Engine:
         self.paused = False
         for loop in self.loops:
             loop.resume()
+
+    def release(self, relay: RelayLike) -> None:
+        """(while paused) ``relay`` leaves this engine (`Loop.release`)."""
+        for loop in self.loops:
+            if relay in loop.relays:
+                loop.release(relay)
+
+    def after_fork(self) -> None:
+        """(in a child forked while paused) Loop threads again, still paused (`Loop.after_fork`)."""
+        for loop in self.loops:
+            loop.after_fork()
+        for loop in self.loops:
+            loop.wait_parked(time.monotonic() + 5.0)
 
     def stop(self, timeout: float = 5.0) -> None:
         for loop in self.loops:

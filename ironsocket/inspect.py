@@ -149,12 +149,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 # -- upgrade state documents --------------------------------------------------------------------
 STATE_FORMAT = "ironsocket-upgrade"
+STATE_VERSIONS = (1, 2)  # 2 (ironsocket.upgrade.STATE_VERSION) adds the bridge; rows read alike
 
 
 def describe_state(doc: dict[str, Any], *, reveal: bool = False) -> list[dict[str, Any]]:
-    """Rows for an upgrade state document (the minimal documented shape, version 1)::
+    """Rows for an upgrade state document (the minimal documented shape, versions 1 and 2)::
 
-        {"format": "ironsocket-upgrade", "version": 1, "connections": [
+        {"format": "ironsocket-upgrade", "version": 2, "connections": [
             {"id": 1, "client": "127.0.0.1:5000", "backend": "127.0.0.1:8080", "sni": "localhost",
              "alpn": null, "suite": "TLS_AES_128_GCM_SHA256", "mode": "ktls-sw",
              "tx": {"rec_seq": 3, "key": "<hex>", "iv": "<hex>"}, "rx": {...}}, ...]}
@@ -164,8 +165,9 @@ def describe_state(doc: dict[str, Any], *, reveal: bool = False) -> list[dict[st
     """
     if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
         raise ValueError(f'not an upgrade state document (want "format": "{STATE_FORMAT}")')
-    if doc.get("version") != 1:
-        raise ValueError(f"unsupported upgrade state version {doc.get('version')!r} (this build reads version 1)")
+    if doc.get("version") not in STATE_VERSIONS:
+        raise ValueError(f"unsupported upgrade state version {doc.get('version')!r} "
+                         f"(this build reads versions {', '.join(map(str, STATE_VERSIONS))})")
     conns = doc.get("connections")
     if not isinstance(conns, list):
         raise ValueError('"connections" must be a list')

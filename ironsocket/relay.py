@@ -490,8 +490,10 @@ class Relay:
             if not self._aborted:
                 self._abort(f"{name}: {e.__class__.__name__}: {e}")
         except Exception:  # noqa: BLE001 - a bug costs one connection, not the process
-            log.exception("conn=%d %s pump crashed", self.conn_id, name)
-            self._abort(f"{name}: internal error")
+            if not self._aborted:
+                log.exception("conn=%d %s pump crashed", self.conn_id, name)
+                self._abort(f"{name}: internal error")
+            # else: `abort()` from another thread (a stop) closed the session under this step
         self._live -= 1
         if self._live == 0:
             if self._loop is not None:

@@ -76,12 +76,13 @@ class Early:
         if not self.engine.pause(park_deadline):
             raise upgrade.UpgradeError(f"the relay loops did not reach a safe point in {park_deadline:g}s")
 
-    def snapshot(self) -> dict[str, Any]:
-        """The document's server part, with the connections as they are now (while paused)."""
+    def snapshot(self, *, connections: bool = True) -> dict[str, Any]:
+        """The document's server part, with the connections as they are now (while paused),
+        and the bridge, if the document named one (it has not been asked yet)."""
         assert self.engine.paused
         doc = {k: v for k, v in self.doc.items() if k != "connections"}
         doc["connections"] = [upgrade.connection_doc(info) for info, relay in self.restored
-                              if not relay.done.is_set()]
+                              if not relay.done.is_set()] if connections else []
         return doc
 
 
@@ -97,6 +98,8 @@ def start_early() -> None:
     try:
         fd = int(text)
         doc = upgrade.read_memfd(fd)
+        if not doc["connections"]:  # none, or all in the bridge: it relays them meanwhile
+            return
         engine = Engine()
         for conn in doc["connections"]:
             restored.append(upgrade.restore_connection(conn, engine, doc.get("idle_timeout")))

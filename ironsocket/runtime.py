@@ -218,8 +218,11 @@ class Runtime:
         # configuration was loaded), not until the whole start-up was done.
         moving = resume.resumed.resumed_at if resume.resumed is not None else time.time()
         pause_ms = (moving - doc["created"]) * 1000
+        assert self.server is not None
+        if self.server.carried_pause is not None:  # handed over by the bridge: the longest wait
+            pause_ms = self.server.carried_pause * 1000
         failed = os.environ.pop(upgrade.ENV_FAILED, None)
-        n = len(doc["connections"])
+        n = self.server.carried
         log.info("upgrade: restored %d connections in pid %d", n, os.getpid())
         log.info("upgrade: resumed after %.1f ms (start-up complete after %.1f ms)", pause_ms,
                  (time.time() - doc["created"]) * 1000)

@@ -26,14 +26,15 @@ import select
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import backend as backend_mod
 from .backend import Routes
 from . import ktls
 from .engine import Engine
-from .relay import ClientChannel, KtlsChannel, RecordMode, Relay, UserspaceChannel
+from .connection import ConnectionInfo
+from .relay import ClientChannel, KtlsChannel, Relay, UserspaceChannel
 from .tls13.alerts import RemoteProtocolError
 from .tls13.constants import AlertDescription
 from .tls13.events import NEED_DATA, ClientHelloReceived, HandshakeComplete
@@ -171,24 +172,6 @@ class ProxyConfig:
     relay_loops: int = 2  # engine.Engine threads moving every connection's bytes
 
 
-@dataclass
-class ConnectionInfo:
-    """What the registry (and the demo page, admin endpoint) knows about one connection."""
-
-    conn_id: int
-    client_addr: tuple[str, int]
-    started: float = field(default_factory=time.time)
-    server_name: str | None = None
-    alpn_protocol: str | None = None
-    cipher_suite: str | None = None
-    group: str | None = None
-    mode: RecordMode | None = None
-    backend_local_addr: tuple[str, int] | None = None
-    relay: Relay | None = None
-    backend_addr: tuple[str, int] | None = None  # the backend chosen for this connection (admin)
-    closed: bool = False  # relay done, bytes counted in ProxyServer.bytes_closed (admin)
-
-
 def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
     """``HOST:PORT``, ``[v6]:PORT`` or ``PORT`` → (host, port), with a clear error."""
     host, sep, port = text.rpartition(":")
@@ -235,6 +218,11 @@ class ProxyServer:
         self._handshake_cond = threading.Condition(self._lock)
         self._adopted: list[tuple[ConnectionInfo, Relay]] = []
         self.adopted = False  # adopt() took over a previous program's listener and connections
+        self._bridge: Any = None  # bridge.BridgeClient: the previous program's fork holds connections
+        self._unstarted: list[dict[str, Any]] = []  # taken from the bridge, not yet started
+        self._paused_at: float | None = None  # the previous program's pause (monotonic)
+        self.carried = 0  # connections carried over the exec that started this program
+        self.carried_pause: float | None = None  # the longest a carried connection waited (s)
         self._hold_accept = False  # pause(): no new connections while handshakes finish
         self._in_handshake: dict[int, socket.socket] = {}  # conn_id → client socket, until relayed
 
@@ -273,6 +261,8 @@ class ProxyServer:
         for info, relay in self._adopted:  # no thread per connection: a registration each
             self._start_relay(info, relay)
         self._adopted = []
+        if self._bridge is not None:  # the rest are in the previous program's bridge
+            self._drain_bridge()
         self.control.enter()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="is-accept", daemon=True)
         self._accept_thread.start()
@@ -346,23 +336,86 @@ class ProxyServer:
         self.engine.resume()
         self.control.resume()
 
-    def snapshot(self) -> dict:
-        """The upgrade document's server part (only while paused)."""
+    def live_connections(self) -> list[tuple[ConnectionInfo, Relay]]:
+        """(info, relay) of every connection being relayed (while paused: exactly what the
+        state describes)."""
+        with self._lock:
+            return [(i, i.relay) for i in self.connections.values() if i.relay is not None and not i.closed]
+
+    def snapshot(self, *, connections: bool = True) -> dict:
+        """The upgrade document's server part (only while paused). ``connections`` False: a
+        bridge (ironsocket.bridge) is about to hold them; a bridge this program has not drained
+        yet, and what it took from one without starting, are always in."""
         from .upgrade import connection_doc
 
         assert self.control.paused and self.control.running == 0 and self.engine.paused
         assert self._listener is not None
-        with self._lock:
-            live = [i for i in self.connections.values() if i.relay is not None and not i.closed]
-        return {
+        docs = [connection_doc(info) for info, _ in self.live_connections()] if connections else []
+        doc = {
             "idle_timeout": self.config.idle_timeout,  # for the early resume (ironsocket.resume)
             "listener_fd": self._listener.fileno(),
             "listen": list(self.address),
             "next_conn_id": next(self._ids),
-            "connections": [connection_doc(info) for info in live],
+            "connections": docs + self._unstarted,
             "counters": {"handshakes_ok": self.handshakes_ok, "handshakes_failed": self.handshakes_failed,
                          "handshake_failures": self.handshake_failures, "bytes_closed": self.bytes_closed},
         }
+        if self._bridge is not None and not self._bridge.drained:
+            doc["bridge"] = self._bridge.document()
+        return doc
+
+    # -- the bridge (ironsocket.bridge): connections a fork of the previous program relays --------
+    def _drain_bridge(self) -> None:
+        """Take every connection from the bridge, a batch at a time, and start it (each batch's
+        connections wait only for their own hand-over). Records the longest wait."""
+        from .upgrade import restore_connection
+
+        client = self._bridge
+        assert client is not None
+        worst = 0.0
+        from .bridge import BridgeError
+
+        while not client.drained:
+            try:
+                batch, paused_at = client.take()
+            except BridgeError as exc:  # it is gone, and what it held with it: nobody can do better
+                log.critical("upgrade: %s; the connections it still held are lost", exc)
+                client.drained = True
+                break
+            self._unstarted = list(batch)  # until started: a rollback carries them as they came
+            while self._unstarted:
+                info, relay = restore_connection(self._unstarted[0], self.engine, self.config.idle_timeout)
+                self._unstarted.pop(0)
+                self._register(info, relay)
+                self._start_relay(info, relay)
+                self.carried += 1
+            worst = max(worst, time.monotonic() - paused_at)
+        if client.resumed_at is not None and self._paused_at is not None:
+            worst = max(worst, client.resumed_at - self._paused_at)  # the fork's own pause
+        self.carried_pause = worst
+        self.bytes_closed = [a + b for a, b in zip(self.bytes_closed, client.closed_bytes)]
+        client.finish()
+
+    def take_back(self, client: Any) -> None:
+        """(paused; the exec failed after the bridge was forked) Our relays are stale copies: let
+        them go without a byte or a shutdown, and take the connections back from the bridge."""
+        for info, relay in self.live_connections():
+            self.engine.release(relay)
+            held = list(relay.fds())
+            relay.client.sock.detach()
+            relay.backend.detach()
+            for fd in held:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            with self._lock:
+                self.connections.pop(info.conn_id, None)
+            self._slots.release()
+        self._bridge = client
+        self._paused_at = None
+        self._drain_bridge()
+        self._bridge = None
 
     def adopt(self, doc: dict) -> None:
         """Take over the listener and connections of the previous program (before `start`).
@@ -397,6 +450,12 @@ class ProxyServer:
                 self._register(info, relay)
                 self._adopted.append((info, relay))
         self._listener = listener
+        self.carried = len(doc["connections"])
+        if doc.get("bridge") is not None:
+            from .bridge import BridgeClient
+
+            self._bridge = BridgeClient(doc["bridge"]["fd"], doc["bridge"]["pid"])
+            self._paused_at = doc.get("paused_at_monotonic")
         self._ids = itertools.count(doc["next_conn_id"])
         counters = doc.get("counters", {})
         self.handshakes_ok = counters.get("handshakes_ok", 0)

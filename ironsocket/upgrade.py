@@ -16,19 +16,26 @@ the PID stays the same and no second server ever competes for the sockets.
    never finishes its handshake must not be able to veto every upgrade); then
    the relay loops park between two steps (`engine.Engine.pause`): every pump at a safe point. A pump holds its bytes either in its
    splice pipe (kTLS; the pipe fds are carried) or in a Python buffer (carried in the document).
-3. **State.** One JSON document in a sealed memfd (never on disk): format and version, the
-   listener, admin, control and demo fds, and per connection the client, backend and pipe fds, mode,
-   suite, SNI, ALPN, addresses, counters, start time, the traffic secrets and — read back from
-   the kernel at this moment — the key, IV and next rec_seq per direction; for userspace
-   connections also the partial record and buffered bytes. Every fd named in it is made
-   inheritable for this one exec; every other fd stays close-on-exec (Python's default).
-4. **Exec.** ``execv(target)`` with ``IRONSOCKET_UPGRADE_STATE_FD`` in the environment, if the
-   target file is still the one the check ran (else the upgrade is refused); an exec that
-   fails resumes everything.
+3. **Bridge.** The program forks (`bridge`): the child keeps relaying every connection while
+   the new program loads, and hands them over a batch at a time when the new program asks (a
+   connection waits only for its own batch's hand-over, not for the new program's start-up).
+   The connections' fds stay close-on-exec: after the exec only the bridge holds them.
+4. **State and exec.** One JSON document in a sealed memfd (never on disk): format and version,
+   the listener, admin, control and demo fds, the bridge (its socket and pid), and — when a
+   rollback carries connections itself — per connection the client, backend and pipe fds, mode,
+   suite, SNI, ALPN, addresses, counters, start time, the traffic secrets and, read back from the
+   kernel at that moment, the key, IV and next rec_seq per direction; for userspace connections
+   also the partial record and buffered bytes (`connection_doc`: the bridge sends the same
+   description with each connection it hands over). Every fd named in it is made inheritable
+   for this one exec; every other fd stays close-on-exec (Python's default). ``execv(target)``
+   with ``IRONSOCKET_UPGRADE_STATE_FD`` in the environment, if the target file is still the one
+   the check ran (else the upgrade is refused); an exec that fails takes the connections back
+   from the bridge and resumes everything.
 5. **Restore.** The new program validates the document (format, version, every fd open and of
-   the right kind, every kTLS socket's suite and rec_seq read back equal to the document),
-   rebuilds the registry, adopts the admin and control sockets, and only then resumes the pumps
-   and the accept loop (`runtime.STARTUP_STEPS`), and answers the requester.
+   the right kind), adopts the listener, admin and control sockets, and only then takes the
+   connections from the bridge (every kTLS socket's suite and rec_seq read back equal to its
+   description), starts their pumps and the accept loop (`runtime.STARTUP_STEPS`), and answers
+   the requester.
 6. **Rollback.** A restore that fails (bad config, invalid state, a crash in restore code)
    never closes what it inherited, and execs the previous program (``previous_exec``) with
    ``IRONSOCKET_UPGRADE_FAILED`` set to the reason. If nothing was adopted yet, with the same
@@ -36,10 +43,11 @@ the PID stays the same and no second server ever competes for the sockets.
    `roll_back_live` pauses them again and writes a new document, so the previous program
    continues every sequence number where the failed one left it — never a nonce twice.
 
-Remaining window: a crash of the new program between exec and the first line of Python that
-can catch an exception (interpreter start, imports of the standard library), a kill -9 during
-restore, or a previous program that can no longer be exec'd when a rollback needs it, loses the
-connections. The first is the interpreter start-up (tens of ms).
+Remaining window: a crash of the new program between exec and its first line of Python no
+longer loses the connections (the bridge keeps relaying what it still holds until those end; only
+the listener is gone). A kill -9 of the bridge loses what it holds; a kill -9 of the new program
+after the hand-over, or a previous program that can no longer be exec'd when a rollback needs it,
+loses the connections.
 """
 
 from __future__ import annotations
@@ -57,7 +65,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import ktls
+from . import bridge, ktls
+from .connection import ConnectionInfo
 from .engine import Engine
 from .relay import KtlsChannel, PumpState, RecordMode, Relay, RelayStats, UserspaceChannel
 from .tls13.constants import CipherSuite, Group
@@ -65,12 +74,12 @@ from .tls13.handoff import Handoff, TrafficKeys
 from .tls13.session import Session
 
 if TYPE_CHECKING:
-    from .server import ConnectionInfo, ProxyServer
+    from .server import ProxyServer
 
 log = logging.getLogger("ironsocket.upgrade")
 
 STATE_FORMAT = "ironsocket-upgrade"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the connections may be held by a bridge (ironsocket.bridge)
 ENV_STATE_FD = "IRONSOCKET_UPGRADE_STATE_FD"
 ENV_FAILED = "IRONSOCKET_UPGRADE_FAILED"
 CHECK_FLAG = "--upgrade-check"
@@ -185,6 +194,8 @@ def connection_doc(info: ConnectionInfo) -> dict[str, Any]:
 
 def inherited_fds(doc: dict[str, Any]) -> list[int]:
     fds = [fd for key in ("listener_fd", "control_fd", "demo_fd", "admin_fd", "reply_fd") if (fd := doc.get(key)) is not None]
+    if doc.get("bridge") is not None:
+        fds.append(doc["bridge"]["fd"])
     for conn in doc["connections"]:
         fds += [conn["client_fd"], conn["backend_fd"]]
         for direction in ("c2b", "b2c"):
@@ -238,6 +249,9 @@ def validate(doc: dict[str, Any]) -> None:
     for key in ("listener_fd", "control_fd", "demo_fd", "admin_fd"):
         if doc.get(key) is not None:
             _expect(doc[key], stat.S_ISSOCK, key)
+    if doc.get("bridge") is not None:
+        _expect(doc["bridge"]["fd"], stat.S_ISSOCK, "bridge fd")
+        int(doc["bridge"]["pid"])
     for conn in doc.get("connections", []):
         where = f"connection {conn.get('id')}"
         _expect(conn["client_fd"], stat.S_ISSOCK, f"{where} client_fd")
@@ -274,8 +288,6 @@ def restore_connection(conn: dict[str, Any], engine: Engine, idle_timeout: float
 
 def _restore_connection(conn: dict[str, Any], client: socket.socket, backend: socket.socket,
                         engine: Engine, idle_timeout: float | None) -> tuple[Any, Relay]:
-    from .server import ConnectionInfo
-
     suite = CipherSuite[conn["suite"]]
     tx, rx = _keys_from(conn["tx"]), _keys_from(conn["rx"])
     mode = RecordMode(conn["mode"])
@@ -319,15 +331,20 @@ def _restore_connection(conn: dict[str, Any], client: socket.socket, backend: so
 def perform(server: ProxyServer, target: list[str], reply: socket.socket | None = None,
             extra: dict[str, Any] | None = None, dump_path: str | None = None,
             also_pause: Sequence[Any] = ()) -> None:
-    """Check, quiesce, snapshot and exec. Returns only if the upgrade did not happen (raises
+    """Check, quiesce, fork the bridge, exec. Returns only if the upgrade did not happen (raises
     UpgradeError with the reason after resuming everything). ``also_pause``: other services
     whose listener is carried (the admin endpoint), paused with the server (``pause()``:
-    finish what is in progress, take nothing new) and resumed if the exec does not happen."""
+    finish what is in progress, take nothing new) and resumed if the exec does not happen.
+
+    The connections are not in the document: a fork of this program (`bridge`) keeps relaying
+    them while the new program loads, and hands them over when it asks. ``dump_path`` (a
+    debugging aid) describes them as they were at the fork."""
     identity = _identity(target[0])  # the file the check runs: exec'd only if still the same
     report = check_target(target)
     log.info("upgrade: target checked: %s", report.splitlines()[-1] if report else "")
     paused: list[Any] = []
     server_paused = False
+    bridge_client = None
     try:
         for service in also_pause:  # first: their wait (up to a poll interval) is not the connections' pause
             service.pause(PARK_DEADLINE)
@@ -338,15 +355,22 @@ def perform(server: ProxyServer, target: list[str], reply: socket.socket | None 
         if _identity(target[0]) != identity:
             raise UpgradeError(f"{target[0]} changed after its start-up check; not running it")
         doc = document(server, {**(extra or {}), "reply_fd": reply.fileno() if reply is not None else None},
-                       previous_exec=current_program(), paused_at=started)
+                       previous_exec=current_program(), paused_at=started, connections=False)
         if dump_path is not None:
-            dump_state(doc, dump_path)
-        log.info("upgrade: %d connections paused in %.1f ms; exec %s", len(doc["connections"]),
-                 (time.monotonic() - started) * 1000, " ".join(target))
+            dump_state({**doc, "connections": [connection_doc(i) for i, _ in server.live_connections()]}, dump_path)
+        live = server.live_connections()
+        own = [doc[k] for k in ("listener_fd", "control_fd", "demo_fd", "admin_fd", "reply_fd") if doc.get(k) is not None]
+        pid, sock = bridge.fork(server.engine, live, own, lambda: list(server.bytes_closed))
+        bridge_client = bridge.BridgeClient(sock.detach(), pid)
+        doc["bridge"] = bridge_client.document()
+        log.info("upgrade: %d connections paused in %.1f ms, relayed by the bridge (pid %d) until the new "
+                 "program takes them; exec %s", len(live), (time.monotonic() - started) * 1000, pid, " ".join(target))
         exec_with_state(target, doc)
     except BaseException as exc:
         for service in paused:
             service.resume()
+        if bridge_client is not None:  # the exec failed: our copies are stale, the bridge has them
+            server.take_back(bridge_client)
         if server_paused:
             server.resume()
         if isinstance(exc, UpgradeError) or not server_paused:
@@ -364,9 +388,10 @@ def _identity(path: str) -> tuple[int, ...] | None:
 
 
 def document(server: ProxyServer, extra: dict[str, Any], *, previous_exec: list[str] | None,
-             paused_at: float) -> dict[str, Any]:
-    """The state document of a paused server, as it is at this moment."""
-    doc = server.snapshot()
+             paused_at: float, connections: bool = True) -> dict[str, Any]:
+    """The state document of a paused server, as it is at this moment (``connections``: False
+    when a bridge is about to hold them)."""
+    doc = server.snapshot(connections=connections)
     doc.update(extra)
     doc.update(format=STATE_FORMAT, version=STATE_VERSION, pid=os.getpid(), created=time.time(),
                paused_at_monotonic=paused_at, previous_exec=previous_exec)

@@ -1,0 +1,339 @@
+"""The bridge: while the new program loads, a fork of the old one keeps relaying.
+
+Theory of operation
+-------------------
+An exec upgrade replaces the program in place, and everything the new program does before its
+pumps run again — interpreter start, imports, configuration, certificates — used to be a pause
+for every connection (about a tenth of a second on a quiet host, seconds under emulation), and
+rebuilding N connections in one go added to it. The bridge takes both out of the pause:
+
+1. **Fork.** The old program (pid P) pauses as before (accept held, handshakes finished, relay
+   loops parked between two steps), then forks. The child (the *bridge*, pid B) restarts the
+   relay loops (`engine.Engine.after_fork`) and goes on moving every connection's bytes; it
+   accepts nothing and closes its copies of the listeners. P then execs the new program. The
+   connections' fds stay close-on-exec, so after the exec exactly one process holds them: the
+   bridge. The state document names no connection, only the bridge (``bridge``: its end of a
+   socket pair and its pid).
+2. **Hand-over, a batch at a time.** Once the new program (still pid P) has loaded everything
+   and is at the step where bytes may move (``runtime``'s ``relay`` step), it asks the bridge for
+   connections (`BridgeClient.take`). The bridge parks its loops just long enough to release a
+   batch (`engine.Loop.release`: no registration, no queued step), lets the others run again,
+   describes the batch (`upgrade.connection_doc`: rec_seq read back from the kernel, userspace
+   sessions' counters) and sends the descriptions with the fds (SCM_RIGHTS, at most
+   ``BATCH_FDS`` per message), then closes its own copies. The new program rebuilds and starts
+   the batch, and asks again, until the bridge has none left; then the bridge exits and is reaped.
+   A connection's pause is its batch's hand-over: a few milliseconds, whatever the number of
+   connections.
+3. **One owner at any time.** A connection is moved by P until the fork, by the bridge until it
+   released the connection's batch, by the new program after: never two writers, so never a
+   nonce twice. A connection that ends in the bridge is closed there (the only holder: the peer
+   sees the close).
+
+Failures: if the exec fails, P takes its connections back from the bridge the same way (its own
+copies are stale: released and closed first). If the new program fails before it asked, the
+rollback execs the previous program with the same document: that one asks instead. If it fails
+mid-way, the rollback document carries what it had taken (as it is now) and the bridge for the
+rest. If the new program dies, the bridge keeps relaying what it holds until those connections
+end (they have lost only the listener).
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+log = logging.getLogger("ironsocket.upgrade")
+
+BATCH_FDS = 240  # fds per hand-over message (the kernel takes at most SCM_MAX_FD = 253)
+TIMEOUT = 30.0  # one request and its answer, each way
+_HEADER = struct.Struct("!I")
+_MAX_FRAME = 256 << 20
+
+
+class BridgeError(Exception):
+    """The bridge could not be reached, or answered what it should not."""
+
+
+# -- the messages: a JSON object and the fds it names, on a stream socket -------------------------
+def send_frame(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    data = json.dumps(message, separators=(",", ":")).encode()
+    frame = _HEADER.pack(len(data)) + data
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sent = sock.sendmsg([frame], ancillary)
+    if sent < len(frame):
+        sock.sendall(frame[sent:])
+
+
+def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """One message and the fds that came with it (the caller owns them). EOF: BridgeError."""
+    fds: list[int] = []
+    head = b""
+    try:
+        while len(head) < _HEADER.size:
+            # MSG_CMSG_CLOEXEC: like every fd of ours, close-on-exec until an upgrade names it
+            data, ancdata, _flags, _addr = sock.recvmsg(_HEADER.size - len(head), socket.CMSG_SPACE(253 * 4),
+                                                        socket.MSG_CMSG_CLOEXEC)
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    got = array.array("i")
+                    got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
+                    fds += got
+            if not data:
+                raise BridgeError("the bridge closed the connection")
+            head += data
+        (size,) = _HEADER.unpack(head)
+        if size > _MAX_FRAME:
+            raise BridgeError(f"a message of {size} bytes")
+        body = bytearray()
+        while len(body) < size:
+            chunk = sock.recv(min(1 << 20, size - len(body)))
+            if not chunk:
+                raise BridgeError("the bridge closed the connection mid-message")
+            body += chunk
+        message = json.loads(body)
+    except BaseException:
+        _close_all(fds)
+        raise
+    if not isinstance(message, dict):
+        _close_all(fds)
+        raise BridgeError("a message that is not an object")
+    return message, fds
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# -- where a connection's description names fds -----------------------------------------------------
+def connection_fds(conn: dict[str, Any]) -> list[int]:
+    """The fds one `upgrade.connection_doc` entry names, in a fixed order."""
+    fds = [conn["client_fd"], conn["backend_fd"]]
+    for direction in ("c2b", "b2c"):
+        fds += conn[direction]["pipe"] or []
+    return fds
+
+
+def with_fds(conn: dict[str, Any], fds: Sequence[int]) -> dict[str, Any]:
+    """``conn`` naming ``fds`` (in `connection_fds` order) instead of the sender's numbers."""
+    out = dict(conn, client_fd=fds[0], backend_fd=fds[1])
+    i = 2
+    for direction in ("c2b", "b2c"):
+        pipe = conn[direction]["pipe"]
+        if pipe:
+            out[direction] = dict(conn[direction], pipe=list(fds[i:i + len(pipe)]))
+            i += len(pipe)
+    return out
+
+
+# -- the bridge process ---------------------------------------------------------------------------------
+def fork(engine: Any, connections: list[tuple[Any, Any]], close_in_child: Sequence[int],
+         totals: Callable[[], list[int]]) -> tuple[int, socket.socket]:
+    """(while ``engine`` is paused) Fork the bridge; in this process return its pid and our end
+    of the socket pair (inheritable: it goes over the exec). Never returns in the child.
+    ``connections``: (info, relay) of every live connection; ``close_in_child``: listeners and
+    other fds the bridge must not keep; ``totals``: bytes of the connections that closed, read
+    in the child (sent with the last answer)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    pid = os.fork()
+    if pid == 0:  # the bridge
+        code = 70
+        try:
+            ours.close()
+            _close_all(close_in_child)
+            code = _Bridge(theirs, engine, connections, totals).run()
+        except BaseException:  # noqa: BLE001 - a child never returns into the parent's code
+            try:
+                log.exception("upgrade bridge: crashed")
+            except BaseException:  # noqa: BLE001
+                pass
+        finally:
+            for handler in logging.getLogger().handlers:
+                try:
+                    handler.flush()
+                except BaseException:  # noqa: BLE001
+                    pass
+            os._exit(code)
+    theirs.close()
+    ours.set_inheritable(True)
+    return pid, ours
+
+
+class _Bridge:
+    """The forked process: relays until every connection is handed over (see the module doc)."""
+
+    def __init__(self, sock: socket.socket, engine: Any, connections: list[tuple[Any, Any]],
+                 totals: Callable[[], list[int]]) -> None:
+        self.sock, self.engine, self.live, self.totals = sock, engine, list(connections), totals
+        self.base = list(totals())
+
+    def run(self) -> int:
+        for sig in (signal.SIGHUP, signal.SIGUSR2, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)  # an upgrade or reload is the new program's
+        for sig in (signal.SIGTERM, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
+        self.engine.after_fork()
+        self.engine.resume()
+        resumed_at = time.monotonic()
+        self.sock.settimeout(1.0)
+        first = True
+        while True:
+            try:
+                request, fds = recv_frame(self.sock)
+            except TimeoutError:
+                continue
+            except (BridgeError, OSError) as exc:
+                return self._orphaned(exc)
+            _close_all(fds)
+            op = request.get("op")
+            if op == "take":
+                self._give(int(request.get("max_fds", BATCH_FDS)), resumed_at if first else None)
+                first = False
+            elif op == "done":
+                return 0
+            else:
+                send_frame(self.sock, {"error": f"unknown request {op!r}"})
+
+    def _give(self, max_fds: int, resumed_at: float | None) -> None:
+        from .upgrade import connection_doc
+
+        max_fds = max(6, min(max_fds, BATCH_FDS))
+        chosen: list[tuple[Any, Any]] = []
+        count = 0
+        if not self.engine.pause(5.0):
+            self.engine.resume()
+            send_frame(self.sock, {"error": "the bridge's relay loops did not reach a safe point in 5s"})
+            return
+        paused_at = time.monotonic()
+        try:
+            keep = []
+            for info, relay in self.live:
+                if relay.done.is_set():
+                    continue
+                n = len(relay.fds())
+                if count + n > max_fds:
+                    keep.append((info, relay))
+                    continue
+                self.engine.release(relay)
+                chosen.append((info, relay))
+                count += n
+            self.live = keep
+        finally:
+            self.engine.resume()
+        docs = [connection_doc(info) for info, _ in chosen]
+        fds = [fd for doc in docs for fd in connection_fds(doc)]
+        left = sum(1 for _, relay in self.live if not relay.done.is_set())
+        message: dict[str, Any] = {"connections": docs, "left": left, "paused_at": paused_at}
+        if resumed_at is not None:
+            message["resumed_at"] = resumed_at
+        if not docs and not left:
+            now = self.totals()
+            message["closed_bytes"] = [now[0] - self.base[0], now[1] - self.base[1]]
+        send_frame(self.sock, message, fds)
+        for _, relay in chosen:  # in flight now: the receiver holds its own references
+            held = list(relay.fds())
+            relay.client.sock.detach()
+            relay.backend.detach()
+            _close_all(held)
+
+    def _orphaned(self, exc: BaseException) -> int:
+        """The new program is gone: keep what we hold moving until it ends."""
+        left = [relay for _, relay in self.live if not relay.done.is_set()]
+        if left:
+            log.error("upgrade bridge (pid %d): the new program is gone (%s); %d connections continue "
+                      "here until they end", os.getpid(), exc, len(left))
+        for relay in left:
+            while not relay.done.wait(60.0):
+                pass
+        return 0
+
+
+
+# -- the new program's side -----------------------------------------------------------------------------
+class BridgeClient:
+    """The new program's end: `take` batches until `drained`, then `finish`."""
+
+    def __init__(self, fd: int, pid: int) -> None:
+        self.sock = socket.socket(fileno=fd)
+        self.sock.settimeout(TIMEOUT)
+        self.pid = pid
+        self.drained = False
+        self.resumed_at: float | None = None  # when the bridge's loops ran again (monotonic)
+        self.closed_bytes = [0, 0]
+
+    def take(self, max_fds: int = BATCH_FDS) -> tuple[list[dict[str, Any]], float]:
+        """One batch: the connection descriptions naming our fds, and when the bridge paused
+        them (monotonic). An empty list once the bridge holds no more connections."""
+        if self.drained:
+            return [], time.monotonic()
+        try:
+            send_frame(self.sock, {"op": "take", "max_fds": max_fds})
+            reply, fds = recv_frame(self.sock)
+        except (OSError, ValueError) as exc:
+            raise BridgeError(f"the upgrade bridge (pid {self.pid}) did not answer: {exc}") from None
+        try:
+            if "error" in reply:
+                raise BridgeError(f"the upgrade bridge refused: {reply['error']}")
+            docs = reply["connections"]
+            out = []
+            i = 0
+            for conn in docs:
+                n = len(connection_fds(conn))
+                out.append(with_fds(conn, fds[i:i + n]))
+                i += n
+            if i != len(fds):
+                raise BridgeError(f"the upgrade bridge sent {len(fds)} fds for {i}")
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            _close_all(fds)
+            raise BridgeError(f"the upgrade bridge sent a malformed batch: {exc}") from None
+        except BridgeError:
+            _close_all(fds)
+            raise
+        if "resumed_at" in reply:
+            self.resumed_at = float(reply["resumed_at"])
+        if not docs and not reply.get("left"):
+            self.drained = True
+            self.closed_bytes = list(reply.get("closed_bytes", [0, 0]))
+        return out, float(reply["paused_at"])
+
+    def finish(self, timeout: float = 5.0) -> None:
+        """Tell the bridge to exit, and reap it (it is our child: we are the process that forked it)."""
+        try:
+            send_frame(self.sock, {"op": "done"})
+        except OSError:
+            pass
+        self.sock.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                if os.waitstatus_to_exitcode(status) != 0:
+                    log.warning("upgrade bridge (pid %d) exited with %d", self.pid, os.waitstatus_to_exitcode(status))
+                return
+            if time.monotonic() > deadline:
+                log.warning("upgrade bridge (pid %d) still running %gs after the hand-over; killing it", self.pid, timeout)
+                os.kill(self.pid, signal.SIGKILL)
+                timeout, deadline = 0.0, time.monotonic() + 5.0
+            time.sleep(0.01)
+
+    def document(self) -> dict[str, Any]:
+        """For a rollback document: the bridge still holds connections."""
+        fd = self.sock.fileno()
+        return {"fd": fd, "pid": self.pid}
+
