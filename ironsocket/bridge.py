@@ -52,7 +52,7 @@ from typing import Any
 
 log = logging.getLogger("ironsocket.upgrade")
 
-BATCH_FDS = 240  # fds per hand-over message (the kernel takes at most SCM_MAX_FD = 253)
+BATCH_FDS = 64  # fds per hand-over message (a batch's connections wait for the batch; SCM_MAX_FD is 253)
 TIMEOUT = 30.0  # one request and its answer, each way
 _HEADER = struct.Struct("!I")
 _MAX_FRAME = 256 << 20

@@ -159,14 +159,10 @@ class Loop:
         """(while parked) Let go of ``relay`` as if it had never been added: no registration, no
         pump queued. Its fds stay open; the caller hands them on."""
         assert self.parked or not self._thread.is_alive()
-        self.forget(relay)
-        pumps = set(relay.pumps())
-        self._ready = collections.deque(p for p in self._ready if p not in pumps)
-        for fd, waiting in list(self._waiting.items()):
-            for pump in pumps & waiting.keys():
-                del waiting[pump]
-            if not waiting:
-                del self._waiting[fd]
+        self.forget(relay)  # its fds: no registration, no pump waiting on them
+        if self._ready:
+            pumps = set(relay.pumps())
+            self._ready = collections.deque(p for p in self._ready if p not in pumps)
 
     def after_fork(self) -> None:
         """(in a child forked while this loop was parked) A thread of its own again, with fresh

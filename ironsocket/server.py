@@ -370,11 +370,13 @@ class ProxyServer:
         connections wait only for their own hand-over). Records the longest wait."""
         from .upgrade import restore_connection
 
+        from .bridge import BridgeError
+
         client = self._bridge
         assert client is not None
         worst = 0.0
-        from .bridge import BridgeError
-
+        batches = 0
+        began = time.monotonic()
         while not client.drained:
             try:
                 batch, paused_at = client.take()
@@ -390,9 +392,15 @@ class ProxyServer:
                 self._start_relay(info, relay)
                 self.carried += 1
             worst = max(worst, time.monotonic() - paused_at)
+            batches += bool(batch)
+            fork_pause = None
         if client.resumed_at is not None and self._paused_at is not None:
-            worst = max(worst, client.resumed_at - self._paused_at)  # the fork's own pause
-        self.carried_pause = worst
+            fork_pause = client.resumed_at - self._paused_at  # the fork's own pause
+        log.info("upgrade: %d connections taken from the bridge (pid %d) in %d batches over %.1f ms; longest "
+                 "wait for a batch %.1f ms, for the fork %s", self.carried, client.pid, batches,
+                 (time.monotonic() - began) * 1000, worst * 1000,
+                 "-" if fork_pause is None else f"{fork_pause * 1000:.1f} ms")
+        self.carried_pause = max(worst, fork_pause or 0.0)
         self.bytes_closed = [a + b for a, b in zip(self.bytes_closed, client.closed_bytes)]
         client.finish()
 

@@ -44,6 +44,7 @@ import re
 import resource
 import shlex
 import signal
+import socket
 import ssl
 import statistics
 import struct
@@ -263,19 +264,34 @@ def threads_of(pid: int) -> int:
     return -1
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_one(n: int, a, tmp: Path, backend_port: int) -> dict:
-    slog = tmp / f"serve-{n}.log"
-    ctl = tmp / f"ctl-{n}.sock"
-    server = spawn([sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0",
-                    "--backend", f"127.0.0.1:{backend_port}", "--cert", str(CERTS / "ecdsa-p256.pem"),
-                    "--key", str(CERTS / "ecdsa-p256.key"), "--control-socket", str(ctl)],
-                   slog, env=child_env() | {"IRONSOCKET_RUN_DIR": str(tmp)})
+    """N connections through ``a.servers`` server processes sharing one port (SO_REUSEPORT, as
+    `serve --workers` does), each upgraded in turn (a rolling upgrade) --upgrades times."""
+    k_servers = max(1, a.servers)
+    listen = "127.0.0.1:0" if k_servers == 1 else f"127.0.0.1:{free_port()}"
+    servers, slogs, ctls = [], [], []
+    for i in range(k_servers):
+        slogs.append(tmp / f"serve-{n}-{i}.log")
+        ctls.append(tmp / f"ctl-{n}-{i}.sock")
+        servers.append(spawn([sys.executable, "-m", "ironsocket", "serve", "--listen", listen,
+                              "--backend", f"127.0.0.1:{backend_port}", "--cert", str(CERTS / "ecdsa-p256.pem"),
+                              "--key", str(CERTS / "ecdsa-p256.key"), "--control-socket", str(ctls[i]),
+                              *(["--reuse-port"] if k_servers > 1 else [])],
+                             slogs[i], env=child_env() | {"IRONSOCKET_RUN_DIR": str(tmp)}))
     clients = None
-    res: dict = {"n": n, "upgrades": [], "baseline": [], "lost": 0, "mismatch": 0, "errors": []}
+    res: dict = {"n": n, "servers": k_servers, "upgrades": [], "baseline": [], "lost": 0, "mismatch": 0, "errors": []}
     try:
-        port = int(wait_log(slog, r"serving TLS 1\.3 on [\d.]+:(\d+)", server, a.timeout).group(1))
-        pid = server.pid
-        log(f"N={n}: server pid {pid} on port {port}; connecting")
+        ports = [int(wait_log(slog, r"serving TLS 1\.3 on [\d.]+:(\d+)", srv, a.timeout).group(1))
+                 for slog, srv in zip(slogs, servers)]
+        port = ports[0]
+        pids = [srv.pid for srv in servers]
+        log(f"N={n}: server pid(s) {pids} on port {port}; connecting")
         t_conn = time.monotonic()
         clients = Clients(port, n, min(a.clients, n), a.interval, a.timeout)
         while True:
@@ -288,19 +304,21 @@ def run_one(n: int, a, tmp: Path, backend_port: int) -> dict:
         log(f"N={n}: {st['connected']} connected in {time.monotonic() - t_conn:.1f} s (lost {st['lost']}); "
             f"warm-up {a.warmup} s")
         time.sleep(a.warmup)
-        res["threads"] = [threads_of(pid)]  # with every connection open, before any upgrade
+        res["threads"] = [sum(threads_of(pid) for pid in pids)]  # every connection open, before any upgrade
         base_end = time.monotonic()
         status_before = clients.status()
-        upgrade_times: list[float] = []
         for k in range(1, a.upgrades + 1):
             t0 = time.monotonic()
-            up = subprocess.run([sys.executable, "-m", "ironsocket", "upgrade", "--socket", str(ctl),
-                                 "--timeout", str(a.timeout)], capture_output=True, text=True,
-                                env=child_env(), timeout=a.timeout + 10, cwd=ROOT)
+            outs = []
+            for i in range(k_servers):  # one after another, as a rolling upgrade of workers
+                up = subprocess.run([sys.executable, "-m", "ironsocket", "upgrade", "--socket", str(ctls[i]),
+                                     "--timeout", str(a.timeout)], capture_output=True, text=True,
+                                    env=child_env(), timeout=a.timeout + 10, cwd=ROOT)
+                if up.returncode != 0:
+                    raise RuntimeError(f"upgrade {k} of server {i} failed ({up.returncode}): {up.stdout}{up.stderr}")
+                wait_log(slogs[i], r"upgrade: resumed after ([\d.]+) ms", servers[i], a.timeout, count=k)
+                outs.append(up.stdout.strip())
             t1 = time.monotonic()
-            if up.returncode != 0:
-                raise RuntimeError(f"upgrade {k} failed ({up.returncode}): {up.stdout}{up.stderr}")
-            wait_log(slog, r"upgrade: resumed after ([\d.]+) ms", server, a.timeout, count=k)
             # the window is over once every live connection completed a round-trip after it
             deadline = time.monotonic() + a.timeout
             while (st := clients.status())["min_last"] <= t1 and time.monotonic() < deadline:
@@ -310,33 +328,31 @@ def run_one(n: int, a, tmp: Path, backend_port: int) -> dict:
                 res["baseline"] = clients.gaps(base_end - w, base_end, False)
             window = clients.gaps(t0, t1, True)
             gaps = [g for g, _ in window]
-            upgrade_times.append(t1 - t0)
             res["upgrades"].append({"wall_ms": (t1 - t0) * 1000, "gaps_ms": [g * 1000 for g in gaps],
-                                    "rtt_ms": [r * 1000 for _, r in window], "stdout": up.stdout.strip()})
-            log(f"N={n} upgrade {k}: command {1000 * (t1 - t0):.0f} ms, largest client stall "
+                                    "rtt_ms": [r * 1000 for _, r in window], "stdout": " | ".join(outs)})
+            log(f"N={n} upgrade {k}: command(s) {1000 * (t1 - t0):.0f} ms, largest client stall "
                 f"{1000 * max(gaps, default=0):.0f} ms, longest round-trip "
                 f"{1000 * max((r for _, r in window), default=0):.0f} ms, lost {st['lost']}, mismatched {st['mismatch']}"
                 + (f"; first errors: {st['errors'][:3]}" if st["errors"] else ""))
-            assert server.poll() is None and server.pid == pid
+            assert all(srv.poll() is None for srv in servers) and [srv.pid for srv in servers] == pids
             time.sleep(a.settle)
-        res["threads"].append(threads_of(pid))  # after the upgrades, the same connections
-        text = slog.read_text(errors="replace")
-        res["paused_ms"] = [float(x) for x in re.findall(r"upgrade: \d+ connections paused in ([\d.]+) ms", text)]
-        res["resumed_ms"] = [float(x) for x in re.findall(r"upgrade: resumed after ([\d.]+) ms", text)]
-        res["restored"] = [int(x) for x in re.findall(r"upgrade: restored (\d+) connections", text)]
-        # time line from the log's own timestamps: check started -> exec -> restored
+        res["threads"].append(sum(threads_of(pid) for pid in pids))  # after the upgrades, same connections
+        res["paused_ms"], res["resumed_ms"], res["restored"], res["phases"] = [], [], [], []
         stamps = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ \S+: "
-        res["phases"] = []
-        for m_exec in re.finditer(stamps + r"upgrade: \d+ connections paused in", text):
-            t_exec = log_time(m_exec.group(1))
-            after = text[m_exec.end():]
-            m_rest = re.search(stamps + r"upgrade: restored", after)
-            m_first = re.search(stamps, after)  # first line written by the exec'd program
-            if m_rest:
-                res["phases"].append({"exec_to_first_log_ms": (log_time(m_first.group(1)) - t_exec) * 1000,
-                                      "exec_to_restored_ms": (log_time(m_rest.group(1)) - t_exec) * 1000})
-        m_checks = re.findall(stamps + r"upgrade: target checked", text)
-        res["check_log"] = len(m_checks)
+        for slog in slogs:
+            text = slog.read_text(errors="replace")
+            res["paused_ms"] += [float(x) for x in re.findall(r"upgrade: \d+ connections paused in ([\d.]+) ms", text)]
+            res["resumed_ms"] += [float(x) for x in re.findall(r"upgrade: resumed after ([\d.]+) ms", text)]
+            res["restored"] += [int(x) for x in re.findall(r"upgrade: restored (\d+) connections", text)]
+            # time line from the log's own timestamps: exec -> restored (the whole new program's start-up)
+            for m_exec in re.finditer(stamps + r"upgrade: \d+ connections paused in", text):
+                t_exec = log_time(m_exec.group(1))
+                after = text[m_exec.end():]
+                m_rest = re.search(stamps + r"upgrade: restored", after)
+                m_first = re.search(stamps, after)  # first line written by the exec'd program
+                if m_rest:
+                    res["phases"].append({"exec_to_first_log_ms": (log_time(m_first.group(1)) - t_exec) * 1000,
+                                          "exec_to_restored_ms": (log_time(m_rest.group(1)) - t_exec) * 1000})
         totals = clients.close()
         clients = None
         res["lost"], res["mismatch"], res["rtts"] = totals["lost"], totals["mismatch"], totals["rtts"]
@@ -345,7 +361,8 @@ def run_one(n: int, a, tmp: Path, backend_port: int) -> dict:
     finally:
         if clients is not None:
             clients.close()
-        kill_group(server)
+        for srv in servers:
+            kill_group(srv)
 
 
 # ------------------------------------------------------------------ start-up costs of a new program
@@ -404,7 +421,11 @@ def render(results: list[dict], a, env: dict, command: str, load0: str, load1: s
          f"overlapping the upgrade window (command start → command returned); median over all "
          f"connections and upgrades / max. *Baseline*: the same statistic over a window of equal "
          f"length just before the first upgrade (no upgrade running). *Round-trip*: per connection the "
-         f"longest ping → echo overlapping the same windows (without the think time).", "",
+         f"longest ping → echo overlapping the same windows (without the think time). *Pause*: the "
+         f"server's own number, the longest any connection waited (the fork, or its batch's hand-over "
+         f"from the bridge to the new program); *exec → restored*: the new program's whole start-up, "
+         f"during which the bridge relays. With several processes (SO_REUSEPORT, as `serve --workers`), "
+         f"each is upgraded in turn and threads are summed.", "",
          "| connections | server threads | upgrades | upgrade command ms | quiesce ms (`paused in`) | pause ms (`resumed after`) "
          "| exec → restored ms (log) | largest client stall ms (median / max) | baseline gap ms (median / max) "
          "| longest round-trip ms, upgrade (median / max) | baseline round-trip ms (median / max) "
@@ -424,7 +445,8 @@ def render(results: list[dict], a, env: dict, command: str, load0: str, load1: s
 
         stall, bl = mm(gaps), mm(base)
         threads = " / ".join(str(t) for t in r.get("threads", [])) or "—"
-        L.append(f"| {r['n']} | {threads} | {len(r['upgrades'])} | {trio([u['wall_ms'] for u in r['upgrades']])} "
+        label = f"{r['n']}" + (f" ({r['servers']} processes)" if r.get("servers", 1) > 1 else "")
+        L.append(f"| {label} | {threads} | {len(r['upgrades'])} | {trio([u['wall_ms'] for u in r['upgrades']])} "
                  f"| {trio(r['paused_ms'])} | {trio(r['resumed_ms'])} "
                  f"| {trio([p['exec_to_restored_ms'] for p in r['phases']])} | {stall} | {bl} "
                  f"| {mm(rtt)} | {mm(base_rtt)} "
@@ -460,6 +482,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of streaming before the first upgrade")
     p.add_argument("--settle", type=float, default=1.0, help="seconds between upgrades")
     p.add_argument("--clients", type=int, default=2, help="asyncio client processes (default 2)")
+    p.add_argument("--servers", type=int, default=1,
+                   help="server processes on one port (SO_REUSEPORT, as serve --workers), upgraded one after another "
+                        "(default 1; 2 for 10,000 connections under a 20,000-fd limit)")
     p.add_argument("--interval", type=float, default=0.0, help="think time between pings, seconds (default 0)")
     p.add_argument("--timeout", type=float, default=60.0, help="per-step timeout, seconds")
     p.add_argument("--no-startup", action="store_true", help="skip timing a fresh interpreter's start-up")
