@@ -152,7 +152,9 @@ STATE_FORMAT = "ironsocket-upgrade"
 
 
 def describe_state(doc: dict[str, Any], *, reveal: bool = False) -> list[dict[str, Any]]:
-    """Rows for an upgrade state document (the minimal documented shape, version 1)::
+    """Rows for an upgrade state document (the minimal documented shape, version 1; version 2,
+    what `ironsocket serve --upgrade-state-dump` writes, has the same ``connections`` in each
+    entry of ``listeners``)::
 
         {"format": "ironsocket-upgrade", "version": 1, "connections": [
             {"id": 1, "client": "127.0.0.1:5000", "backend": "127.0.0.1:8080", "sni": "localhost",
@@ -164,8 +166,14 @@ def describe_state(doc: dict[str, Any], *, reveal: bool = False) -> list[dict[st
     """
     if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
         raise ValueError(f'not an upgrade state document (want "format": "{STATE_FORMAT}")')
-    if doc.get("version") != 1:
-        raise ValueError(f"unsupported upgrade state version {doc.get('version')!r} (this build reads version 1)")
+    if doc.get("version") == 2:  # one entry per listener (serve --config): every listener's connections
+        listeners = doc.get("listeners")
+        if not isinstance(listeners, list) or not all(isinstance(e, dict) and isinstance(e.get("connections"), list)
+                                                      for e in listeners):
+            raise ValueError('"listeners" must be a list of objects with a "connections" list')
+        doc = {"connections": [conn for entry in listeners for conn in entry["connections"]]}
+    elif doc.get("version") != 1:
+        raise ValueError(f"unsupported upgrade state version {doc.get('version')!r} (this build reads versions 1 and 2)")
     conns = doc.get("connections")
     if not isinstance(conns, list):
         raise ValueError('"connections" must be a list')

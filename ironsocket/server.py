@@ -26,6 +26,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,7 +208,9 @@ def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int
 class ProxyServer:
     """Accepts TLS clients and relays them to one backend. `start()`, then `stop()`."""
 
-    def __init__(self, config: ProxyConfig) -> None:
+    def __init__(self, config: ProxyConfig, ids: Iterator[int] | None = None) -> None:
+        """``ids``: where connection ids come from, shared by the listeners of one process (so
+        an id names one connection of the process); default: this server's own count from 1."""
         self.config = config
         self.ktls_probe = ktls.probe()
         if config.ktls is KtlsMode.REQUIRE and not self.ktls_probe.available:
@@ -219,7 +222,8 @@ class ProxyServer:
         self.use_ktls = config.ktls is not KtlsMode.OFF and self.ktls_probe.available
         self.connections: dict[int, ConnectionInfo] = {}
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
+        self._shared_ids = ids is not None
+        self._ids: Iterator[int] = ids if ids is not None else itertools.count(1)
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
@@ -252,21 +256,32 @@ class ProxyServer:
             return "userspace (kTLS off by --ktls off)"
         return f"userspace (kTLS unavailable: {self.ktls_probe.reason})"
 
+    def bind(self, sock: socket.socket | None = None) -> None:
+        """Listen now (before `start`): on ``sock`` if given (a socket systemd passed), else
+        bind ``config.listen``. StartupError if the address cannot be bound. Does nothing if
+        this server already has its listener (bound, or adopted from a previous program)."""
+        if self._listener is not None:
+            return
+        if sock is not None:
+            self._listener = sock
+            return
+        host, port = self.config.listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.config.reuse_port:  # --workers: each worker process binds the same port
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            listener.bind((host, port))
+            listener.listen(self.config.backlog)
+        except OSError as exc:
+            listener.close()
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        self._listener = listener
+
     def start(self) -> None:
-        if self._listener is None:
-            host, port = self.config.listen
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            listener = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if self.config.reuse_port:  # --workers: each worker process binds the same port
-                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                listener.bind((host, port))
-                listener.listen(self.config.backlog)
-            except OSError as exc:
-                listener.close()
-                raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-            self._listener = listener
+        self.bind()
+        assert self._listener is not None
         self._listener.setblocking(False)
         threading.stack_size(THREAD_STACK_SIZE)
         self.engine.start()
@@ -347,7 +362,7 @@ class ProxyServer:
         self.control.resume()
 
     def snapshot(self) -> dict:
-        """The upgrade document's server part (only while paused)."""
+        """This listener's entry in the upgrade document's ``listeners`` (only while paused)."""
         from .upgrade import connection_doc
 
         assert self.control.paused and self.control.running == 0 and self.engine.paused
@@ -355,6 +370,7 @@ class ProxyServer:
         with self._lock:
             live = [i for i in self.connections.values() if i.relay is not None and not i.closed]
         return {
+            "name": self.config.name,  # what the next program's configuration matches it by
             "idle_timeout": self.config.idle_timeout,  # for the early resume (ironsocket.resume)
             "listener_fd": self._listener.fileno(),
             "listen": list(self.address),
@@ -364,17 +380,16 @@ class ProxyServer:
                          "handshake_failures": self.handshake_failures, "bytes_closed": self.bytes_closed},
         }
 
-    def adopt(self, doc: dict) -> None:
-        """Take over the listener and connections of the previous program (before `start`).
-        If they were resumed early (`resume.start_early`, before the configuration was loaded),
-        take over that running set. On failure every inherited fd is left open (for the rollback
-        to the previous program)."""
-        from . import resume
+    def adopt(self, doc: dict, early: Any = None) -> None:
+        """Take over one listener and its connections of the previous program (before `start`):
+        ``doc`` is its entry in the upgrade document's ``listeners``. If they were resumed early
+        (``early``: its `resume.Early`, resumed before the configuration was loaded), take over
+        that running set. On failure every inherited fd is left open (for the rollback to the
+        previous program)."""
         from .upgrade import restore_connection
 
-        early = resume.resumed
         listener = socket.socket(fileno=doc["listener_fd"])
-        if early is not None and early.doc is doc:
+        if early is not None:
             try:
                 self._adopt_running(early)
             except BaseException:
@@ -397,7 +412,8 @@ class ProxyServer:
                 self._register(info, relay)
                 self._adopted.append((info, relay))
         self._listener = listener
-        self._ids = itertools.count(doc["next_conn_id"])
+        if not self._shared_ids:  # shared: the runtime continues the count of every listener
+            self._ids = itertools.count(doc["next_conn_id"])
         counters = doc.get("counters", {})
         self.handshakes_ok = counters.get("handshakes_ok", 0)
         self.handshakes_failed = counters.get("handshakes_failed", 0)

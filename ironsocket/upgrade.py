@@ -17,7 +17,9 @@ the PID stays the same and no second server ever competes for the sockets.
    the relay loops park between two steps (`engine.Engine.pause`): every pump at a safe point. A pump holds its bytes either in its
    splice pipe (kTLS; the pipe fds are carried) or in a Python buffer (carried in the document).
 3. **State.** One JSON document in a sealed memfd (never on disk): format and version, the
-   listener, admin, control and demo fds, and per connection the client, backend and pipe fds, mode,
+   admin, control and demo fds, and per listener (``listeners``: one entry per `ProxyServer`,
+   in order: its name, listening fd, address, id counter, counters and connections) and per
+   connection the client, backend and pipe fds, mode,
    suite, SNI, ALPN, addresses, counters, start time, the traffic secrets and — read back from
    the kernel at this moment — the key, IV and next rec_seq per direction; for userspace
    connections also the partial record and buffered bytes. Every fd named in it is made
@@ -54,7 +56,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import ktls
@@ -70,7 +72,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ironsocket.upgrade")
 
 STATE_FORMAT = "ironsocket-upgrade"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: one entry per listener (``listeners``), for `serve --config`
 ENV_STATE_FD = "IRONSOCKET_UPGRADE_STATE_FD"
 ENV_FAILED = "IRONSOCKET_UPGRADE_FAILED"
 CHECK_FLAG = "--upgrade-check"
@@ -99,11 +101,13 @@ def target_program(exec_path: str | None) -> list[str]:
     return [exec_path, *sys.argv[1:]]
 
 
-def check_target(argv: list[str]) -> str:
-    """Run the target with ``--upgrade-check``; return its report or raise UpgradeError."""
+def check_target(argv: list[str], env: dict[str, str] | None = None) -> str:
+    """Run the target with ``--upgrade-check`` (``env``: added to its environment); return its
+    report or raise UpgradeError."""
+    child_env = {k: v for k, v in os.environ.items() if k != ENV_STATE_FD} | (env or {})
     try:
         proc = subprocess.run([*argv, CHECK_FLAG], capture_output=True, text=True, timeout=CHECK_TIMEOUT,
-                              stdin=subprocess.DEVNULL, env={k: v for k, v in os.environ.items() if k != ENV_STATE_FD})
+                              stdin=subprocess.DEVNULL, env=child_env)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise UpgradeError(f"cannot run the new program {argv[0]}: {exc}") from None
     out = (proc.stdout + proc.stderr).strip()
@@ -184,12 +188,20 @@ def connection_doc(info: ConnectionInfo) -> dict[str, Any]:
 
 
 def inherited_fds(doc: dict[str, Any]) -> list[int]:
-    fds = [fd for key in ("listener_fd", "control_fd", "demo_fd", "admin_fd", "reply_fd") if (fd := doc.get(key)) is not None]
-    for conn in doc["connections"]:
-        fds += [conn["client_fd"], conn["backend_fd"]]
-        for direction in ("c2b", "b2c"):
-            fds += conn[direction]["pipe"] or []
+    """Every fd the document names (they must survive the exec)."""
+    fds = [fd for key in ("control_fd", "demo_fd", "admin_fd", "reply_fd") if (fd := doc.get(key)) is not None]
+    for entry in doc["listeners"]:
+        fds.append(entry["listener_fd"])
+        for conn in entry["connections"]:
+            fds += [conn["client_fd"], conn["backend_fd"]]
+            for direction in ("c2b", "b2c"):
+                fds += conn[direction]["pipe"] or []
     return fds
+
+
+def connection_count(doc: dict[str, Any]) -> int:
+    """The connections a document carries, over every listener."""
+    return sum(len(entry["connections"]) for entry in doc["listeners"])
 
 
 def write_memfd(doc: dict[str, Any]) -> int:
@@ -235,18 +247,31 @@ def validate(doc: dict[str, Any]) -> None:
         raise StateError(f"not an {STATE_FORMAT} document")
     if doc.get("version") != STATE_VERSION:
         raise StateError(f"state version {doc.get('version')} (this program reads {STATE_VERSION})")
-    for key in ("listener_fd", "control_fd", "demo_fd", "admin_fd"):
+    for key in ("control_fd", "demo_fd", "admin_fd"):
         if doc.get(key) is not None:
             _expect(doc[key], stat.S_ISSOCK, key)
-    for conn in doc.get("connections", []):
-        where = f"connection {conn.get('id')}"
-        _expect(conn["client_fd"], stat.S_ISSOCK, f"{where} client_fd")
-        _expect(conn["backend_fd"], stat.S_ISSOCK, f"{where} backend_fd")
-        for direction in ("c2b", "b2c"):
-            for fd in conn[direction]["pipe"] or []:
-                _expect(fd, stat.S_ISFIFO, f"{where} {direction} pipe")
-        CipherSuite[conn["suite"]]
-        RecordMode(conn["mode"])
+    listeners = doc.get("listeners")
+    if not isinstance(listeners, list) or not listeners:
+        raise StateError("the document names no listener")
+    names = [entry.get("name") if isinstance(entry, dict) else None for entry in listeners]
+    for n, entry in enumerate(listeners):
+        if (not isinstance(entry, dict) or not isinstance(entry.get("connections"), list)
+                or not isinstance(entry.get("listener_fd"), int) or not isinstance(entry.get("name", ""), str)):
+            raise StateError(f"listeners[{n}] is not a listener entry (name, listener_fd, connections)")
+        entry.setdefault("name", "")
+        if entry["name"] and names.count(entry["name"]) > 1:
+            raise StateError(f"listener name {entry['name']!r} twice in the document")
+        label = f"listener {entry['name'] or n}"
+        _expect(entry["listener_fd"], stat.S_ISSOCK, f"{label} listener_fd")
+        for conn in entry["connections"]:
+            where = f"{label} connection {conn.get('id')}"
+            _expect(conn["client_fd"], stat.S_ISSOCK, f"{where} client_fd")
+            _expect(conn["backend_fd"], stat.S_ISSOCK, f"{where} backend_fd")
+            for direction in ("c2b", "b2c"):
+                for fd in conn[direction]["pipe"] or []:
+                    _expect(fd, stat.S_ISFIFO, f"{where} {direction} pipe")
+            CipherSuite[conn["suite"]]
+            RecordMode(conn["mode"])
 
 
 def _expect(fd: int, kind: Any, what: str) -> None:
@@ -316,40 +341,55 @@ def _restore_connection(conn: dict[str, Any], client: socket.socket, backend: so
 
 
 # -- performing one ------------------------------------------------------------------------------
-def perform(server: ProxyServer, target: list[str], reply: socket.socket | None = None,
+Progress = Callable[[str, dict[str, Any]], None]
+"""``progress(phase, details)``: told as each phase of `perform` begins (``check``, ``quiesce``,
+``exec``), for `ironsocket upgrade` to print them as they happen."""
+
+
+def perform(servers: Sequence[ProxyServer], target: list[str], reply: socket.socket | None = None,
             extra: dict[str, Any] | None = None, dump_path: str | None = None,
-            also_pause: Sequence[Any] = ()) -> None:
+            also_pause: Sequence[Any] = (), progress: Progress | None = None,
+            check_env: dict[str, str] | None = None) -> None:
     """Check, quiesce, snapshot and exec. Returns only if the upgrade did not happen (raises
-    UpgradeError with the reason after resuming everything). ``also_pause``: other services
-    whose listener is carried (the admin endpoint), paused with the server (``pause()``:
-    finish what is in progress, take nothing new) and resumed if the exec does not happen."""
+    UpgradeError with the reason after resuming everything). ``servers``: every listener's
+    `ProxyServer`, carried in this order. ``also_pause``: other services whose listener is
+    carried (the admin endpoint), paused with the servers (``pause()``: finish what is in
+    progress, take nothing new) and resumed if the exec does not happen. ``check_env``: for the
+    check child (what it must verify the new configuration against: `runtime.ENV_LISTENERS`)."""
+    tell = progress or (lambda phase, details: None)
     identity = _identity(target[0])  # the file the check runs: exec'd only if still the same
-    report = check_target(target)
+    tell("check", {"program": " ".join(target)})
+    report = check_target(target, check_env)
     log.info("upgrade: target checked: %s", report.splitlines()[-1] if report else "")
     paused: list[Any] = []
-    server_paused = False
+    servers_paused: list[ProxyServer] = []
     try:
+        tell("quiesce", {"listeners": len(servers),
+                         "connections": sum(len(server.connections) for server in servers)})
         for service in also_pause:  # first: their wait (up to a poll interval) is not the connections' pause
             service.pause(PARK_DEADLINE)
             paused.append(service)
         started = time.monotonic()
-        server.pause(HANDSHAKE_DEADLINE, PARK_DEADLINE)  # resumes by itself if it raises
-        server_paused = True
+        for server in servers:
+            server.pause(HANDSHAKE_DEADLINE, PARK_DEADLINE)  # resumes by itself if it raises
+            servers_paused.append(server)
         if _identity(target[0]) != identity:
             raise UpgradeError(f"{target[0]} changed after its start-up check; not running it")
-        doc = document(server, {**(extra or {}), "reply_fd": reply.fileno() if reply is not None else None},
+        doc = document(servers, {**(extra or {}), "reply_fd": reply.fileno() if reply is not None else None},
                        previous_exec=current_program(), paused_at=started)
         if dump_path is not None:
             dump_state(doc, dump_path)
-        log.info("upgrade: %d connections paused in %.1f ms; exec %s", len(doc["connections"]),
+        n = connection_count(doc)
+        log.info("upgrade: %d connections paused in %.1f ms; exec %s", n,
                  (time.monotonic() - started) * 1000, " ".join(target))
+        tell("exec", {"connections": n, "listeners": len(servers)})
         exec_with_state(target, doc)
     except BaseException as exc:
         for service in paused:
             service.resume()
-        if server_paused:
+        for server in servers_paused:
             server.resume()
-        if isinstance(exc, UpgradeError) or not server_paused:
+        if isinstance(exc, UpgradeError) or len(servers_paused) < len(servers):
             raise
         raise UpgradeError(f"exec failed: {exc}") from None
 
@@ -363,10 +403,11 @@ def _identity(path: str) -> tuple[int, ...] | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def document(server: ProxyServer, extra: dict[str, Any], *, previous_exec: list[str] | None,
+def document(servers: Sequence[Any], extra: dict[str, Any], *, previous_exec: list[str] | None,
              paused_at: float) -> dict[str, Any]:
-    """The state document of a paused server, as it is at this moment."""
-    doc = server.snapshot()
+    """The state document of paused servers (anything with ``snapshot()`` → a listener entry:
+    a `ProxyServer`, a `resume.Early`, a `Carried` entry), as it is at this moment."""
+    doc: dict[str, Any] = {"listeners": [server.snapshot() for server in servers]}
     doc.update(extra)
     doc.update(format=STATE_FORMAT, version=STATE_VERSION, pid=os.getpid(), created=time.time(),
                paused_at_monotonic=paused_at, previous_exec=previous_exec)
@@ -415,7 +456,21 @@ def rollback(doc: dict[str, Any], state_fd: int, reason: str) -> None:
     os.execve(previous[0], previous, env)
 
 
-def roll_back_live(server: ProxyServer, extra: dict[str, Any], doc: dict[str, Any], state_fd: int,
+class Carried:
+    """A listener entry of the inherited document that nothing in this program took over yet
+    (no byte of its connections moved here): a rollback carries it exactly as it came."""
+
+    def __init__(self, entry: dict[str, Any]) -> None:
+        self.entry = entry
+
+    def pause(self, handshake_deadline: float, park_deadline: float) -> None:
+        pass
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.entry
+
+
+def roll_back_live(servers: Sequence[Any], extra: dict[str, Any], doc: dict[str, Any], state_fd: int,
                    reason: str) -> None:
     """After a failure in a program that has adopted the connections (and may have moved bytes):
     pause them, write the state as it is *now* and exec the previous program with it. The old
@@ -426,10 +481,11 @@ def roll_back_live(server: ProxyServer, extra: dict[str, Any], doc: dict[str, An
                      "the carried connections are lost", reason)
         raise StateError(f"restore failed ({reason}) and the document names no previous program")
     log.error("upgrade: restore failed: %s; rolling back to %s with the current state", reason, " ".join(previous))
-    server.pause(HANDSHAKE_DEADLINE, PARK_DEADLINE)
+    for server in servers:
+        server.pause(HANDSHAKE_DEADLINE, PARK_DEADLINE)
     # previous_exec None: if the previous program cannot restore either, there is nowhere to go
     # (going back and forth would never end).
-    now = document(server, extra, previous_exec=None, paused_at=time.monotonic())
+    now = document(servers, extra, previous_exec=None, paused_at=time.monotonic())
     # What we inherited and do not pass on (the old document, fds of connections that ended
     # here) must not leak into the previous program.
     for fd in {*inherited_fds(doc), state_fd} - set(inherited_fds(now)):

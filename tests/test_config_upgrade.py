@@ -1,0 +1,209 @@
+"""`serve --config FILE` under the same lifecycle as the flags (issue 13): two listeners, live
+byte-exact streams on both, SIGUSR2, SIGHUP (certificate rotation, a broken certificate
+refused), `ironsocket upgrade` printing its phases, and the flags that conflict with --config.
+
+Real processes: `python -m ironsocket serve --config` on certificate files of the test's own, the
+echo backend of test_upgrade, CPython ssl clients. Host only (not marked ``ktls``): the exec
+upgrade of kTLS connections is test_upgrade's, in the VM.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ironsocket import control
+from tests.helpers import CERTS, ROOT
+from tests.test_lifecycle import leaf_der, served_leaf
+from tests.test_upgrade import TIMEOUT, Server, Streamer, echo_backend, echo_once, finish, wait_until  # noqa: F401
+
+NAMES = ("web", "api")
+
+
+def write_config(tmp: Path, backend_port: int, listeners: tuple[str, ...] = NAMES,
+                 ports: dict[str, int] | None = None) -> Path:
+    """Two (or the given) listeners, each with its own certificate files in ``tmp``."""
+    text = ""
+    for name in listeners:
+        port = (ports or {}).get(name, 0)
+        text += (f'[[listeners]]\nname = "{name}"\nlisten = "127.0.0.1:{port}"\nbackend = "127.0.0.1:{backend_port}"\n'
+                 f'certs = [{{ cert = "{tmp / name}.pem", key = "{tmp / name}.key" }}]\n\n')
+    path = tmp / "ironsocket.toml"
+    path.write_text(text)
+    return path
+
+
+def set_cert(tmp: Path, listener: str, name: str) -> None:
+    shutil.copy(CERTS / f"{name}.pem", tmp / f"{listener}.pem")
+    shutil.copy(CERTS / f"{name}.key", tmp / f"{listener}.key")
+
+
+class ConfigServer(Server):
+    """test_upgrade's Server, but `serve --config FILE` (ports by listener name)."""
+
+    def __init__(self, tmp: Path, config: Path, *extra: str) -> None:
+        self.log_path = tmp / "serve.log"
+        self.control = tmp / "ctl.sock"
+        self.log = self.log_path.open("w")
+        env = os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(tmp)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ironsocket", "serve", "--config", str(config), "--control-socket",
+             str(self.control), *extra],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.wait_for(r"serving TLS 1\.3 on [\d.]+:\d+ \(api\)")
+        self.ports = {m.group(2): int(m.group(1)) for m in
+                      re.finditer(r"serving TLS 1\.3 on [\d.]+:(\d+) \((\w+)\)", self.text())}
+        self.port = self.ports["web"]
+
+
+@pytest.fixture
+def config_server(tmp_path: Path, echo_backend) -> Iterator[ConfigServer]:
+    for name in NAMES:
+        set_cert(tmp_path, name, "ecdsa-p256")
+    srv = ConfigServer(tmp_path, write_config(tmp_path, echo_backend[1]))
+    srv.tmp = tmp_path  # type: ignore[attr-defined]
+    srv.backend_port = echo_backend[1]  # type: ignore[attr-defined]
+    yield srv
+    srv.close()
+    print("--- server log (tail) ---\n" + "\n".join(srv.text().splitlines()[-80:]))  # shown on failure
+
+
+def streams_on_both(server: ConfigServer, per_listener: int = 2) -> list[Streamer]:
+    streamers = [Streamer(server.ports[name], 100 * i + n) for i, name in enumerate(NAMES) for n in range(per_listener)]
+    for s in streamers:
+        s.start()
+    for s in streamers:
+        assert s.connected.wait(TIMEOUT)
+    wait_until(lambda: all(s.verified > 0 for s in streamers), what="every stream flowing")
+    return streamers
+
+
+def still_flowing(streamers: list[Streamer], what: str) -> None:
+    for s in streamers:
+        assert s.error is None, f"stream {s.index}: {s.error!r}"
+    progress = [s.verified for s in streamers]
+    wait_until(lambda: all(s.verified > p for s, p in zip(streamers, progress)), what=f"every stream flowing {what}")
+
+
+def connection_ids(server: ConfigServer) -> list[int]:
+    answer = control.request(server.control, {"command": "connections"}, timeout=TIMEOUT)
+    assert answer["ok"], answer
+    return [row["id"] for row in answer["connections"]]
+
+
+def test_usr2_hup_and_upgrade_carry_both_listeners(config_server: ConfigServer) -> None:
+    """Two listeners, two streams each: SIGUSR2, then SIGHUP after a certificate rotation on one
+    listener, then `ironsocket upgrade`: same PID, every stream byte-exact throughout, the
+    rotated listener serves the new certificate and the other one its own."""
+    server = config_server
+    tmp: Path = server.tmp  # type: ignore[attr-defined]
+    pid = server.proc.pid
+    streamers = streams_on_both(server)
+    ids = connection_ids(server)
+    assert len(ids) == 4 and len(set(ids)) == 4, ids  # one id per connection of the process
+
+    os.kill(pid, signal.SIGUSR2)
+    server.wait_for(r"upgrade: restored 4 connections in pid (\d+) \(2 listeners\)")
+    assert server.proc.poll() is None and server.proc.pid == pid
+    still_flowing(streamers, "after SIGUSR2")
+    assert sorted(connection_ids(server)) == sorted(ids)  # the same connections, the same ids
+
+    set_cert(tmp, "web", "alpha.test")  # rotation: the same files, another certificate
+    os.kill(pid, signal.SIGHUP)
+    server.wait_for(r"reload done \(SIGHUP\): .*; 4 connections carried")
+    assert server.proc.poll() is None and server.proc.pid == pid
+    assert served_leaf(server.ports["web"]) == leaf_der("alpha.test")
+    assert served_leaf(server.ports["api"]) == leaf_der("ecdsa-p256")
+    still_flowing(streamers, "after SIGHUP")
+
+    result = server.upgrade()
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["check", "quiesce", "exec", "upgraded"], result.stdout
+    assert "pausing 2 listeners, 4 connections" in lines[1], lines[1]
+    assert lines[2].startswith("exec: 4 connections paused"), lines[2]
+    assert re.match(rf"upgraded: restored 4 connections in pid {pid} ", lines[3]), lines[3]
+    assert server.proc.pid == pid
+    still_flowing(streamers, "after ironsocket upgrade")
+    # A new client on each listener after all of it.
+    assert echo_once(server.ports["api"], b"api after three upgrades") == b"api after three upgrades"
+    for s in streamers:
+        finish(s)
+    assert "Traceback" not in server.text()
+
+
+def test_hup_with_a_broken_certificate_is_refused_on_every_listener(config_server: ConfigServer) -> None:
+    server = config_server
+    tmp: Path = server.tmp  # type: ignore[attr-defined]
+    pid = server.proc.pid
+    streamers = streams_on_both(server)
+    (tmp / "api.pem").write_text("-----BEGIN CERTIFICATE-----\nbroken by the operator\n-----END CERTIFICATE-----\n")
+    set_cert(tmp, "web", "alpha.test")  # a good change in the same reload is not applied either
+    os.kill(pid, signal.SIGHUP)
+    m = server.wait_for(r"reload refused: (.*)")
+    assert "start-up check" in m.group(1) and "still serving with the current program" in m.group(1), m.group(1)
+    assert "api.pem" in server.text()  # the check's own error names the file
+    assert server.proc.poll() is None and server.proc.pid == pid
+    assert served_leaf(server.ports["web"]) == leaf_der("ecdsa-p256")
+    assert served_leaf(server.ports["api"]) == leaf_der("ecdsa-p256")
+    still_flowing(streamers, "after the refused reload")
+    assert echo_once(server.ports["web"], b"still served") == b"still served"
+    # Fixed: the next HUP applies both.
+    set_cert(tmp, "api", "alpha.test")
+    os.kill(pid, signal.SIGHUP)
+    server.wait_for(r"reload done \(SIGHUP\): .*; 4 connections carried")
+    assert served_leaf(server.ports["web"]) == leaf_der("alpha.test")
+    assert served_leaf(server.ports["api"]) == leaf_der("alpha.test")
+    still_flowing(streamers, "after the reload")
+    for s in streamers:
+        finish(s)
+    assert "Traceback" not in server.text()
+
+
+def test_reload_adds_a_listener_and_refuses_to_drop_one_with_connections(config_server: ConfigServer) -> None:
+    """The new image re-reads the file: a listener added is bound; one removed while it has
+    connections is refused by the pre-flight (a reload never ends connections)."""
+    server = config_server
+    tmp: Path = server.tmp  # type: ignore[attr-defined]
+    backend: int = server.backend_port  # type: ignore[attr-defined]
+    pid = server.proc.pid
+    streamers = streams_on_both(server, per_listener=1)
+    config = write_config(tmp, backend, ("web",), ports=server.ports)  # "api" gone, its stream alive
+    os.kill(pid, signal.SIGHUP)
+    m = server.wait_for(r"reload refused: (.*)")
+    assert "listener api is not in the configuration any more and has 1 connections" in m.group(1), m.group(1)
+    still_flowing(streamers, "after the refused reload")
+
+    set_cert(tmp, "admin", "ecdsa-p256")
+    write_config(tmp, backend, ("web", "api", "admin"), ports=server.ports)
+    assert config.exists()
+    os.kill(pid, signal.SIGHUP)
+    server.wait_for(r"reload done \(SIGHUP\): .*; 2 connections carried")
+    port = int(server.wait_for(r"serving TLS 1\.3 on [\d.]+:(\d+) \(admin\)").group(1))
+    assert echo_once(port, b"the new listener") == b"the new listener"
+    assert server.proc.pid == pid
+    still_flowing(streamers, "after the reload that added a listener")
+    for s in streamers:
+        finish(s)
+    assert "Traceback" not in server.text()
+
+
+@pytest.mark.parametrize("flag", [["--ktls", "require"], ["--listen", "127.0.0.1:9443"], ["--workers", "2", "--admin", "127.0.0.1:0"]])
+def test_flags_that_conflict_with_config_are_an_error(tmp_path: Path, flag: list[str]) -> None:
+    for name in NAMES:
+        set_cert(tmp_path, name, "ecdsa-p256")
+    config = write_config(tmp_path, 9, ports={"web": 18443, "api": 18444})
+    res = subprocess.run([sys.executable, "-m", "ironsocket", "serve", "--config", str(config), *flag],
+                         capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
+                         env=os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(tmp_path)})
+    assert res.returncode == 2, res.stdout + res.stderr
+    [line] = [l for l in res.stderr.splitlines() if l.strip()]
+    assert line.startswith("ironsocket: error: ") and flag[0] in line, line
