@@ -144,8 +144,11 @@ def serve(
     kept), SIGUSR2 upgrade, SIGTERM/SIGINT graceful stop (--drain-timeout), SIGQUIT fast stop."""
     if log_level.lower() not in LOG_LEVELS:
         _fail(f"--log-level {log_level!r}: not a log level; choose from {', '.join(LOG_LEVELS)}")
+    from .server import WORKER
+
+    where = f" worker={WORKER} pid=%(process)d" if WORKER else ""  # --workers: whose line it is
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s")
     from .admin import AdminError
 
     if upgrade_state_dump is not None:  # written at each upgrade: refuse a bad path now, not then
@@ -198,7 +201,8 @@ def serve(
         raise typer.Exit(0)
     if workers > 1:
         if any(config.listen[1] == 0 for config in configs):
-            _fail("--workers needs a fixed listen port (with port 0 each worker would get its own)")
+            where = "--listen port" if config_file is None else "listen port in every [[listeners]] table"
+            _fail(f"--workers needs a fixed {where} (with port 0 each worker would get its own)")
         if control_socket is not None or has_admin:
             _fail("--control-socket and --admin ([admin] in a configuration file) name one socket; with --workers "
                   "each worker has its own control socket (ironsocket upgrade / inspect-keys --pid PID) and an "

@@ -29,6 +29,7 @@ from typing import Any
 
 from . import ktls
 from .control import ControlError
+from .server import WORKER
 
 SYS_PIDFD_OPEN = 434  # x86_64 (and every arch since 5.3's unified numbering)
 SYS_PIDFD_GETFD = 438
@@ -74,7 +75,7 @@ def connection_rows(server: Any, *, reveal: bool) -> list[dict[str, Any]]:
         if relay is None:
             continue  # still in the handshake: nothing in the record layer yet
         row: dict[str, Any] = {
-            "id": info.conn_id,
+            "id": info.ref if WORKER else info.conn_id,  # unique per machine with --workers: "W.N"
             "client": _addr(info.client_addr),
             "backend": None,
             "sni": info.server_name,

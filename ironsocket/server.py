@@ -141,6 +141,17 @@ def _shutdown_quietly(sock: socket.socket) -> None:
         pass
 
 
+ENV_WORKER = "IRONSOCKET_WORKER"  # set by the --workers supervisor: this worker's index (workers.py)
+WORKER = os.environ.get(ENV_WORKER) or None
+
+
+def conn_ref(conn_id: int) -> str:
+    """How logs and the control socket name a connection: its id, or ``<worker>.<id>`` in a
+    worker of ``--workers`` (ids count per process: the worker index makes them unique per
+    machine, across upgrades too: the index survives the exec in the environment)."""
+    return f"{WORKER}.{conn_id}" if WORKER else str(conn_id)
+
+
 class KtlsMode(enum.Enum):
     AUTO = "auto"
     REQUIRE = "require"
@@ -188,6 +199,11 @@ class ConnectionInfo:
     relay: Relay | None = None
     backend_addr: tuple[str, int] | None = None  # the backend chosen for this connection (admin)
     closed: bool = False  # relay done, bytes counted in ProxyServer.bytes_closed (admin)
+
+    @property
+    def ref(self) -> str:
+        """The connection's name in logs and on the control socket (`conn_ref`)."""
+        return conn_ref(self.conn_id)
 
 
 def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -339,7 +355,7 @@ class ProxyServer:
             done = self._handshake_cond.wait_for(lambda: self._handshaking == 0, handshake_deadline)
             cut = [] if done else list(self._in_handshake.items())
         for conn_id, sock in cut:
-            log.info("conn=%d handshake cut: not finished when the upgrade began", conn_id)
+            log.info("conn=%s handshake cut: not finished when the upgrade began", conn_ref(conn_id))
             _shutdown_quietly(sock)  # its thread sees EOF/an error and ends
         if cut:
             with self._lock:
@@ -531,15 +547,15 @@ class ProxyServer:
                                               server_name=info.server_name, alpn=info.alpn_protocol,
                                               cipher=info.cipher_suite)
             except OSError as exc:
-                log.warning("conn=%d backend %s:%d unreachable: %s", info.conn_id, *spec.address, exc)
+                log.warning("conn=%s backend %s:%d unreachable: %s", info.ref, *spec.address, exc)
                 self._alert_after_handshake(sock, handoff, AlertDescription.internal_error)
                 return
             backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             info.backend_local_addr = backend.getsockname()[:2]
             channel = self._client_channel(sock, handoff, info)
             info.mode = channel.mode
-            log.info("conn=%d open client=%s:%d sni=%s alpn=%s suite=%s group=%s mode=%s",
-                     info.conn_id, *info.client_addr, info.server_name, info.alpn_protocol,
+            log.info("conn=%s open client=%s:%d sni=%s alpn=%s suite=%s group=%s mode=%s",
+                     info.ref, *info.client_addr, info.server_name, info.alpn_protocol,
                      info.cipher_suite, info.group, info.mode.value)
             relay = Relay(info.conn_id, channel, backend, engine=self.engine,
                           idle_timeout=self.config.idle_timeout)
@@ -547,7 +563,7 @@ class ProxyServer:
             relay_started = True
             self._start_relay(info, relay)  # from here the relay owns the sockets and the slot
         except Exception:  # noqa: BLE001 - a bug must cost one connection, not the server
-            log.exception("conn=%d internal error", info.conn_id)
+            log.exception("conn=%s internal error", info.ref)
         finally:
             with self._lock:
                 if not relay_started:
@@ -609,7 +625,7 @@ class ProxyServer:
     def _handshake_failed(self, info: ConnectionInfo, reason: str, alert: str = "none") -> bool:
         self.handshakes_failed += 1
         self.handshake_failures[alert] = self.handshake_failures.get(alert, 0) + 1
-        log.info("conn=%d handshake failed client=%s:%d: %s", info.conn_id, *info.client_addr, reason)
+        log.info("conn=%s handshake failed client=%s:%d: %s", info.ref, *info.client_addr, reason)
         return False
 
     def _client_channel(self, sock: socket.socket, handoff: Handoff, info: ConnectionInfo) -> ClientChannel:
@@ -627,7 +643,7 @@ class ProxyServer:
                     raise  # TX is in the kernel already; we cannot go back to userspace
                 if self.config.ktls is KtlsMode.REQUIRE:
                     raise
-                log.warning("conn=%d kTLS install failed (%s); staying in userspace", info.conn_id, exc)
+                log.warning("conn=%s kTLS install failed (%s); staying in userspace", info.ref, exc)
         return UserspaceChannel(sock, Session(handoff))
 
     def _alert_after_handshake(self, sock: socket.socket, handoff: Handoff, description: AlertDescription) -> None:
@@ -641,8 +657,8 @@ class ProxyServer:
             self.bytes_closed[0] += s.bytes_from_client
             self.bytes_closed[1] += s.bytes_to_client
             info.closed = True
-        log.info("conn=%d close client=%s:%d bytes_in=%d bytes_out=%d duration=%.3fs reason=%s",
-                 info.conn_id, *info.client_addr, s.bytes_from_client, s.bytes_to_client,
+        log.info("conn=%s close client=%s:%d bytes_in=%d bytes_out=%d duration=%.3fs reason=%s",
+                 info.ref, *info.client_addr, s.bytes_from_client, s.bytes_to_client,
                  time.time() - s.started, s.close_reason)
 
     def connection_for_backend_peer(self, addr: tuple[str, int]) -> ConnectionInfo | None:

@@ -29,14 +29,14 @@ NAMES = ("web", "api")
 
 
 def write_config(tmp: Path, backend_port: int, listeners: tuple[str, ...] = NAMES,
-                 ports: dict[str, int] | None = None) -> Path:
+                 ports: dict[str, int] | None = None, filename: str = "ironsocket.toml") -> Path:
     """Two (or the given) listeners, each with its own certificate files in ``tmp``."""
     text = ""
     for name in listeners:
         port = (ports or {}).get(name, 0)
         text += (f'[[listeners]]\nname = "{name}"\nlisten = "127.0.0.1:{port}"\nbackend = "127.0.0.1:{backend_port}"\n'
                  f'certs = [{{ cert = "{tmp / name}.pem", key = "{tmp / name}.key" }}]\n\n')
-    path = tmp / "ironsocket.toml"
+    path = tmp / filename
     path.write_text(text)
     return path
 
@@ -207,3 +207,102 @@ def test_flags_that_conflict_with_config_are_an_error(tmp_path: Path, flag: list
     assert res.returncode == 2, res.stdout + res.stderr
     [line] = [l for l in res.stderr.splitlines() if l.strip()]
     assert line.startswith("ironsocket: error: ") and flag[0] in line, line
+
+
+@pytest.mark.parametrize("failure", ["config", "admin-port"])
+def test_a_restore_that_fails_after_exec_rolls_back_every_listener(config_server: ConfigServer, failure: str) -> None:
+    """The new program passes the check but cannot restore: its configuration is broken once
+    exec'd (it fails before any listener is adopted: the early-resumed connections of both
+    listeners are carried back as they are now), or its admin port is taken (after both
+    listeners were adopted). Either way the previous program comes back with every listener
+    and every connection, byte-exact."""
+    import socket
+
+    from tests.test_upgrade import checked_then_different
+
+    server = config_server
+    tmp: Path = server.tmp  # type: ignore[attr-defined]
+    streamers = streams_on_both(server)
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        if failure == "config":
+            broken = write_config(tmp, server.backend_port, filename="broken.toml")  # type: ignore[attr-defined]
+            broken.write_text(broken.read_text().replace("api.pem", "missing.pem"))
+            extra, needle = f"--config {broken}", "missing.pem"
+        else:
+            extra, needle = f"--admin 127.0.0.1:{taken.getsockname()[1]}", "Address already in use"
+        lying = checked_then_different(tmp, f"lying-{failure}", extra)
+        result = server.upgrade("--exec", str(lying))
+        assert result.returncode != 0, result.stdout
+        assert "rolled back" in result.stderr and needle in result.stderr, result.stderr
+        server.wait_for(r"upgrade: restored 4 connections in pid \d+ \(2 listeners\)")
+        still_flowing(streamers, "after the rollback")
+        for name in NAMES:
+            assert echo_once(server.ports[name], b"after the rollback") == b"after the rollback"
+        ids = connection_ids(server)
+        assert len(ids) == len(set(ids)), ids
+        for s in streamers:
+            finish(s)
+        assert "is not open" not in server.text() and "Traceback" not in server.text()
+    finally:
+        taken.close()
+
+
+def test_workers_with_config_reload_every_worker_and_name_connections_per_machine(tmp_path: Path, echo_backend) -> None:
+    """`--workers 2 --config` with two listeners: every worker serves both; SIGHUP to the
+    supervisor reloads the workers one after another (same PIDs, byte-exact streams on both
+    listeners, the new certificate served by both workers); connection ids are ``<worker>.<n>``,
+    unique on the machine, and every log line names its worker and PID."""
+    from tests.test_workers import free_port
+
+    for name in NAMES:
+        set_cert(tmp_path, name, "ecdsa-p256")
+    ports = {name: free_port() for name in NAMES}
+    config = write_config(tmp_path, echo_backend[1], ports=ports)
+    log = tmp_path / "serve.log"
+    env = os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(tmp_path)}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ironsocket", "serve", "--config", str(config), "--workers", "2"],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        wait_until(lambda: "all 2 workers serving" in log.read_text(), what="two workers serving")
+        sockets = control.find_servers(tmp_path)
+        pids = {control.request(p, {"command": "ping"})["pid"] for p in sockets}
+        assert len(pids) == 2 and proc.pid not in pids
+        streamers = [Streamer(ports[name], 300 + 10 * i + n) for i, name in enumerate(NAMES) for n in range(4)]
+        for s in streamers:
+            s.start()
+        for s in streamers:
+            assert s.connected.wait(TIMEOUT)
+        wait_until(lambda: all(s.verified > 0 for s in streamers), what="every stream flowing")
+        ids = [row["id"] for p in sockets for row in control.request(p, {"command": "connections"})["connections"]]
+        assert len(ids) == 8 and len(set(ids)) == 8, ids
+        assert all(re.fullmatch(r"[01]\.\d+", i) for i in ids), ids
+        text = log.read_text()
+        opened = re.findall(r"worker=([01]) pid=(\d+): conn=([01])\.\d+ open", text)
+        assert len(opened) == 8 and all(w == c and int(pid) in pids for w, pid, c in opened), text[-3000:]
+
+        for name in NAMES:
+            set_cert(tmp_path, name, "alpha.test")
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reload done: 2 workers upgraded in place" in log.read_text(), what="rolling reload done")
+        assert proc.poll() is None
+        assert {control.request(p, {"command": "ping"})["pid"] for p in control.find_servers(tmp_path)} == pids
+        for _ in range(4):  # SO_REUSEPORT spreads the handshakes: both workers serve the new one
+            for name in NAMES:
+                assert served_leaf(ports[name]) == leaf_der("alpha.test")
+        still_flowing(streamers, "after the rolling reload")
+        after = [row["id"] for p in control.find_servers(tmp_path)
+                 for row in control.request(p, {"command": "connections"})["connections"]]
+        assert sorted(after) == sorted(ids)
+        for s in streamers:
+            finish(s)
+        assert "Traceback" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGQUIT)
+            try:
+                proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
