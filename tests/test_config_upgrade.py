@@ -23,15 +23,26 @@ import pytest
 from ironsocket import control
 from tests.helpers import CERTS, ROOT
 from tests.test_lifecycle import leaf_der, served_leaf
-from tests.test_upgrade import TIMEOUT, Server, Streamer, echo_backend, echo_once, finish, wait_until  # noqa: F401
+from tests.test_upgrade import (  # noqa: F401 - echo_backend is a fixture
+    TIMEOUT,
+    Server,
+    Streamer,
+    admin_get,
+    echo_backend,
+    echo_once,
+    finish,
+    wait_until,
+)
 
 NAMES = ("web", "api")
 
 
 def write_config(tmp: Path, backend_port: int, listeners: tuple[str, ...] = NAMES,
-                 ports: dict[str, int] | None = None, filename: str = "ironsocket.toml") -> Path:
-    """Two (or the given) listeners, each with its own certificate files in ``tmp``."""
-    text = ""
+                 ports: dict[str, int] | None = None, filename: str = "ironsocket.toml",
+                 admin: bool = False) -> Path:
+    """Two (or the given) listeners, each with its own certificate files in ``tmp`` (and an
+    [admin] endpoint on a port of the kernel's choice)."""
+    text = '[admin]\nlisten = "127.0.0.1:0"\n\n' if admin else ""
     for name in listeners:
         port = (ports or {}).get(name, 0)
         text += (f'[[listeners]]\nname = "{name}"\nlisten = "127.0.0.1:{port}"\nbackend = "127.0.0.1:{backend_port}"\n'
@@ -68,7 +79,7 @@ class ConfigServer(Server):
 def config_server(tmp_path: Path, echo_backend) -> Iterator[ConfigServer]:
     for name in NAMES:
         set_cert(tmp_path, name, "ecdsa-p256")
-    srv = ConfigServer(tmp_path, write_config(tmp_path, echo_backend[1]))
+    srv = ConfigServer(tmp_path, write_config(tmp_path, echo_backend[1], admin=True))
     srv.tmp = tmp_path  # type: ignore[attr-defined]
     srv.backend_port = echo_backend[1]  # type: ignore[attr-defined]
     yield srv
@@ -109,6 +120,7 @@ def test_usr2_hup_and_upgrade_carry_both_listeners(config_server: ConfigServer) 
     streamers = streams_on_both(server)
     ids = connection_ids(server)
     assert len(ids) == 4 and len(set(ids)) == 4, ids  # one id per connection of the process
+    assert admin_get(server) == 200
 
     os.kill(pid, signal.SIGUSR2)
     server.wait_for(r"upgrade: restored 4 connections in pid (\d+) \(2 listeners\)")
@@ -133,6 +145,10 @@ def test_usr2_hup_and_upgrade_carry_both_listeners(config_server: ConfigServer) 
     assert re.match(rf"upgraded: restored 4 connections in pid {pid} ", lines[3]), lines[3]
     assert server.proc.pid == pid
     still_flowing(streamers, "after ironsocket upgrade")
+    # The [admin] listener was carried: the same port all along (admin_get reads the first line).
+    assert admin_get(server) == 200
+    admins = re.findall(r"admin endpoint on (\S+)", server.text())
+    assert len(admins) >= 4 and len(set(admins)) == 1, admins  # the start and three new programs
     # A new client on each listener after all of it.
     assert echo_once(server.ports["api"], b"api after three upgrades") == b"api after three upgrades"
     for s in streamers:
@@ -176,14 +192,14 @@ def test_reload_adds_a_listener_and_refuses_to_drop_one_with_connections(config_
     backend: int = server.backend_port  # type: ignore[attr-defined]
     pid = server.proc.pid
     streamers = streams_on_both(server, per_listener=1)
-    config = write_config(tmp, backend, ("web",), ports=server.ports)  # "api" gone, its stream alive
+    config = write_config(tmp, backend, ("web",), ports=server.ports, admin=True)  # "api" gone, its stream alive
     os.kill(pid, signal.SIGHUP)
     m = server.wait_for(r"reload refused: (.*)")
     assert "listener api is not in the configuration any more and has 1 connections" in m.group(1), m.group(1)
     still_flowing(streamers, "after the refused reload")
 
     set_cert(tmp, "admin", "ecdsa-p256")
-    write_config(tmp, backend, ("web", "api", "admin"), ports=server.ports)
+    write_config(tmp, backend, ("web", "api", "admin"), ports=server.ports, admin=True)
     assert config.exists()
     os.kill(pid, signal.SIGHUP)
     server.wait_for(r"reload done \(SIGHUP\): .*; 2 connections carried")
@@ -226,7 +242,7 @@ def test_a_restore_that_fails_after_exec_rolls_back_every_listener(config_server
     taken = socket.create_server(("127.0.0.1", 0))
     try:
         if failure == "config":
-            broken = write_config(tmp, server.backend_port, filename="broken.toml")  # type: ignore[attr-defined]
+            broken = write_config(tmp, server.backend_port, filename="broken.toml", admin=True)  # type: ignore[attr-defined]
             broken.write_text(broken.read_text().replace("api.pem", "missing.pem"))
             extra, needle = f"--config {broken}", "missing.pem"
         else:
