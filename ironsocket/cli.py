@@ -158,6 +158,13 @@ def serve(
             check_secret(upgrade_state_dump, what="upgrade state dump")
         except SecretFileError as exc:
             _fail(str(exc))
+    if admin:
+        from .admin import parse_admin
+
+        try:
+            parse_admin(admin)
+        except ValueError as exc:
+            _fail(f"--admin {admin}: {exc}")
     demo = False
     admin_kw: dict = {"admin": admin, "admin_allow_remote": admin_allow_remote}
     # -- config file (ironsocket.launch): every listener of the file, optional admin --

@@ -120,7 +120,8 @@ def match_listeners(entries: Sequence[dict[str, Any]], configs: Sequence[ProxyCo
     new one, bound). A named listener takes the entry of its name; unnamed ones take the
     unnamed entries in order. StartupError if the configuration cannot take them over: a
     listener that is gone while it has connections (a reload does not end connections), or
-    one whose address changed (the carried socket keeps its address)."""
+    one whose address changed (the carried socket keeps its address; a socket systemd passed
+    is not compared: its address is systemd's, not the configuration's)."""
     from .server import StartupError
 
     unnamed = iter([i for i, e in enumerate(entries) if not e.get("name")])
@@ -136,7 +137,7 @@ def match_listeners(entries: Sequence[dict[str, Any]], configs: Sequence[ProxyCo
         if index is None:
             continue
         entry = entries[index]
-        if not _same_address(entry["listen"], config.listen):
+        if not entry.get("passed") and not _same_address(entry["listen"], config.listen):
             label = config.name or f"listeners[{index}]"
             raise StartupError(f"listener {label}: listen {config.listen[0]}:{config.listen[1]} but the running "
                                f"program listens on {entry['listen'][0]}:{entry['listen'][1]}; a reload keeps the "
@@ -158,8 +159,8 @@ def listeners_for_check(servers: Sequence[ProxyServer]) -> str:
     """`ENV_LISTENERS` for the check child of an upgrade of ``servers``."""
     import json
 
-    return json.dumps([{"name": s.config.name, "listen": list(s.address), "connections": len(s.connections)}
-                       for s in servers])
+    return json.dumps([{"name": s.config.name, "listen": list(s.address), "connections": len(s.connections),
+                        "passed": s.passed_listener} for s in servers])
 
 
 class ListenerSet:

@@ -255,6 +255,7 @@ class ProxyServer:
         self._handshake_cond = threading.Condition(self._lock)
         self._adopted: list[tuple[ConnectionInfo, Relay]] = []
         self.adopted = False  # adopt() took over a previous program's listener and connections
+        self.passed_listener = False  # listening on a socket systemd passed, not on config.listen
         self._hold_accept = False  # pause(): no new connections while handshakes finish
         self._in_handshake: dict[int, socket.socket] = {}  # conn_id → client socket, until relayed
 
@@ -280,6 +281,7 @@ class ProxyServer:
             return
         if sock is not None:
             self._listener = sock
+            self.passed_listener = True
             return
         host, port = self.config.listen
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -390,6 +392,7 @@ class ProxyServer:
             "idle_timeout": self.config.idle_timeout,  # for the early resume (ironsocket.resume)
             "listener_fd": self._listener.fileno(),
             "listen": list(self.address),
+            "passed": self.passed_listener,  # socket activation: config.listen does not apply
             "next_conn_id": next(self._ids),
             "connections": [connection_doc(info) for info in live],
             "counters": {"handshakes_ok": self.handshakes_ok, "handshakes_failed": self.handshakes_failed,
@@ -428,6 +431,7 @@ class ProxyServer:
                 self._register(info, relay)
                 self._adopted.append((info, relay))
         self._listener = listener
+        self.passed_listener = bool(doc.get("passed"))
         if not self._shared_ids:  # shared: the runtime continues the count of every listener
             self._ids = itertools.count(doc["next_conn_id"])
         counters = doc.get("counters", {})

@@ -322,3 +322,16 @@ def test_workers_with_config_reload_every_worker_and_name_connections_per_machin
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+
+
+@pytest.mark.parametrize("with_config", [False, True])
+def test_a_bad_admin_address_is_one_line_not_a_traceback(tmp_path: Path, with_config: bool) -> None:
+    for name in NAMES:
+        set_cert(tmp_path, name, "ecdsa-p256")
+    args = ["--config", str(write_config(tmp_path, 9))] if with_config else ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9"]
+    res = subprocess.run([sys.executable, "-m", "ironsocket", "serve", *args, "--admin", "localhost:http"],
+                         capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
+                         env=os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(tmp_path)})
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    [line] = [l for l in res.stderr.splitlines() if "error" in l]
+    assert line.startswith("ironsocket: error: --admin localhost:http: ") and "not a number" in line, line
