@@ -335,3 +335,33 @@ def test_a_bad_admin_address_is_one_line_not_a_traceback(tmp_path: Path, with_co
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     [line] = [l for l in res.stderr.splitlines() if "error" in l]
     assert line.startswith("ironsocket: error: --admin localhost:http: ") and "not a number" in line, line
+
+
+def test_failure_after_every_startup_step_rolls_back_both_listeners(config_server: ConfigServer) -> None:
+    """test_upgrade's every-step rollback with two listeners and [admin]: the new program fails
+    after each start-up step in turn; the previous program comes back each time with both
+    listeners, every stream byte-exact, the admin endpoint, and exactly the fds it had."""
+    from ironsocket.runtime import STARTUP_STEPS
+    from tests.test_upgrade import failing_program
+
+    server = config_server
+    tmp: Path = server.tmp  # type: ignore[attr-defined]
+    steps = [s for s in STARTUP_STEPS if s not in ("demo", "confirm")]
+    step_file = tmp / "fail-at"
+    prog = failing_program(tmp, step_file)
+    streamers = streams_on_both(server)
+    fds = server.fds()
+    for n, step in enumerate(steps, 1):
+        step_file.write_text(step)
+        result = server.upgrade("--exec", str(prog))
+        assert result.returncode != 0, result.stdout
+        assert f"injected failure after start-up step {step}" in result.stderr, result.stderr
+        server.wait_for(r"upgrade: restored 4 connections in pid \d+ \(2 listeners\)", count=n)
+        still_flowing(streamers, f"after a failure at {step}")
+        assert admin_get(server) == 200
+        for name in NAMES:
+            assert echo_once(server.ports[name], b"new after %s" % step.encode()) == b"new after %s" % step.encode()
+        wait_until(lambda: server.fds() == fds, timeout=10, what=f"fd count back to {fds} after {step}")
+    for s in streamers:
+        finish(s)
+    assert "Traceback" not in server.text()
