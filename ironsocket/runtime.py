@@ -133,12 +133,12 @@ def match_listeners(entries: Sequence[dict[str, Any]], configs: Sequence[ProxyCo
         if index not in matched and n:
             raise StartupError(f"listener {label} is not in the configuration any more and has {n} connections: "
                                "a reload does not end connections (restart to remove a listener)")
-    for config, index in zip(configs, matched):
-        if index is None:
+    for config, slot in zip(configs, matched):
+        if slot is None:
             continue
-        entry = entries[index]
+        entry = entries[slot]
         if not entry.get("passed") and not _same_address(entry["listen"], config.listen):
-            label = config.name or f"listeners[{index}]"
+            label = config.name or f"listeners[{slot}]"
             raise StartupError(f"listener {label}: listen {config.listen[0]}:{config.listen[1]} but the running "
                                f"program listens on {entry['listen'][0]}:{entry['listen'][1]}; a reload keeps the "
                                "listening socket (restart to move a listener)")
@@ -289,15 +289,15 @@ class Runtime:
                 log.info("listener %s is not in the configuration any more: its socket is closed",
                          entry.get("name") or f"listeners[{index}]")
                 self._stale_fds.append(entry["listener_fd"])
-        for config, index in zip(self.configs, matched):
+        for config, slot in zip(self.configs, matched):
             server = ProxyServer(config, ids)
             self.servers.append(server)
-            if index is None:
+            if slot is None:
                 continue
-            entry = entries[index]
-            owner = self.owners[index]
+            entry = entries[slot]
+            owner = self.owners[slot]
             server.adopt(entry, owner if not isinstance(owner, upgrade.Carried) else None)
-            self.owners[index] = server  # its connections are this server's now (rebuilt, or running)
+            self.owners[slot] = server  # its connections are this server's now (rebuilt, or running)
         if doc is None and len(self.configs) == 1:
             # systemd socket activation (ironsocket.activation): fd 3 instead of --listen
             from .activation import ActivationError, listen_socket
@@ -403,7 +403,7 @@ class Runtime:
                 conn.close()
             return
         main = threading.current_thread() is threading.main_thread()
-        saved: dict[int, Any] = {}
+        saved: dict[signal.Signals, Any] = {}
         try:
             sdnotify.reloading(f"{reason} in progress")
             if main:
@@ -446,7 +446,7 @@ class Runtime:
             self._upgrade_lock.release()
 
     @staticmethod
-    def _progress(conn: Any, reason: str) -> upgrade.Progress:
+    def _progress(conn: Any, reason: str) -> Callable[[str, dict[str, Any]], None]:  # upgrade.Progress
         """Each phase in the log, and to the `ironsocket upgrade` that asked (if it asked for
         progress lines: ``{"phase": ..., ...}`` before the answer, see control.py)."""
 

@@ -57,7 +57,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from . import ktls
 from .engine import Engine
@@ -234,7 +234,7 @@ def read_memfd(fd: int) -> dict[str, Any]:
     except OSError as exc:
         raise StateError(f"state fd {fd}: {exc.strerror}") from None
     try:
-        doc = json.loads(b"".join(chunks))
+        doc: dict[str, Any] = json.loads(b"".join(chunks))
     except ValueError as exc:
         raise StateError(f"state document is not JSON: {exc}") from None
     validate(doc)
@@ -341,7 +341,7 @@ def _restore_connection(conn: dict[str, Any], client: socket.socket, backend: so
 
 
 # -- performing one ------------------------------------------------------------------------------
-Progress = Callable[[str, dict[str, Any]], None]
+Progress: TypeAlias = Callable[[str, dict[str, Any]], None]
 """``progress(phase, details)``: told as each phase of `perform` begins (``check``, ``quiesce``,
 ``exec``), for `ironsocket upgrade` to print them as they happen."""
 
