@@ -73,6 +73,9 @@ log = logging.getLogger("ironsocket.upgrade")
 
 STATE_FORMAT = "ironsocket-upgrade"
 STATE_VERSION = 2  # 2: one entry per listener (``listeners``), for `serve --config`
+LEGACY_VERSION = 1  # one listener, its keys at the top level: read (converted), and written back
+# to a version-1 program by a rollback, so that an upgrade from a version-1 program works both ways
+_LISTENER_KEYS_V1 = ("listener_fd", "listen", "idle_timeout", "next_conn_id", "connections", "counters")
 ENV_STATE_FD = "IRONSOCKET_UPGRADE_STATE_FD"
 ENV_FAILED = "IRONSOCKET_UPGRADE_FAILED"
 CHECK_FLAG = "--upgrade-check"
@@ -122,7 +125,9 @@ def check_target(argv: list[str], env: dict[str, str] | None = None) -> str:
 
 def check_report() -> str:
     """What ``--upgrade-check`` prints (after the configuration loaded)."""
-    return f"ironsocket upgrade-check: ok, pid {os.getpid()}, reads state {STATE_FORMAT} v{STATE_VERSION}"
+    # A version-1 program looks for "state ironsocket-upgrade v1": this one reads that too.
+    return (f"ironsocket upgrade-check: ok, pid {os.getpid()}, reads state {STATE_FORMAT} v{STATE_VERSION} "
+            f"(and state {STATE_FORMAT} v{LEGACY_VERSION})")
 
 
 # -- the document ---------------------------------------------------------------------------------
@@ -188,9 +193,9 @@ def connection_doc(info: ConnectionInfo) -> dict[str, Any]:
 
 
 def inherited_fds(doc: dict[str, Any]) -> list[int]:
-    """Every fd the document names (they must survive the exec)."""
+    """Every fd the document names (they must survive the exec); either version."""
     fds = [fd for key in ("control_fd", "demo_fd", "admin_fd", "reply_fd") if (fd := doc.get(key)) is not None]
-    for entry in doc["listeners"]:
+    for entry in doc["listeners"] if "listeners" in doc else [doc]:
         fds.append(entry["listener_fd"])
         for conn in entry["connections"]:
             fds += [conn["client_fd"], conn["backend_fd"]]
@@ -237,8 +242,28 @@ def read_memfd(fd: int) -> dict[str, Any]:
         doc: dict[str, Any] = json.loads(b"".join(chunks))
     except ValueError as exc:
         raise StateError(f"state document is not JSON: {exc}") from None
+    if isinstance(doc, dict) and doc.get("format") == STATE_FORMAT and doc.get("version") == LEGACY_VERSION:
+        doc = from_legacy(doc)
     validate(doc)
     return doc
+
+
+def from_legacy(doc: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 document (one listener at the top level) as version 2, marked
+    ``from_version`` (a rollback then writes version 1 again: `to_legacy`)."""
+    entry = {key: doc[key] for key in _LISTENER_KEYS_V1 if key in doc}
+    entry["name"] = ""
+    rest = {k: v for k, v in doc.items() if k not in _LISTENER_KEYS_V1}
+    return {**rest, "version": STATE_VERSION, "from_version": LEGACY_VERSION, "listeners": [entry]}
+
+
+def to_legacy(doc: dict[str, Any]) -> dict[str, Any]:
+    """A version-2 document of one listener as version 1, for a version-1 previous program."""
+    if len(doc["listeners"]) != 1:
+        raise StateError(f"a version-{LEGACY_VERSION} program has one listener, the state has {len(doc['listeners'])}")
+    (entry,) = doc["listeners"]
+    rest = {k: v for k, v in doc.items() if k not in ("listeners", "from_version")}
+    return {**rest, **{k: v for k, v in entry.items() if k in _LISTENER_KEYS_V1}, "version": LEGACY_VERSION}
 
 
 def validate(doc: dict[str, Any]) -> None:
@@ -486,6 +511,8 @@ def roll_back_live(servers: Sequence[Any], extra: dict[str, Any], doc: dict[str,
     # previous_exec None: if the previous program cannot restore either, there is nowhere to go
     # (going back and forth would never end).
     now = document(servers, extra, previous_exec=None, paused_at=time.monotonic())
+    if doc.get("from_version") == LEGACY_VERSION:  # the previous program reads version 1 only
+        now = to_legacy(now)
     # What we inherited and do not pass on (the old document, fds of connections that ended
     # here) must not leak into the previous program.
     for fd in {*inherited_fds(doc), state_fd} - set(inherited_fds(now)):

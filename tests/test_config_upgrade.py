@@ -365,3 +365,74 @@ def test_failure_after_every_startup_step_rolls_back_both_listeners(config_serve
     for s in streamers:
         finish(s)
     assert "Traceback" not in server.text()
+
+
+# -- state version 2 and the programs that read version 1 -------------------------------------------
+V1_COMMIT = "f6592ee"  # the last ironsocket writing state version 1 (one listener at the top level)
+
+
+def _v1_program(tmp: Path) -> Path:
+    """That ironsocket's package, from this repository's history (skip without it)."""
+    old = tmp / "v1"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", V1_COMMIT, "ironsocket"], capture_output=True, timeout=60)
+    if archive.returncode != 0:
+        pytest.skip(f"no git history with {V1_COMMIT}: {archive.stderr.decode(errors='replace').strip()[:200]}")
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True, timeout=60)
+    return old
+
+
+def _this_program(tmp: Path, name: str, extra_after_check: str = "") -> Path:
+    """This tree's ironsocket as an --exec target that keeps the cwd (the v1 program's, so that
+    its `python -m ironsocket` stays v1 for a rollback); ``extra_after_check``: arguments added
+    once exec'd with the state (what makes its restore fail)."""
+    prog = tmp / name
+    boot = f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.argv[0] = 'ironsocket'; from ironsocket.entry import main; main()"
+    prog.write_text("#!/bin/sh\n"
+                    f'for a in "$@"; do [ "$a" = --upgrade-check ] && exec {sys.executable} -c "{boot}" "$@"; done\n'
+                    f'exec {sys.executable} -c "{boot}" "$@" {extra_after_check}\n')
+    prog.chmod(0o755)
+    return prog
+
+
+def test_a_version_1_program_upgrades_to_this_one_and_is_rolled_back_to(tmp_path: Path, echo_backend) -> None:
+    """The running fleet writes version 1: this program reads it (and says so to the v1 check),
+    and a rollback to a v1 program writes version 1 again, with the state as it is then."""
+    import socket
+
+    from tests.test_upgrade import flowing_streamer
+
+    old = _v1_program(tmp_path)
+    log_path, ctl = tmp_path / "serve.log", tmp_path / "ctl.sock"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"IRONSOCKET_RUN_DIR": str(tmp_path)}
+    server = Server.__new__(Server)  # test_upgrade's helpers on a process started here
+    server.log_path, server.control, server.log = log_path, ctl, log_path.open("w")
+    server.proc = subprocess.Popen(
+        [sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{echo_backend[1]}",
+         "--cert", str(CERTS / "ecdsa-p256.pem"), "--key", str(CERTS / "ecdsa-p256.key"), "--control-socket", str(ctl)],
+        stdin=subprocess.DEVNULL, stdout=server.log, stderr=subprocess.STDOUT, env=env, cwd=old)
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        server.port = int(server.wait_for(r"serving TLS 1\.3 on [\d.]+:(\d+)").group(1))
+        pid = server.proc.pid
+        streamer = flowing_streamer(server, 500)
+        # v1 → this program, failing after it adopted the connection: back to v1 with the state now.
+        lying = _this_program(tmp_path, "lying-v2", f"--admin 127.0.0.1:{taken.getsockname()[1]}")
+        result = server.upgrade("--exec", str(lying))
+        assert result.returncode != 0 and "rolled back" in result.stderr, result.stdout + result.stderr
+        assert re.search(r"upgrade: restore failed: admin: .*Address already in use.*with the current state", server.text())
+        back = server.wait_for(r"upgrade: restored 1 connections in pid \d+(.*)")
+        assert "listeners" not in back.group(1), back.group(0)  # the version-1 program's line
+        assert server.proc.pid == pid
+        still_flowing([streamer], "after the rollback to the version-1 program")
+        # v1 → this program for real.
+        result = server.upgrade("--exec", str(_this_program(tmp_path, "this-v2")))
+        assert result.returncode == 0, result.stdout + result.stderr
+        server.wait_for(r"upgrade: restored 1 connections in pid \d+ \(1 listeners\)")
+        assert server.proc.pid == pid
+        still_flowing([streamer], "after the upgrade from version 1")
+        finish(streamer)
+        assert "Traceback" not in server.text()
+    finally:
+        taken.close()
+        server.close()
