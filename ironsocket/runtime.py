@@ -298,6 +298,9 @@ class Runtime:
             owner = self.owners[slot]
             server.adopt(entry, owner if not isinstance(owner, upgrade.Carried) else None)
             self.owners[slot] = server  # its connections are this server's now (rebuilt, or running)
+        if doc is None and len(self.configs) > 1 and os.environ.get("LISTEN_PID") == str(os.getpid()):
+            log.warning("socket activation: the configuration has %d listeners; the socket systemd passed is not "
+                        "used (it applies to a file with one listener)", len(self.configs))
         if doc is None and len(self.configs) == 1:
             # systemd socket activation (ironsocket.activation): fd 3 instead of --listen
             from .activation import ActivationError, listen_socket

@@ -196,3 +196,20 @@ def test_a_socket_activated_server_upgrades_in_place(echo_backend, tmp_path) -> 
     finally:
         proc.stop()
         listener.close()
+
+
+def test_a_passed_socket_with_a_two_listener_config_is_not_silently_ignored(echo_backend, tmp_path) -> None:
+    from tests.helpers import CERTS
+
+    cfg = tmp_path / "two.toml"
+    cfg.write_text("".join(f'[[listeners]]\nname = "l{i}"\nlisten = "127.0.0.1:0"\nbackend = "127.0.0.1:{echo_backend[1]}"\n'
+                           f'certs = [{{ cert = "{CERTS}/ecdsa-p256.pem", key = "{CERTS}/ecdsa-p256.key" }}]\n'
+                           for i in range(2)))
+    listener = socket.create_server(("127.0.0.1", 0))
+    proc = _spawn(listener.fileno(), ["serve", "--config", str(cfg), "--control-socket", str(tmp_path / "ctl.sock")])
+    try:
+        proc.wait_for_line(r"socket activation: the configuration has 2 listeners; the socket systemd passed is not used")
+        proc.wait_for_line(r"serving TLS 1\.3 on [\d.]+:\d+ \(l1\)")
+    finally:
+        proc.stop()
+        listener.close()
