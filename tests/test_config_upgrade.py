@@ -436,3 +436,26 @@ def test_a_version_1_program_upgrades_to_this_one_and_is_rolled_back_to(tmp_path
     finally:
         taken.close()
         server.close()
+
+
+def test_match_listeners_rules() -> None:
+    """Which running listener each configured one takes over, and what a reload refuses."""
+    from ironsocket.runtime import match_listeners
+    from ironsocket.server import ProxyConfig, StartupError
+    from tests.helpers import config as tls_config
+
+    def cfg(name: str, port: int) -> ProxyConfig:
+        return ProxyConfig(name=name, listen=("127.0.0.1", port), backend=("127.0.0.1", 9), tls=tls_config())
+
+    running = [{"name": "web", "listen": ["127.0.0.1", 8443], "connections": 3},
+               {"name": "", "listen": ["127.0.0.1", 9000], "connections": 1},
+               {"name": "", "listen": ["127.0.0.1", 9001], "connections": 0}]
+    assert match_listeners(running, [cfg("", 9000), cfg("new", 7000), cfg("web", 8443), cfg("", 0)]) == [1, None, 0, 2]
+    assert match_listeners(running, [cfg("web", 0), cfg("", 9000)]) == [0, 1]  # 9001 gone: no connections
+    with pytest.raises(StartupError, match=r"listener web is not in the configuration any more and has 3 connections"):
+        match_listeners(running, [cfg("", 9000), cfg("", 9001)])
+    with pytest.raises(StartupError, match=r"listener web: listen 127\.0\.0\.1:8444 but the running program listens on "
+                                           r"127\.0\.0\.1:8443"):
+        match_listeners(running, [cfg("web", 8444), cfg("", 9000)])
+    passed = [{**running[0], "passed": True}]  # socket activation: systemd's address, not ours
+    assert match_listeners(passed, [cfg("web", 1)]) == [0]
