@@ -203,7 +203,6 @@ def serve(
             runtime_mod.check_listeners(configs)
         except StartupError as exc:
             _fail(str(exc))
-
         typer.echo(check_report())
         raise typer.Exit(0)
     if workers > 1:
