@@ -138,13 +138,14 @@ def with_fds(conn: dict[str, Any], fds: Sequence[int]) -> dict[str, Any]:
 
 
 # -- the bridge process ---------------------------------------------------------------------------------
-def fork(engine: Any, connections: list[tuple[Any, Any]], close_in_child: Sequence[int],
+def fork(engines: Sequence[Any], connections: list[tuple[Any, Any, int]], close_in_child: Sequence[int],
          totals: Callable[[], list[int]]) -> tuple[int, socket.socket]:
-    """(while ``engine`` is paused) Fork the bridge; in this process return its pid and our end
-    of the socket pair (inheritable: it goes over the exec). Never returns in the child.
-    ``connections``: (info, relay) of every live connection; ``close_in_child``: listeners and
-    other fds the bridge must not keep; ``totals``: bytes of the connections that closed, read
-    in the child (sent with the last answer)."""
+    """(while every engine is paused) Fork the bridge; in this process return its pid and our
+    end of the socket pair (inheritable: it goes over the exec). Never returns in the child.
+    ``connections``: (info, relay, listener) of every live connection, ``listener`` the index of
+    its listener's entry in the document; ``close_in_child``: listeners and other fds the bridge
+    must not keep; ``totals``: bytes of the connections that closed, read in the child (sent
+    with the last answer)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     for handler in logging.getLogger().handlers:
         handler.flush()
@@ -154,7 +155,7 @@ def fork(engine: Any, connections: list[tuple[Any, Any]], close_in_child: Sequen
         try:
             ours.close()
             _close_all(close_in_child)
-            code = _Bridge(theirs, engine, connections, totals).run()
+            code = _Bridge(theirs, engines, connections, totals).run()
         except BaseException:  # noqa: BLE001 - a child never returns into the parent's code
             try:
                 log.exception("upgrade bridge: crashed")
@@ -175,9 +176,9 @@ def fork(engine: Any, connections: list[tuple[Any, Any]], close_in_child: Sequen
 class _Bridge:
     """The forked process: relays until every connection is handed over (see the module doc)."""
 
-    def __init__(self, sock: socket.socket, engine: Any, connections: list[tuple[Any, Any]],
+    def __init__(self, sock: socket.socket, engines: Sequence[Any], connections: list[tuple[Any, Any, int]],
                  totals: Callable[[], list[int]]) -> None:
-        self.sock, self.engine, self.live, self.totals = sock, engine, list(connections), totals
+        self.sock, self.engines, self.live, self.totals = sock, list(engines), list(connections), totals
         self.base = list(totals())
 
     def run(self) -> int:
@@ -185,8 +186,10 @@ class _Bridge:
             signal.signal(sig, signal.SIG_IGN)  # an upgrade or reload is the new program's
         for sig in (signal.SIGTERM, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_DFL)
-        self.engine.after_fork()
-        self.engine.resume()
+        for engine in self.engines:
+            engine.after_fork()
+        for engine in self.engines:
+            engine.resume()
         resumed_at = time.monotonic()
         self.sock.settimeout(1.0)
         first = True
@@ -211,31 +214,33 @@ class _Bridge:
         from .upgrade import connection_doc
 
         max_fds = max(6, min(max_fds, BATCH_FDS))
-        chosen: list[tuple[Any, Any]] = []
+        chosen: list[tuple[Any, Any, int]] = []
         count = 0
-        if not self.engine.pause(5.0):
-            self.engine.resume()
+        if not all(engine.pause(5.0) for engine in self.engines):
+            for engine in self.engines:
+                engine.resume()
             send_frame(self.sock, {"error": "the bridge's relay loops did not reach a safe point in 5s"})
             return
         paused_at = time.monotonic()
         try:
             keep = []
-            for info, relay in self.live:
+            for info, relay, listener in self.live:
                 if relay.done.is_set():
                     continue
                 n = len(relay.fds())
                 if count + n > max_fds:
-                    keep.append((info, relay))
+                    keep.append((info, relay, listener))
                     continue
-                self.engine.release(relay)
-                chosen.append((info, relay))
+                relay.engine.release(relay)
+                chosen.append((info, relay, listener))
                 count += n
             self.live = keep
         finally:
-            self.engine.resume()
-        docs = [connection_doc(info) for info, _ in chosen]
+            for engine in self.engines:
+                engine.resume()
+        docs = [{**connection_doc(info), "listener": listener} for info, _, listener in chosen]
         fds = [fd for doc in docs for fd in connection_fds(doc)]
-        left = sum(1 for _, relay in self.live if not relay.done.is_set())
+        left = sum(1 for _, relay, _ in self.live if not relay.done.is_set())
         message: dict[str, Any] = {"connections": docs, "left": left, "paused_at": paused_at}
         if resumed_at is not None:
             message["resumed_at"] = resumed_at
@@ -243,7 +248,7 @@ class _Bridge:
             now = self.totals()
             message["closed_bytes"] = [now[0] - self.base[0], now[1] - self.base[1]]
         send_frame(self.sock, message, fds)
-        for _, relay in chosen:  # in flight now: the receiver holds its own references
+        for _, relay, _ in chosen:  # in flight now: the receiver holds its own references
             held = list(relay.fds())
             relay.client.sock.detach()
             relay.backend.detach()
@@ -251,7 +256,7 @@ class _Bridge:
 
     def _orphaned(self, exc: BaseException) -> int:
         """The new program is gone: keep what we hold moving until it ends."""
-        left = [relay for _, relay in self.live if not relay.done.is_set()]
+        left = [relay for _, relay, _ in self.live if not relay.done.is_set()]
         if left:
             log.error("upgrade bridge (pid %d): the new program is gone (%s); %d connections continue "
                       "here until they end", os.getpid(), exc, len(left))
@@ -273,6 +278,7 @@ class BridgeClient:
         self.drained = False
         self.resumed_at: float | None = None  # when the bridge's loops ran again (monotonic)
         self.closed_bytes = [0, 0]
+        self.longest_wait: float | None = None  # after `drain`: the longest a connection waited (s)
 
     def take(self, max_fds: int = BATCH_FDS) -> tuple[list[dict[str, Any]], float]:
         """One batch: the connection descriptions naming our fds, and when the bridge paused
@@ -336,4 +342,34 @@ class BridgeClient:
         """For a rollback document: the bridge still holds connections."""
         fd = self.sock.fileno()
         return {"fd": fd, "pid": self.pid}
+
+    def drain(self, take: Callable[[dict[str, Any]], None], paused_at: float | None) -> None:
+        """Take every connection, a batch at a time: ``take(description)`` rebuilds and starts
+        one (``description["listener"]``: its listener's index in the document). Logs the
+        batches and the longest wait; ``paused_at``: when the previous program paused (the
+        fork's own pause counts too). Then tells the bridge to exit. If the bridge is gone, what
+        it held is lost: said once, at critical, and the rest of the start-up goes on."""
+        worst, batches, carried = 0.0, 0, 0
+        began = time.monotonic()
+        while not self.drained:
+            try:
+                batch, batch_paused = self.take()
+            except BridgeError as exc:  # it is gone, and what it held with it: nobody can do better
+                log.critical("upgrade: %s; the connections it still held are lost", exc)
+                self.drained = True
+                break
+            for conn in batch:
+                take(conn)
+                carried += 1
+            worst = max(worst, time.monotonic() - batch_paused)
+            batches += bool(batch)
+        fork_pause = None
+        if self.resumed_at is not None and paused_at is not None:
+            fork_pause = self.resumed_at - paused_at
+        self.longest_wait = max(worst, fork_pause or 0.0)
+        log.info("upgrade: %d connections taken from the bridge (pid %d) in %d batches over %.1f ms; longest "
+                 "wait for a batch %.1f ms, for the fork %s", carried, self.pid, batches,
+                 (time.monotonic() - began) * 1000, worst * 1000,
+                 "-" if fork_pause is None else f"{fork_pause * 1000:.1f} ms")
+        self.finish()
 

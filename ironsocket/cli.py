@@ -34,8 +34,10 @@ GROUP_NAMES = {"x25519": Group.X25519, "p256": Group.SECP256R1, "secp256r1": Gro
 CONFIG_HELP = ("TOML configuration: [[listeners]] tables (listen, backend, certs = [{cert = FILE, key = FILE}], "
                "alpn = [\"h2\", \"http/1.1\"], ciphers, groups, ktls, proxy_protocol, transparent, timeouts, "
                "[listeners.routes.\"SNI\"] backend/cert/key) and an optional [admin] listen/unix; run all its "
-               "listeners; the other listener options are ignored. `ironsocket check FILE` validates a file and "
-               "prints what it understood.")
+               "listeners (signals, upgrade and control socket as without it). The per-listener options (--listen, "
+               "--backend, --cert, --key, --alpn, --ciphers, --groups, --ktls, the timeouts, --max-connections) "
+               "are an error with it; --admin replaces [admin]; --drain-timeout, --keylog, --reuse-port apply to "
+               "every listener. `ironsocket check FILE` validates a file and prints what it understood.")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -110,6 +112,7 @@ def _open_keylog(path: Path):
 @app.command()
 @upgrade_guard
 def serve(
+    ctx: typer.Context,
     listen: Annotated[str, typer.Option(metavar="HOST:PORT", help="Address to accept TLS on.")] = "127.0.0.1:8443",
     backend: Annotated[Optional[str], typer.Option(metavar="HOST:PORT", help="The plain TCP backend. Default: a built-in demo HTTP backend.")] = None,
     cert: Annotated[Optional[list[Path]], typer.Option(metavar="FILE", help="PEM certificate chain (leaf first); repeat together with --key.")] = None,
@@ -141,13 +144,114 @@ def serve(
     kept), SIGUSR2 upgrade, SIGTERM/SIGINT graceful stop (--drain-timeout), SIGQUIT fast stop."""
     if log_level.lower() not in LOG_LEVELS:
         _fail(f"--log-level {log_level!r}: not a log level; choose from {', '.join(LOG_LEVELS)}")
+    from .connection import WORKER
+
+    where = f" worker={WORKER} pid=%(process)d" if WORKER else ""  # --workers: whose line it is
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s")
+    from .admin import AdminError
+
+    if upgrade_state_dump is not None:  # written at each upgrade: refuse a bad path now, not then
+        from .secretfile import SecretFileError, check_secret
+
+        try:
+            check_secret(upgrade_state_dump, what="upgrade state dump")
+        except SecretFileError as exc:
+            _fail(str(exc))
+    if admin:
+        from .admin import parse_admin
+
+        try:
+            parse_admin(admin)
+        except ValueError as exc:
+            _fail(f"--admin {admin}: {exc}")
+    demo = False
+    admin_kw: dict = {"admin": admin, "admin_allow_remote": admin_allow_remote}
     # -- config file (ironsocket.launch): every listener of the file, optional admin --
     if config_file is not None:
-        from .launch import serve_config_file
+        from .config import ConfigError
+        from .launch import CONFLICTS_WITH_CONFIG, config_run
 
-        raise typer.Exit(serve_config_file(config_file, admin=admin, admin_allow_remote=admin_allow_remote))
+        for param, flag in CONFLICTS_WITH_CONFIG.items():
+            if not _defaulted(ctx, param):
+                _fail(f"{flag} cannot be used with --config: set it in the file's [[listeners]] tables "
+                      f"(each listener has its own)")
+        try:
+            run = config_run(config_file, admin=admin, admin_allow_remote=admin_allow_remote,
+                             drain_timeout=drain_timeout, reuse_port=reuse_port,
+                             keylog=_open_keylog(keylog) if keylog else None)
+        except (ConfigError, AdminError) as exc:
+            _fail(str(exc))
+        if _defaulted(ctx, "log_level"):
+            logging.getLogger().setLevel(getattr(logging, run.log_level.upper(), logging.INFO))
+        for warning in run.warnings:  # expiring certificates, key files readable by others
+            log.warning("%s", warning)
+        configs = run.listeners
+        admin_kw = {"admin_listen": run.admin_listen, "admin_unix": run.admin_unix,
+                    "admin_allow_remote": run.admin_allow_remote}
+        has_admin = run.admin_listen is not None or run.admin_unix is not None
+    else:
+        configs = [_flag_listener(listen, backend, cert, key, alpn, ciphers, groups, ktls_mode, handshake_timeout,
+                                  idle_timeout, connect_timeout, max_connections, keylog, drain_timeout, reuse_port,
+                                  upgrade_check)]
+        demo = backend is None
+        has_admin = admin is not None
+    if upgrade_check:  # the exec upgrade's pre-flight: configuration loaded, state format known
+        from .upgrade import check_report
+
+        try:  # and the running listeners can be taken over (none gone with connections, none moved)
+            runtime_mod.check_listeners(configs)
+        except StartupError as exc:
+            _fail(str(exc))
+        typer.echo(check_report())
+        raise typer.Exit(0)
+    if workers > 1:
+        if any(config.listen[1] == 0 for config in configs):
+            where = "--listen port" if config_file is None else "listen port in every [[listeners]] table"
+            _fail(f"--workers needs a fixed {where} (with port 0 each worker would get its own)")
+        if control_socket is not None or has_admin:
+            _fail("--control-socket and --admin ([admin] in a configuration file) name one socket; with --workers "
+                  "each worker has its own control socket (ironsocket upgrade / inspect-keys --pid PID) and an "
+                  "admin endpoint is not supported yet")
+        from .workers import main_argv, supervise, worker_argv
+
+        where = ", ".join(f"{c.listen[0]}:{c.listen[1]}" for c in configs)
+        typer.echo(f"ironsocket: {workers} workers on {where} (SO_REUSEPORT)", err=True)
+        raise typer.Exit(supervise(workers, worker_argv(main_argv())))
+    from .control import ControlError
+
+    runtime = Runtime(configs, demo=demo, control_socket=control_socket, state_dump=upgrade_state_dump,
+                      say=lambda text: typer.echo(text, err=True), **admin_kw)
+    runtime.install_signals()  # before start: a signal during a restore must not be the default (death)
+    try:
+        runtime.start()  # stops what it started on failure (a restore keeps it for the rollback)
+    except (StartupError, AdminError, ControlError) as exc:
+        from .launch import explain_startup_error
+
+        _fail(explain_startup_error(str(exc)))
+    assert runtime.control is not None
+    typer.echo(f"ironsocket: control socket {runtime.control.path} (ironsocket inspect-keys / upgrade --pid {os.getpid()})", err=True)
+    for i, server in enumerate(runtime.servers):
+        host, port = server.address
+        label = f" ({server.config.name or f'listeners[{i}]'})" if config_file is not None else ""
+        typer.echo(f"ironsocket: serving TLS 1.3 on {host}:{port}{label}, record layer: {server.record_layer}", err=True)
+    if runtime.demo:
+        host, port = runtime.servers[0].address
+        typer.echo(f"ironsocket: try: curl -k https://{host}:{port}/", err=True)
+    runtime.run()
+
+
+def _defaulted(ctx: typer.Context, param: str) -> bool:
+    """Whether option ``param`` was left at its default (not on the command line, nor in the env)."""
+    source = ctx.get_parameter_source(param)
+    return source is None or source.name in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _flag_listener(listen: str, backend: str | None, cert: list[Path] | None, key: list[Path] | None,
+                   alpn: str | None, ciphers: str | None, groups: str | None, ktls_mode: KtlsMode,
+                   handshake_timeout: float, idle_timeout: float, connect_timeout: float, max_connections: int,
+                   keylog: Path | None, drain_timeout: float, reuse_port: bool, upgrade_check: bool) -> ProxyConfig:
+    """The one listener the command-line options describe (without --config)."""
     from .tls13.server import DEFAULT_CIPHER_SUITES, DEFAULT_GROUPS, ServerConfig
 
     cert, key = cert or [], key or []
@@ -186,54 +290,12 @@ def serve(
         alpn_protocols=tuple(p.strip() for p in alpn.split(",") if p.strip()) if alpn else (),
         keylog=_open_keylog(keylog) if keylog else None,
     )
-    if upgrade_state_dump is not None:  # written at each upgrade: refuse a bad path now, not then
-        from .secretfile import SecretFileError, check_secret
-
-        try:
-            check_secret(upgrade_state_dump, what="upgrade state dump")
-        except SecretFileError as exc:
-            _fail(str(exc))
-    if upgrade_check:  # the exec upgrade's pre-flight: configuration loaded, state format known
-        from .upgrade import check_report
-
-        typer.echo(check_report())
-        raise typer.Exit(0)
-    config = ProxyConfig(
+    return ProxyConfig(
         listen=listen_addr, backend=backend_addr or ("127.0.0.1", 0), tls=tls, ktls=ktls_mode,
         handshake_timeout=handshake_timeout, connect_timeout=connect_timeout,
         idle_timeout=idle_timeout or None, max_connections=max_connections,
         drain_timeout=drain_timeout, reuse_port=reuse_port,
     )
-    if workers > 1:
-        if listen_addr[1] == 0:
-            _fail("--workers needs a fixed --listen port (with port 0 each worker would get its own)")
-        if control_socket is not None or admin is not None:
-            _fail("--control-socket and --admin name one socket; with --workers each worker has its own "
-                  "control socket (ironsocket upgrade / inspect-keys --pid PID) and --admin is not supported yet")
-        from .workers import main_argv, supervise, worker_argv
-
-        typer.echo(f"ironsocket: {workers} workers on {listen_addr[0]}:{listen_addr[1]} (SO_REUSEPORT)", err=True)
-        raise typer.Exit(supervise(workers, worker_argv(main_argv())))
-    from .admin import AdminError
-    from .control import ControlError
-
-    runtime = Runtime(config, demo=backend_addr is None, admin=admin, admin_allow_remote=admin_allow_remote,
-                      control_socket=control_socket, state_dump=upgrade_state_dump, say=lambda text: typer.echo(text, err=True))
-    runtime.install_signals()  # before start: a signal during a restore must not be the default (death)
-    try:
-        runtime.start()  # stops what it started on failure (a restore keeps it for the rollback)
-    except (StartupError, AdminError, ControlError) as exc:
-        from .launch import explain_startup_error
-
-        _fail(explain_startup_error(str(exc)))
-    server = runtime.server
-    assert server is not None and runtime.control is not None
-    typer.echo(f"ironsocket: control socket {runtime.control.path} (ironsocket inspect-keys / upgrade --pid {os.getpid()})", err=True)
-    host, port = server.address
-    typer.echo(f"ironsocket: serving TLS 1.3 on {host}:{port}, record layer: {server.record_layer}", err=True)
-    if runtime.demo:
-        typer.echo(f"ironsocket: try: curl -k https://{host}:{port}/", err=True)
-    runtime.run()
 
 
 @app.command("upgrade", short_help="Replace the running server's program in place (same PID).")
@@ -246,16 +308,29 @@ def upgrade_command(
     """Replace the running server's program in place (same PID) without dropping a connection."""
     from .control import ControlError, request, resolve
 
+    def phase(line: dict) -> None:  # printed as it happens (the server sends them as it goes)
+        name = line.get("phase")
+        if name == "check":
+            typer.echo(f"check: the new program loads the configuration and certificates ({line.get('program')} "
+                       "--upgrade-check)")
+        elif name == "quiesce":
+            typer.echo(f"quiesce: pausing {line.get('listeners')} listeners, {line.get('connections')} connections")
+        elif name == "exec":
+            typer.echo(f"exec: {line.get('connections')} connections relayed by the bridge (pid {line.get('bridge')}) "
+                       "while the new program loads")
+        else:
+            typer.echo(f"{name}: {line}")
+
     try:
         path = resolve(pid, socket_path)
         answer = request(path, {"command": "upgrade", "exec": str(exec_path.resolve()) if exec_path else None},
-                         timeout=timeout)
+                         timeout=timeout, on_progress=phase)
     except ControlError as exc:
         _fail(str(exc))
     if not answer.get("ok"):
         _fail(f"upgrade failed: {answer.get('error', 'no reason given')}")
-    typer.echo(f"upgraded: pid {answer.get('pid')}, {answer.get('connections')} connections carried, "
-               f"pause {answer.get('pause_ms')} ms")
+    typer.echo(f"upgraded: restored {answer.get('connections')} connections in pid {answer.get('pid')} "
+               f"(the new program), pause {answer.get('pause_ms')} ms")
 
 
 @app.command("inspect-keys", short_help="Each connection's record sequence numbers and key fingerprints.")

@@ -8,12 +8,24 @@ in the handshake code and its message parser, tens of milliseconds every client 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .relay import RecordMode, Relay
+
+
+ENV_WORKER = "IRONSOCKET_WORKER"  # set by the --workers supervisor: this worker's index (workers.py)
+WORKER = os.environ.get(ENV_WORKER) or None
+
+
+def conn_ref(conn_id: int) -> str:
+    """How logs and the control socket name a connection: its id, or ``<worker>.<id>`` in a
+    worker of ``--workers`` (ids count per process: the worker index makes them unique per
+    machine, across upgrades too: the index survives the exec in the environment)."""
+    return f"{WORKER}.{conn_id}" if WORKER else str(conn_id)
 
 
 @dataclass
@@ -32,3 +44,8 @@ class ConnectionInfo:
     relay: Relay | None = None
     backend_addr: tuple[str, int] | None = None  # the backend chosen for this connection (admin)
     closed: bool = False  # relay done, bytes counted in ProxyServer.bytes_closed (admin)
+
+    @property
+    def ref(self) -> str:
+        """The connection's name in logs and on the control socket (`conn_ref`)."""
+        return conn_ref(self.conn_id)

@@ -13,6 +13,11 @@ Handlers are ``handlers[command](request) -> dict``. A handler that must keep th
 ``handler(request, conn)`` with a `ControlConnection`, and from then on owns it (reply with
 ``conn.send(obj)``, end with ``conn.close()``). `ControlServer.from_fd` adopts an
 already-listening socket (inherited across exec); `fileno()` gives it out.
+
+Progress: a request with ``"progress": true`` may get lines ``{"phase": "...", ...}`` (no
+``"ok"``) before its answer, as the work goes on; ``upgrade`` sends ``check``, ``quiesce`` and
+``exec`` (the answer, from the new program, says how many connections it restored). A client
+that did not ask gets only the answer.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +134,7 @@ class ControlConnection:
         self.sock.settimeout(timeout)
         self._buf = bytearray()
         self.closed = False
+        self.wants_progress = False  # the request said "progress": true (see the module doc)
 
     def peer_uid(self) -> int | None:
         try:
@@ -295,6 +302,7 @@ class ControlServer:
             return "answered"
         log.debug("control command %s", command)
         request["_peer_uid"] = conn.peer_uid()
+        conn.wants_progress = request.get("progress") is True
         try:
             if isinstance(handler, Takeover):
                 conn._taken = True  # type: ignore[attr-defined]
@@ -334,8 +342,11 @@ class ControlServer:
 
 
 # -- client -------------------------------------------------------------------------------------
-def request(path: Path | str, obj: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    """Send one request, return the answer. Raises ControlError (with a human message)."""
+def request(path: Path | str, obj: dict[str, Any], timeout: float = 10.0,
+            on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Send one request, return the answer. Raises ControlError (with a human message).
+    ``on_progress``: ask for progress lines (``"progress": true``) and get each one as it comes;
+    ``timeout`` is then the time for the whole exchange."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -348,22 +359,30 @@ def request(path: Path | str, obj: dict[str, Any], timeout: float = 10.0) -> dic
         except PermissionError:
             raise ControlError(f"permission denied connecting to {path} (run as the server's user or root)") from None
         conn = ControlConnection(sock, timeout)
+        deadline = time.monotonic() + timeout
         try:
-            conn.send(obj)
-            line = conn.recv()
+            conn.send({**obj, "progress": True} if on_progress is not None else obj)
+            while True:
+                line = conn.recv()
+                if line is None:
+                    raise ControlError(f"{path}: the server closed the connection without answering")
+                try:
+                    answer = json.loads(line)
+                except ValueError:
+                    raise ControlError(f"{path}: malformed answer") from None
+                if not isinstance(answer, dict):
+                    raise ControlError(f"{path}: malformed answer")
+                if on_progress is None or "phase" not in answer or "ok" in answer:
+                    return answer
+                on_progress(answer)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(left)
         except TimeoutError:
             raise ControlError(f"{path}: no answer within {timeout:g}s") from None
         except OSError as exc:
             raise ControlError(f"{path}: {exc.strerror or exc}") from None
-        if line is None:
-            raise ControlError(f"{path}: the server closed the connection without answering")
-        try:
-            answer = json.loads(line)
-        except ValueError:
-            raise ControlError(f"{path}: malformed answer") from None
-        if not isinstance(answer, dict):
-            raise ControlError(f"{path}: malformed answer")
-        return answer
     finally:
         sock.close()
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from . import ktls
 from .control import ControlError
+from .connection import WORKER
 
 SYS_PIDFD_OPEN = 434  # x86_64 (and every arch since 5.3's unified numbering)
 SYS_PIDFD_GETFD = 438
@@ -74,7 +75,7 @@ def connection_rows(server: Any, *, reveal: bool) -> list[dict[str, Any]]:
         if relay is None:
             continue  # still in the handshake: nothing in the record layer yet
         row: dict[str, Any] = {
-            "id": info.conn_id,
+            "id": info.ref if WORKER else info.conn_id,  # unique per machine with --workers: "W.N"
             "client": _addr(info.client_addr),
             "backend": None,
             "sni": info.server_name,
@@ -149,13 +150,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 # -- upgrade state documents --------------------------------------------------------------------
 STATE_FORMAT = "ironsocket-upgrade"
-STATE_VERSIONS = (1, 2)  # 2 (ironsocket.upgrade.STATE_VERSION) adds the bridge; rows read alike
 
 
 def describe_state(doc: dict[str, Any], *, reveal: bool = False) -> list[dict[str, Any]]:
-    """Rows for an upgrade state document (the minimal documented shape, versions 1 and 2)::
+    """Rows for an upgrade state document (the minimal documented shape, version 1; version 2,
+    what `ironsocket serve --upgrade-state-dump` writes, has the same ``connections`` in each
+    entry of ``listeners``)::
 
-        {"format": "ironsocket-upgrade", "version": 2, "connections": [
+        {"format": "ironsocket-upgrade", "version": 1, "connections": [
             {"id": 1, "client": "127.0.0.1:5000", "backend": "127.0.0.1:8080", "sni": "localhost",
              "alpn": null, "suite": "TLS_AES_128_GCM_SHA256", "mode": "ktls-sw",
              "tx": {"rec_seq": 3, "key": "<hex>", "iv": "<hex>"}, "rx": {...}}, ...]}
@@ -165,9 +167,14 @@ def describe_state(doc: dict[str, Any], *, reveal: bool = False) -> list[dict[st
     """
     if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
         raise ValueError(f'not an upgrade state document (want "format": "{STATE_FORMAT}")')
-    if doc.get("version") not in STATE_VERSIONS:
-        raise ValueError(f"unsupported upgrade state version {doc.get('version')!r} "
-                         f"(this build reads versions {', '.join(map(str, STATE_VERSIONS))})")
+    if doc.get("version") == 2:  # one entry per listener (serve --config): every listener's connections
+        listeners = doc.get("listeners")
+        if not isinstance(listeners, list) or not all(isinstance(e, dict) and isinstance(e.get("connections"), list)
+                                                      for e in listeners):
+            raise ValueError('"listeners" must be a list of objects with a "connections" list')
+        doc = {"connections": [conn for entry in listeners for conn in entry["connections"]]}
+    elif doc.get("version") != 1:
+        raise ValueError(f"unsupported upgrade state version {doc.get('version')!r} (this build reads versions 1 and 2)")
     conns = doc.get("connections")
     if not isinstance(conns, list):
         raise ValueError('"connections" must be a list')

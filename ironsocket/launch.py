@@ -1,32 +1,29 @@
-"""Running a configuration file (`ironsocket serve --config FILE`) and the admin endpoint.
+"""What `ironsocket serve` starts besides the proxies: the admin endpoint, and what a
+configuration file (`serve --config FILE`) asks for.
 
-One process, one `ProxyServer` per ``[[listeners]]`` table, one optional `admin.AdminServer`
-for all of them. Kept apart from `cli.py` so the command line only delegates here.
+A configuration file runs under the same `runtime.Runtime` as the flags (one `ProxyServer` per
+``[[listeners]]`` table, one optional `admin.AdminServer` for all of them, the control socket,
+signals, exec upgrade and rollback): `config_run` only turns the file and the command line into
+the runtime's arguments. Kept apart from `cli.py` so the command line only delegates here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import signal
 import socket
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
-from . import sdnotify
-from .admin import AdminError, AdminServer, parse_admin
-from .config import ConfigError, load_file
-from .server import ProxyServer, StartupError
+from .admin import AdminServer, parse_admin
+from .config import load_file
+from .server import ProxyConfig, ProxyServer
 
 log = logging.getLogger("ironsocket")
-
-
-def _fail(message: str) -> int:
-    typer.echo(f"ironsocket: error: {message}", err=True)
-    return 2
 
 
 def explain_startup_error(message: str) -> str:
@@ -60,21 +57,21 @@ def start_admin(spec: str | None, servers: Sequence[ProxyServer], allow_remote: 
     return admin
 
 
-def admin_fd_matches(spec: str | None, fd: int) -> bool:
-    """Whether the carried admin socket ``fd`` is the one ``--admin spec`` asks for (a port 0
-    matches any port: keeping the one already bound is the point)."""
-    if not spec:
+def admin_fd_matches(fd: int, *, listen: tuple[str, int] | None, unix: str | None) -> bool:
+    """Whether the carried admin socket ``fd`` is the one asked for now (``listen`` or ``unix``;
+    a port 0 matches any port: keeping the one already bound is the point)."""
+    if listen is None and unix is None:
         return False
-    parsed = parse_admin(spec)
     try:
         with socket.socket(fileno=os.dup(fd)) as sock:
             name = sock.getsockname()
             family = sock.family
     except OSError:
         return False
-    if "unix" in parsed:
-        return family == socket.AF_UNIX and os.path.abspath(parsed["unix"]) == os.path.abspath(name)
-    host, port = parsed["listen"]
+    if unix is not None:
+        return family == socket.AF_UNIX and os.path.abspath(unix) == os.path.abspath(name)
+    assert listen is not None
+    host, port = listen
     if family == socket.AF_UNIX:
         return False
     try:
@@ -84,53 +81,49 @@ def admin_fd_matches(spec: str | None, fd: int) -> bool:
     return name[0] in wanted and port in (0, name[1])
 
 
-def serve_config_file(path: Path, *, admin: str | None = None, admin_allow_remote: bool = False,
-                      stop: threading.Event | None = None) -> int:
-    """Run every listener of ``path`` until SIGTERM/SIGINT (or ``stop``); the exit code."""
-    try:
-        fc = load_file(path)
-    except ConfigError as exc:
-        return _fail(str(exc))
-    for warning in fc.warnings:
-        typer.echo(f"ironsocket: warning: {warning}", err=True)
-    logging.getLogger().setLevel(getattr(logging, fc.log_level.upper(), logging.INFO))
-    for warning in fc.warnings:
-        log.warning("%s", warning)
-    servers: list[ProxyServer] = []
-    admin_server: AdminServer | None = None
-    stop = stop or threading.Event()
-    try:
-        for config in fc.listeners:
-            server = ProxyServer(config)
-            server.start()
-            servers.append(server)
-            host, port = server.address
-            typer.echo(f"ironsocket: serving TLS 1.3 on {host}:{port} ({config.name}), "
-                       f"record layer: {server.record_layer}", err=True)
-        if admin:
-            admin_server = start_admin(admin, servers, admin_allow_remote)
-        elif fc.admin is not None:
-            admin_server = start_admin(None, servers, fc.admin.allow_remote or admin_allow_remote,
-                                       listen=fc.admin.listen, unix=fc.admin.unix)
-    except (StartupError, AdminError) as exc:
-        for server in servers:
-            server.stop()
-        return _fail(explain_startup_error(str(exc)))
-    refused: list[str] = []
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):  # no drain here: SIGQUIT = SIGTERM
-            signal.signal(sig, lambda *_: stop.set())
-        for sig in (signal.SIGHUP, signal.SIGUSR2):  # the default action would kill every listener
-            signal.signal(sig, lambda signum, _f: refused.append(signal.Signals(signum).name))
-    sdnotify.ready(f"serving {len(servers)} listeners")
-    while not stop.wait(0.5):
-        while refused:
-            log.warning("%s: reload/upgrade is not supported with --config yet (restart the service to apply "
-                        "changes); ignored, still serving", refused.pop(0))
-    sdnotify.stopping()
-    typer.echo("ironsocket: stopping", err=True)
-    if admin_server is not None:
-        admin_server.stop()
-    for server in servers:
-        server.stop()
-    return 0
+# -- serve --config FILE ----------------------------------------------------------------------------
+CONFLICTS_WITH_CONFIG = {
+    "listen": "--listen", "backend": "--backend", "cert": "--cert", "key": "--key", "alpn": "--alpn",
+    "ciphers": "--ciphers", "groups": "--groups", "ktls_mode": "--ktls", "handshake_timeout": "--handshake-timeout",
+    "idle_timeout": "--idle-timeout", "connect_timeout": "--connect-timeout", "max_connections": "--max-connections",
+}
+"""``serve`` options that are per-listener keys of a configuration file: with ``--config`` they
+are an error (each listener says its own), never silently ignored. The others are honoured:
+``--admin`` replaces the file's ``[admin]``, ``--log-level`` (if given) its ``log_level``;
+``--drain-timeout``, ``--keylog`` and ``--reuse-port`` apply to every listener; ``--workers``,
+``--control-socket``, ``--admin-allow-remote`` and ``--upgrade-state-dump`` mean what they mean
+without ``--config``."""
+
+
+@dataclass(frozen=True)
+class ConfigRun:
+    """What `serve --config FILE` runs: the listeners and the admin endpoint of the file, with
+    the command line's honoured options applied."""
+
+    listeners: list[ProxyConfig]
+    admin_listen: tuple[str, int] | None
+    admin_unix: str | None
+    admin_allow_remote: bool
+    log_level: str
+    warnings: list[str]
+
+
+def config_run(path: Path, *, admin: str | None, admin_allow_remote: bool, drain_timeout: float,
+               reuse_port: bool, keylog: Callable[[str], None] | None) -> ConfigRun:
+    """Load ``path`` (certificates included) and apply the command line; ConfigError/AdminError."""
+    fc = load_file(path)
+    listeners = [dataclasses.replace(
+        config, drain_timeout=drain_timeout, reuse_port=reuse_port or config.reuse_port,
+        tls=dataclasses.replace(config.tls, keylog=keylog) if keylog is not None else config.tls)
+        for config in fc.listeners]
+    if admin:
+        parsed = parse_admin(admin)
+        admin_listen, admin_unix, remote = parsed.get("listen"), parsed.get("unix"), admin_allow_remote
+    elif fc.admin is not None:
+        admin_listen, admin_unix = fc.admin.listen, fc.admin.unix
+        remote = fc.admin.allow_remote or admin_allow_remote
+    else:
+        admin_listen = admin_unix = None
+        remote = admin_allow_remote
+    return ConfigRun(listeners=listeners, admin_listen=admin_listen, admin_unix=admin_unix,
+                     admin_allow_remote=remote, log_level=fc.log_level, warnings=list(fc.warnings))

@@ -11,11 +11,14 @@ read-back, userspace sessions rebuilt), and starts the pumps on a fresh `engine.
 imports it needs are the record layer's (`relay`, `ktls`, `tls13.session`) and the standard
 library's.
 
-Then the ordinary start-up runs (`runtime.STARTUP_STEPS`); its ``proxy`` step adopts this running
-set (`ProxyServer.adopt` → `claim`) instead of building one, and takes over the listener. If any
-later step fails, the rollback pauses these relays and carries their state as it is at that
-moment (`upgrade.roll_back_live`: `Early` has the same ``pause``/``snapshot`` as a server), never
-the document we were given, which the pumps have already moved past.
+The document has one entry per listener (``listeners``: name, listening fd, connections); each
+gets its own `Early` with its own engine, exactly what one `ProxyServer` would own. Then the
+ordinary start-up runs (`runtime.STARTUP_STEPS`); its ``proxy`` step builds one `ProxyServer`
+per configured listener, and each adopts the running set of its own entry (`ProxyServer.adopt`
+→ `Early.claim`) instead of building one, and takes over that listener. If any later step
+fails, the rollback pauses these relays and carries their state as it is at that moment
+(`upgrade.roll_back_live`: `Early` has the same ``pause``/``snapshot`` as a server), never the
+document we were given, which the pumps have already moved past.
 
 If the early restore itself fails (an invalid document, a kernel state that does not match),
 it leaves every fd as it found them and the ordinary start-up meets the same error and rolls
@@ -37,20 +40,20 @@ from .relay import Relay
 
 log = logging.getLogger("ironsocket.upgrade")
 
-resumed: Early | None = None  # set by start_early() when the connections are moving again
+resumed: Resumed | None = None  # set by start_early() when the connections are moving again
 
 
 class Early:
-    """The connections an exec'd program resumed before its configuration was loaded."""
+    """One listener's connections, resumed before the configuration was loaded (an entry of the
+    document's ``listeners``, with its own engine: each `ProxyServer` claims its own)."""
 
-    def __init__(self, doc: dict[str, Any], state_fd: int, engine: Engine,
-                 restored: list[tuple[Any, Relay]]) -> None:
-        self.doc, self.state_fd, self.engine = doc, state_fd, engine
+    def __init__(self, entry: dict[str, Any], engine: Engine, restored: list[tuple[Any, Relay]]) -> None:
+        self.entry, self.engine = entry, engine
         self.restored = restored
-        self.resumed_at = time.time()
         self.lock = threading.Lock()
         self._handler: Callable[[Any, Relay], None] | None = None
         self._ended: list[tuple[Any, Relay]] = []
+        self.claimed = False
 
     def _relay_done(self, info: Any, relay: Relay) -> None:
         with self.lock:
@@ -70,20 +73,36 @@ class Early:
             alive = [(i, r) for i, r in self.restored if id(r) not in done]
             adopt(alive, ended)
             self._handler = on_done
+            self.claimed = True
 
     # -- what roll_back_live needs of a server (pause, snapshot), before there is one --------------
     def pause(self, handshake_deadline: float, park_deadline: float) -> None:
         if not self.engine.pause(park_deadline):
             raise upgrade.UpgradeError(f"the relay loops did not reach a safe point in {park_deadline:g}s")
 
-    def snapshot(self, *, connections: bool = True) -> dict[str, Any]:
-        """The document's server part, with the connections as they are now (while paused),
-        and the bridge, if the document named one (it has not been asked yet)."""
+    def snapshot(self) -> dict[str, Any]:
+        """The listener's document entry, with the connections as they are now (while paused)."""
         assert self.engine.paused
-        doc = {k: v for k, v in self.doc.items() if k != "connections"}
-        doc["connections"] = [upgrade.connection_doc(info) for info, relay in self.restored
-                              if not relay.done.is_set()] if connections else []
-        return doc
+        entry = {k: v for k, v in self.entry.items() if k != "connections"}
+        entry["connections"] = [upgrade.connection_doc(info) for info, relay in self.restored
+                                if not relay.done.is_set()]
+        return entry
+
+
+class Resumed:
+    """Every listener's `Early`, in the document's order, and when their bytes moved again."""
+
+    def __init__(self, doc: dict[str, Any], state_fd: int, listeners: list[Early]) -> None:
+        self.doc, self.state_fd, self.listeners = doc, state_fd, listeners
+        self.resumed_at = time.time()
+
+
+def _stop_restored(restored: list[tuple[Any, Relay]], engine: Engine | None) -> None:
+    for _, relay in restored:
+        relay.client.sock.detach()
+        relay.backend.detach()
+    if engine is not None:
+        engine.stop(0)
 
 
 def start_early() -> None:
@@ -93,29 +112,35 @@ def start_early() -> None:
     text = os.environ.get(upgrade.ENV_STATE_FD)
     if text is None:
         return
-    restored: list[tuple[Any, Relay]] = []
+    built: list[tuple[dict[str, Any], Engine, list[tuple[Any, Relay]]]] = []
+    restored: list[tuple[Any, Relay]] = []  # the listener being rebuilt
     engine: Engine | None = None
     try:
         fd = int(text)
         doc = upgrade.read_memfd(fd)
-        if not doc["connections"]:  # none, or all in the bridge: it relays them meanwhile
-            return
-        engine = Engine()
-        for conn in doc["connections"]:
-            restored.append(upgrade.restore_connection(conn, engine, doc.get("idle_timeout")))
+        if not any(entry["connections"] for entry in doc["listeners"]):
+            return  # none carried here (a bridge relays them meanwhile, ironsocket.bridge)
+        for entry in doc["listeners"]:
+            engine, restored = Engine(), []
+            for conn in entry["connections"]:
+                restored.append(upgrade.restore_connection(conn, engine, entry.get("idle_timeout")))
+            built.append((entry, engine, restored))
+            engine, restored = None, []
     except Exception as exc:  # noqa: BLE001 - the ordinary start-up meets it again and rolls back
-        for _, relay in restored:
-            relay.client.sock.detach()
-            relay.backend.detach()
-        if engine is not None:
-            engine.stop(0)
+        _stop_restored(restored, engine)
+        for _, built_engine, built_restored in built:
+            _stop_restored(built_restored, built_engine)
         log.debug("upgrade: early resume not possible (%s); the ordinary start-up decides", exc)
         return
-    early = Early(doc, fd, engine, restored)
-    for info, relay in restored:
-        info.relay = relay
-        relay.on_done = lambda r, info=info: early._relay_done(info, r)
-    engine.start()
-    for _, relay in restored:
-        relay.start()
-    resumed = early
+    listeners = []
+    for entry, engine, restored in built:
+        early = Early(entry, engine, restored)
+        for info, relay in restored:
+            info.relay = relay
+            relay.on_done = lambda r, info=info, early=early: early._relay_done(info, r)
+        listeners.append(early)
+    for early in listeners:
+        early.engine.start()
+        for _, relay in early.restored:
+            relay.start()
+    resumed = Resumed(doc, fd, listeners)

@@ -1,10 +1,17 @@
-"""One running `ironsocket serve`: the proxy, its demo backend, control socket and admin
+"""One running `ironsocket serve`: its proxies (one `ProxyServer` per listener: one with flags,
+one per ``[[listeners]]`` with ``--config``), the demo backend, control socket and admin
 endpoint, signals, and the exec upgrade's two ends (start one; finish one we were exec'd by).
+Flag mode and config mode differ only in where the listeners' `ProxyConfig`s come from.
 
 `Runtime.start()` either starts fresh or — when this process was exec'd by an upgrade
-(``upgrade.ENV_STATE_FD`` in the environment) — adopts the listener, the admin and control
+(``upgrade.ENV_STATE_FD`` in the environment) — adopts the listeners, the admin and control
 sockets, the demo backend's listener and every connection from the state document, then answers
-the requester. It runs `STARTUP_STEPS` in order, and the order is the safety argument:
+the requester. Each configured listener takes over the document's entry of the same name
+(unnamed ones: in order); a listener new in the configuration is bound, one that is gone is
+refused while it has connections (the restore fails and rolls back: a reload cannot end
+connections) and closed when it has none; one whose address changed is refused (the carried
+socket keeps its address: restart to move it). It runs `STARTUP_STEPS` in order, and the order
+is the safety argument:
 
 - every step that can fail (configuration, adopting fds, binding what is new) comes before
   ``relay``, the step where the adopted pumps and the accept loop start: until then no byte
@@ -20,13 +27,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import queue
 import signal
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +84,17 @@ def upgrade_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             if _restored:
                 raise
             reason = last_error or f"{type(exc).__name__}: {exc}"
-            live = _live
-            if live is not None and live.server is not None and live.server.adopted:
-                # The connections are ours now (and may have moved bytes): carry them as they are.
-                upgrade.roll_back_live(live.server, Runtime.carried_fds(doc), doc, fd, reason)
-            elif early is not None:  # resumed before the configuration was loaded: the same
-                upgrade.roll_back_live(early, Runtime.carried_fds(doc), doc, fd, reason)
+            # Who holds each listener entry now: a server that adopted it, the early resume's
+            # `Early` (bytes moved: carried as they are now), or nobody (`upgrade.Carried`).
+            owners = _live.owners if _live is not None and _live.owners else None
+            if owners is None and early is not None:
+                owners = list(early.listeners)
+            if owners and not all(isinstance(o, upgrade.Carried) for o in owners):
+                extra = Runtime.carried_fds(doc)
+                bridge = _live.bridge if _live is not None else None
+                if bridge is not None and not bridge.drained:  # it still holds the rest
+                    extra["bridge"] = bridge.document()
+                upgrade.roll_back_live(owners, extra, doc, fd, reason)
             else:  # nothing adopted, nothing moved: the document is still exact
                 upgrade.rollback(doc, fd, reason)
             raise
@@ -88,28 +102,129 @@ def upgrade_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+ENV_LISTENERS = "IRONSOCKET_UPGRADE_LISTENERS"
+"""For the pre-flight check child: the running program's listeners (JSON: name, listen,
+connections), so that a configuration the restore would refuse is refused before the exec."""
+
+
+def _same_address(bound: Sequence[Any], wanted: tuple[str, int]) -> bool:
+    """Whether a listener bound at ``bound`` (host, port) is where ``wanted`` asks (port 0: any)."""
+    host, port = bound[0], int(bound[1])
+    if wanted[1] not in (0, port):
+        return False
+    try:
+        names = {info[4][0] for info in socket.getaddrinfo(wanted[0], None, 0, socket.SOCK_STREAM)}
+    except OSError:
+        return False
+    return host in names
+
+
+def match_listeners(entries: Sequence[dict[str, Any]], configs: Sequence[ProxyConfig]) -> list[int | None]:
+    """For each configured listener, the index of the running listener it takes over (None: a
+    new one, bound). A named listener takes the entry of its name; unnamed ones take the
+    unnamed entries in order. StartupError if the configuration cannot take them over: a
+    listener that is gone while it has connections (a reload does not end connections), or
+    one whose address changed (the carried socket keeps its address; a socket systemd passed
+    is not compared: its address is systemd's, not the configuration's)."""
+    from .server import StartupError
+
+    unnamed = iter([i for i, e in enumerate(entries) if not e.get("name")])
+    by_name = {e["name"]: i for i, e in enumerate(entries) if e.get("name")}
+    matched = [by_name.get(c.name) if c.name else next(unnamed, None) for c in configs]
+    for index, entry in enumerate(entries):
+        label = entry.get("name") or f"listeners[{index}]"
+        n = entry["connections"] if isinstance(entry["connections"], int) else len(entry["connections"])
+        n += entry.get("bridged", 0)  # held by the previous program's bridge (ironsocket.bridge)
+        if index not in matched and n:
+            raise StartupError(f"listener {label} is not in the configuration any more and has {n} connections: "
+                               "a reload does not end connections (restart to remove a listener)")
+    for config, slot in zip(configs, matched):
+        if slot is None:
+            continue
+        entry = entries[slot]
+        if not entry.get("passed") and not _same_address(entry["listen"], config.listen):
+            label = config.name or f"listeners[{slot}]"
+            raise StartupError(f"listener {label}: listen {config.listen[0]}:{config.listen[1]} but the running "
+                               f"program listens on {entry['listen'][0]}:{entry['listen'][1]}; a reload keeps the "
+                               "listening socket (restart to move a listener)")
+    return matched
+
+
+def check_listeners(configs: Sequence[ProxyConfig]) -> None:
+    """In the pre-flight check child: StartupError if the restore would refuse ``configs``
+    for the running program's listeners (`ENV_LISTENERS`; nothing to check without it)."""
+    import json
+
+    text = os.environ.get(ENV_LISTENERS)
+    if text:
+        match_listeners(json.loads(text), configs)
+
+
+def listeners_for_check(servers: Sequence[ProxyServer]) -> str:
+    """`ENV_LISTENERS` for the check child of an upgrade of ``servers``."""
+    import json
+
+    return json.dumps([{"name": s.config.name, "listen": list(s.address), "connections": len(s.connections),
+                        "passed": s.passed_listener} for s in servers])
+
+
+class ListenerSet:
+    """Every listener of the process as one registry, for the control socket (connection ids are
+    unique per process: the listeners share one count)."""
+
+    def __init__(self, servers: Sequence[ProxyServer]) -> None:
+        self.servers = servers
+
+    @property
+    def connections(self) -> dict[int, Any]:
+        merged: dict[int, Any] = {}
+        for server in self.servers:
+            merged.update(dict(server.connections))  # one C-level copy each: atomic under the GIL
+        return merged
+
+    @property
+    def record_layer(self) -> str:
+        return "; ".join(dict.fromkeys(server.record_layer for server in self.servers))
+
+
 class Runtime:
-    """Owns everything one `serve` process runs; `run()` blocks until SIGTERM/SIGINT/SIGQUIT."""
+    """Owns everything one `serve` process runs; `run()` blocks until SIGTERM/SIGINT/SIGQUIT.
+
+    ``configs``: one `ProxyConfig` per listener. ``admin``: a ``--admin`` value, or
+    ``admin_listen``/``admin_unix`` (a configuration file's ``[admin]``)."""
 
     def __init__(
         self,
-        config: ProxyConfig,
+        configs: ProxyConfig | Sequence[ProxyConfig],
         *,
         demo: bool = False,
         admin: str | None = None,
+        admin_listen: tuple[str, int] | None = None,
+        admin_unix: str | None = None,
         admin_allow_remote: bool = False,
         control_socket: Path | None = None,
         state_dump: Path | None = None,
         say: Callable[[str], None] = print,
     ) -> None:
-        self.config = config
+        self.configs = [configs] if isinstance(configs, ProxyConfig) else list(configs)
+        if not self.configs:
+            raise ValueError("a runtime needs at least one listener")
+        if demo and len(self.configs) != 1:
+            raise ValueError("the demo backend is for one listener")
         self.demo_wanted = demo
-        self.admin_address = admin
+        if admin:
+            from .admin import parse_admin
+
+            parsed = parse_admin(admin)
+            admin_listen, admin_unix = parsed.get("listen"), parsed.get("unix")
+        self.admin_listen, self.admin_unix = admin_listen, admin_unix
         self.admin_allow_remote = admin_allow_remote
         self.control_socket = control_socket
         self.state_dump = state_dump
         self.say = say
-        self.server: ProxyServer | None = None
+        self.servers: list[ProxyServer] = []
+        self.owners: list[Any] = []  # during a restore: who holds each listener entry (rollback)
+        self.bridge: Any = None  # bridge.BridgeClient: the previous program's fork holds connections
         self.demo: Any = None
         self.admin: Any = None
         self.control: Any = None
@@ -124,6 +239,18 @@ class Runtime:
         self._announced = False
         self._restart_failed: str | None = None
 
+    @property
+    def server(self) -> ProxyServer | None:
+        """The first listener's server (the only one in flag mode)."""
+        return self.servers[0] if self.servers else None
+
+    @property
+    def config(self) -> ProxyConfig:
+        return self.configs[0]
+
+    def connection_count(self) -> int:
+        return sum(len(server.connections) for server in self.servers)
+
     # -- start ----------------------------------------------------------------------------------
     def start(self) -> None:
         """Run `STARTUP_STEPS`. On failure, a fresh start stops what it started; a restore
@@ -131,6 +258,10 @@ class Runtime:
         global _live
         doc = _inherited[0] if _inherited and not _restored else None
         if doc is not None:
+            from . import resume
+
+            early = resume.resumed if resume.resumed is not None and resume.resumed.doc is doc else None
+            self.owners = list(early.listeners) if early else [upgrade.Carried(e) for e in doc["listeners"]]
             _live = self
         try:
             for step in STARTUP_STEPS:
@@ -148,53 +279,90 @@ class Runtime:
         lookup = lambda addr: self.server.connection_for_backend_peer(addr) if self.server else None  # noqa: E731
         self.demo = DemoBackend(lookup, fd=doc.get("demo_fd") if doc else None)
         self.demo.start()
-        self.config = dataclasses.replace(self.config, backend=self.demo.address)
+        self.configs[0] = dataclasses.replace(self.configs[0], backend=self.demo.address)
         if doc is None:
             self.say(f"ironsocket: no --backend given: built-in demo backend on {self.demo.address[0]}:{self.demo.address[1]}")
 
     def _start_proxy(self, doc: dict[str, Any] | None) -> None:
-        self.server = ProxyServer(self.config)
-        if doc is not None:
-            self.server.adopt(doc)  # connections rebuilt, not started
-        else:  # systemd socket activation (ironsocket.activation): fd 3 instead of --listen
+        from .server import StartupError
+
+        entries: list[dict[str, Any]] = doc["listeners"] if doc is not None else []
+        if doc is not None and doc.get("bridge") is not None:
+            from .bridge import BridgeClient
+
+            self.bridge = BridgeClient(doc["bridge"]["fd"], doc["bridge"]["pid"])
+        start = max((e.get("next_conn_id", 1) for e in entries), default=1)
+        ids = itertools.count(start)  # one count for every listener: an id names one connection
+        matched = match_listeners(entries, self.configs)  # the check child ran the same (check_listeners)
+        for index, entry in enumerate(entries):
+            if index not in matched:  # gone from the configuration, without connections
+                log.info("listener %s is not in the configuration any more: its socket is closed",
+                         entry.get("name") or f"listeners[{index}]")
+                self._stale_fds.append(entry["listener_fd"])
+        for config, slot in zip(self.configs, matched):
+            server = ProxyServer(config, ids)
+            self.servers.append(server)
+            if slot is None:
+                continue
+            entry = entries[slot]
+            owner = self.owners[slot]
+            server.adopt(entry, owner if not isinstance(owner, upgrade.Carried) else None)
+
+            self.owners[slot] = server  # its connections are this server's now (rebuilt, or running)
+        if doc is None and len(self.configs) > 1 and os.environ.get("LISTEN_PID") == str(os.getpid()):
+            log.warning("socket activation: the configuration has %d listeners; the socket systemd passed is not "
+                        "used (it applies to a file with one listener)", len(self.configs))
+        if doc is None and len(self.configs) == 1:
+            # systemd socket activation (ironsocket.activation): fd 3 instead of --listen
             from .activation import ActivationError, listen_socket
-            from .server import StartupError
 
             try:
-                self.server._listener = listen_socket()
+                self.servers[0].bind(listen_socket())
             except ActivationError as exc:
                 raise StartupError(str(exc)) from None
+        for server in self.servers:  # new listeners: a port taken fails here, before any byte moved
+            server.bind()
 
     def _start_admin(self, doc: dict[str, Any] | None) -> None:
-        assert self.server is not None
-        from .launch import start_admin
-
-        from .launch import admin_fd_matches
+        from .launch import admin_fd_matches, start_admin
 
         # The admin listener is carried over exec like the TLS listener: never rebound (a port
         # taken meanwhile cannot fail the restore) and never refusing during an upgrade. Only
         # an admin address that changed is bound anew (the carried socket is closed once the
         # restore is confirmed; a rollback gives it back to the previous program).
         fd = doc.get("admin_fd") if doc else None
-        if fd is not None and not admin_fd_matches(self.admin_address, fd):
+        if fd is not None and not admin_fd_matches(fd, listen=self.admin_listen, unix=self.admin_unix):
             self._stale_fds.append(fd)
             fd = None
-        self.admin = start_admin(self.admin_address, [self.server], self.admin_allow_remote, fd=fd)
+        self.admin = start_admin(None, self.servers, self.admin_allow_remote, listen=self.admin_listen,
+                                 unix=self.admin_unix, fd=fd)
 
     def _start_control(self, doc: dict[str, Any] | None) -> None:
-        assert self.server is not None
         from .control import ControlServer, Takeover
         from .inspect import control_handlers
 
-        handlers: dict[str, Any] = {**control_handlers(self.server), "upgrade": Takeover(self._upgrade_command)}
+        view = self.servers[0] if len(self.servers) == 1 else ListenerSet(self.servers)
+        handlers: dict[str, Any] = {**control_handlers(view), "upgrade": Takeover(self._upgrade_command)}
         if doc is not None and doc.get("control_fd") is not None:
             self.control = ControlServer.from_fd(doc["control_fd"], handlers)
         else:
             self.control = ControlServer(self.control_socket, handlers)
 
     def _start_relay(self, doc: dict[str, Any] | None) -> None:
-        assert self.server is not None
-        self.server.start()  # from here bytes move: the adopted pumps and the accept loop run
+        for server in self.servers:
+            server.start()  # from here bytes move: the adopted pumps and the accept loops run
+        if self.bridge is not None:  # the previous program's fork relayed them until now
+            assert doc is not None
+            by_entry = {i: owner for i, owner in enumerate(self.owners) if isinstance(owner, ProxyServer)}
+
+            def take(conn: dict[str, Any]) -> None:
+                server = by_entry.get(conn.get("listener", -1))
+                if server is None:  # matched before the exec (the check), so never: but say so
+                    raise upgrade.StateError(f"the bridge handed over connection {conn.get('id')} of listener "
+                                             f"{conn.get('listener')}, which no listener here took over")
+                server.take_carried(conn)
+
+            self.bridge.drain(take, doc.get("paused_at_monotonic"))
 
     def _start_confirm(self, doc: dict[str, Any] | None) -> None:
         global _restored
@@ -218,12 +386,15 @@ class Runtime:
         # configuration was loaded), not until the whole start-up was done.
         moving = resume.resumed.resumed_at if resume.resumed is not None else time.time()
         pause_ms = (moving - doc["created"]) * 1000
-        assert self.server is not None
-        if self.server.carried_pause is not None:  # handed over by the bridge: the longest wait
-            pause_ms = self.server.carried_pause * 1000
+        if self.bridge is not None and self.bridge.longest_wait is not None:  # handed over in batches
+            pause_ms = self.bridge.longest_wait * 1000
         failed = os.environ.pop(upgrade.ENV_FAILED, None)
-        n = self.server.carried
-        log.info("upgrade: restored %d connections in pid %d", n, os.getpid())
+        n = sum(server.carried for server in self.servers)
+        for owner in self.owners:  # an early-resumed listener nobody took (gone, without connections)
+            if not isinstance(owner, (ProxyServer, upgrade.Carried)) and not owner.claimed:
+                owner.engine.stop(0)
+        self.owners = []
+        log.info("upgrade: restored %d connections in pid %d (%d listeners)", n, os.getpid(), len(doc["listeners"]))
         log.info("upgrade: resumed after %.1f ms (start-up complete after %.1f ms)", pause_ms,
                  (time.time() - doc["created"]) * 1000)
         if failed:
@@ -260,9 +431,8 @@ class Runtime:
                 conn.close()
             return
         main = threading.current_thread() is threading.main_thread()
-        saved: dict[int, Any] = {}
+        saved: dict[signal.Signals, Any] = {}
         try:
-            assert self.server is not None
             sdnotify.reloading(f"{reason} in progress")
             if main:
                 # Across the exec the new program has the default dispositions until it installs
@@ -276,9 +446,10 @@ class Runtime:
             extra = {"control_fd": self.control.fileno() if self.control else None,
                      "demo_fd": self.demo.fileno() if self.demo else None,
                      "admin_fd": self.admin.fileno() if self.admin else None}
-            upgrade.perform(self.server, upgrade.target_program(exec_path), reply=conn.sock if conn else None, extra=extra,
-                            dump_path=str(self.state_dump) if self.state_dump else None,
-                            also_pause=[self.admin] if self.admin else [])
+            upgrade.perform(self.servers, upgrade.target_program(exec_path), reply=conn.sock if conn else None,
+                            extra=extra, check_env={ENV_LISTENERS: listeners_for_check(self.servers)}, dump_path=str(self.state_dump) if self.state_dump else None,
+                            also_pause=[self.admin] if self.admin else [],
+                            progress=self._progress(conn, reason))
         except Exception as exc:  # noqa: BLE001 - on the main thread now: a bug must not end the process
             if not isinstance(exc, upgrade.UpgradeError):
                 log.debug("upgrade: unexpected error", exc_info=True)  # the traceback at --log-level debug
@@ -301,6 +472,21 @@ class Runtime:
             if conn is not None:
                 conn.close()
             self._upgrade_lock.release()
+
+    @staticmethod
+    def _progress(conn: Any, reason: str) -> Callable[[str, dict[str, Any]], None]:  # upgrade.Progress
+        """Each phase in the log, and to the `ironsocket upgrade` that asked (if it asked for
+        progress lines: ``{"phase": ..., ...}`` before the answer, see control.py)."""
+
+        def tell(phase: str, details: dict[str, Any]) -> None:
+            log.debug("%s: phase %s %s", reason, phase, " ".join(f"{k}={v}" for k, v in details.items()))
+            if conn is not None and conn.wants_progress:
+                try:
+                    conn.send({"phase": phase, **details})
+                except OSError:
+                    pass  # the requester left: the upgrade goes on
+
+        return tell
 
     # -- signals -------------------------------------------------------------------------------------
     def install_signals(self) -> None:
@@ -331,7 +517,7 @@ class Runtime:
             return
         self._announced = True
         reload = os.environ.pop(ENV_RELOAD, None)
-        n = len(self.server.connections) if self.server else 0
+        n = self.connection_count()
         if reload and self._restart_failed:
             log.error("reload failed: the new program could not start (%s); rolled back, still serving with "
                       "the previous program and certificates, %d connections kept", self._restart_failed, n)
@@ -345,10 +531,10 @@ class Runtime:
             sdnotify.ready(self._serving_status(), "IRONSOCKET_UPGRADE=ok")
 
     def _serving_status(self) -> str:
-        if self.server is None:
+        if not self.servers:
             return "serving"
-        host, port = self.server.address
-        return f"serving TLS 1.3 on {host}:{port}, {len(self.server.connections)} connections"
+        where = ", ".join("{}:{}".format(*server.address) for server in self.servers)
+        return f"serving TLS 1.3 on {where}, {self.connection_count()} connections"
 
     # -- run and stop ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -388,9 +574,9 @@ class Runtime:
         """Graceful (drain, logging progress every second) or fast (close_notify now) stop.
         A SIGQUIT while draining turns a graceful stop into a fast one."""
         self.say("ironsocket: stopping")
-        server = self.server
-        drain = 0.0 if fast or server is None else server.config.drain_timeout
-        n = len(server.connections) if server else 0
+        servers = list(self.servers)
+        drain = 0.0 if fast or not servers else max(server.config.drain_timeout for server in servers)
+        n = self.connection_count()
         sdnotify.stopping(f"stopping ({why}): {n} connections")
         if fast:
             log.info("fast stop (%s): close_notify to %d connections now", why, n)
@@ -417,9 +603,9 @@ class Runtime:
                 left = self._abort_all("fast stop (SIGQUIT)")
                 log.info("fast stop (SIGQUIT) while draining: close_notify to %d connections now", left)
                 continue
-            if server is None or not worker.is_alive():
+            if not servers or not worker.is_alive():
                 break
-            left, to_go = len(server.connections), end - time.monotonic()
+            left, to_go = self.connection_count(), end - time.monotonic()
             if not left:
                 continue
             if to_go > 0 and not told_timeout:
@@ -432,10 +618,7 @@ class Runtime:
         log.info("stopped")
 
     def _abort_all(self, reason: str) -> int:
-        server = self.server
-        if server is None:
-            return 0
-        infos = list(server.connections.values())
+        infos = [info for server in self.servers for info in list(server.connections.values())]
         for info in infos:
             if info.relay is not None:
                 info.relay.abort(reason)
@@ -444,13 +627,18 @@ class Runtime:
     def stop(self, drain: float | None = None) -> None:
         """Stop everything that was started (safe after a failed start, and twice). ``drain``:
         seconds connections may finish (default: the configuration's drain timeout)."""
-        admin, control, server, demo = self.admin, self.control, self.server, self.demo
+        admin, control, demo = self.admin, self.control, self.demo
         self.admin = self.control = self.demo = None
         if admin is not None:
             admin.stop()
         if control is not None:
             control.close()
-        if server is not None:
-            server.stop(drain=drain)
+        # Every listener drains at once (one after another, N listeners would take N drains).
+        stops = [threading.Thread(target=server.stop, kwargs={"drain": drain}, name="is-stop-listener", daemon=True)
+                 for server in self.servers]
+        for t in stops:
+            t.start()
+        for t in stops:
+            t.join()
         if demo is not None:
             demo.stop()

@@ -26,6 +26,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ from . import backend as backend_mod
 from .backend import Routes
 from . import ktls
 from .engine import Engine
-from .connection import ConnectionInfo
+from .connection import ENV_WORKER, WORKER, ConnectionInfo, conn_ref  # noqa: F401 - re-exported
 from .relay import ClientChannel, KtlsChannel, Relay, UserspaceChannel
 from .tls13.alerts import RemoteProtocolError
 from .tls13.constants import AlertDescription
@@ -190,7 +191,9 @@ def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int
 class ProxyServer:
     """Accepts TLS clients and relays them to one backend. `start()`, then `stop()`."""
 
-    def __init__(self, config: ProxyConfig) -> None:
+    def __init__(self, config: ProxyConfig, ids: Iterator[int] | None = None) -> None:
+        """``ids``: where connection ids come from, shared by the listeners of one process (so
+        an id names one connection of the process); default: this server's own count from 1."""
         self.config = config
         self.ktls_probe = ktls.probe()
         if config.ktls is KtlsMode.REQUIRE and not self.ktls_probe.available:
@@ -202,7 +205,8 @@ class ProxyServer:
         self.use_ktls = config.ktls is not KtlsMode.OFF and self.ktls_probe.available
         self.connections: dict[int, ConnectionInfo] = {}
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
+        self._shared_ids = ids is not None
+        self._ids: Iterator[int] = ids if ids is not None else itertools.count(1)
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
@@ -218,11 +222,9 @@ class ProxyServer:
         self._handshake_cond = threading.Condition(self._lock)
         self._adopted: list[tuple[ConnectionInfo, Relay]] = []
         self.adopted = False  # adopt() took over a previous program's listener and connections
-        self._bridge: Any = None  # bridge.BridgeClient: the previous program's fork holds connections
-        self._unstarted: list[dict[str, Any]] = []  # taken from the bridge, not yet started
-        self._paused_at: float | None = None  # the previous program's pause (monotonic)
+        self.unstarted: list[dict[str, Any]] = []  # taken from a bridge, not started (for a rollback)
         self.carried = 0  # connections carried over the exec that started this program
-        self.carried_pause: float | None = None  # the longest a carried connection waited (s)
+        self.passed_listener = False  # listening on a socket systemd passed, not on config.listen
         self._hold_accept = False  # pause(): no new connections while handshakes finish
         self._in_handshake: dict[int, socket.socket] = {}  # conn_id → client socket, until relayed
 
@@ -240,29 +242,39 @@ class ProxyServer:
             return "userspace (kTLS off by --ktls off)"
         return f"userspace (kTLS unavailable: {self.ktls_probe.reason})"
 
+    def bind(self, sock: socket.socket | None = None) -> None:
+        """Listen now (before `start`): on ``sock`` if given (a socket systemd passed), else
+        bind ``config.listen``. StartupError if the address cannot be bound. Does nothing if
+        this server already has its listener (bound, or adopted from a previous program)."""
+        if self._listener is not None:
+            return
+        if sock is not None:
+            self._listener = sock
+            self.passed_listener = True
+            return
+        host, port = self.config.listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.config.reuse_port:  # --workers: each worker process binds the same port
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            listener.bind((host, port))
+            listener.listen(self.config.backlog)
+        except OSError as exc:
+            listener.close()
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        self._listener = listener
+
     def start(self) -> None:
-        if self._listener is None:
-            host, port = self.config.listen
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            listener = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if self.config.reuse_port:  # --workers: each worker process binds the same port
-                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                listener.bind((host, port))
-                listener.listen(self.config.backlog)
-            except OSError as exc:
-                listener.close()
-                raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-            self._listener = listener
+        self.bind()
+        assert self._listener is not None
         self._listener.setblocking(False)
         threading.stack_size(THREAD_STACK_SIZE)
         self.engine.start()
         for info, relay in self._adopted:  # no thread per connection: a registration each
             self._start_relay(info, relay)
         self._adopted = []
-        if self._bridge is not None:  # the rest are in the previous program's bridge
-            self._drain_bridge()
         self.control.enter()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="is-accept", daemon=True)
         self._accept_thread.start()
@@ -314,7 +326,7 @@ class ProxyServer:
             done = self._handshake_cond.wait_for(lambda: self._handshaking == 0, handshake_deadline)
             cut = [] if done else list(self._in_handshake.items())
         for conn_id, sock in cut:
-            log.info("conn=%d handshake cut: not finished when the upgrade began", conn_id)
+            log.info("conn=%s handshake cut: not finished when the upgrade began", conn_ref(conn_id))
             _shutdown_quietly(sock)  # its thread sees EOF/an error and ends
         if cut:
             with self._lock:
@@ -343,70 +355,43 @@ class ProxyServer:
             return [(i, i.relay) for i in self.connections.values() if i.relay is not None and not i.closed]
 
     def snapshot(self, *, connections: bool = True) -> dict:
-        """The upgrade document's server part (only while paused). ``connections`` False: a
-        bridge (ironsocket.bridge) is about to hold them; a bridge this program has not drained
-        yet, and what it took from one without starting, are always in."""
+        """This listener's entry in the upgrade document's ``listeners`` (only while paused).
+        ``connections`` False: a bridge (ironsocket.bridge) is about to hold them (``bridged``
+        counts them). What this program took from a bridge without starting it is always in."""
         from .upgrade import connection_doc
 
         assert self.control.paused and self.control.running == 0 and self.engine.paused
         assert self._listener is not None
-        docs = [connection_doc(info) for info, _ in self.live_connections()] if connections else []
-        doc = {
+        live = self.live_connections()
+        return {
+            "name": self.config.name,  # what the next program's configuration matches it by
             "idle_timeout": self.config.idle_timeout,  # for the early resume (ironsocket.resume)
             "listener_fd": self._listener.fileno(),
             "listen": list(self.address),
+            "passed": self.passed_listener,  # socket activation: config.listen does not apply
             "next_conn_id": next(self._ids),
-            "connections": docs + self._unstarted,
+            "connections": ([connection_doc(info) for info, _ in live] if connections else []) + self.unstarted,
+            "bridged": 0 if connections else len(live),
             "counters": {"handshakes_ok": self.handshakes_ok, "handshakes_failed": self.handshakes_failed,
                          "handshake_failures": self.handshake_failures, "bytes_closed": self.bytes_closed},
         }
-        if self._bridge is not None and not self._bridge.drained:
-            doc["bridge"] = self._bridge.document()
-        return doc
 
-    # -- the bridge (ironsocket.bridge): connections a fork of the previous program relays --------
-    def _drain_bridge(self) -> None:
-        """Take every connection from the bridge, a batch at a time, and start it (each batch's
-        connections wait only for their own hand-over). Records the longest wait."""
+    # -- the bridge (ironsocket.bridge): connections a fork of the previous program relayed ------
+    def take_carried(self, conn: dict[str, Any]) -> None:
+        """Rebuild one connection a bridge handed over (its description, naming our fds), and
+        start it. On failure its fds stay open (``unstarted``: for the rollback document)."""
         from .upgrade import restore_connection
 
-        from .bridge import BridgeError
+        self.unstarted.append(conn)
+        info, relay = restore_connection(conn, self.engine, self.config.idle_timeout)
+        self.unstarted.remove(conn)
+        self._register(info, relay)
+        self._start_relay(info, relay)
+        self.carried += 1
 
-        client = self._bridge
-        assert client is not None
-        worst = 0.0
-        batches = 0
-        began = time.monotonic()
-        while not client.drained:
-            try:
-                batch, paused_at = client.take()
-            except BridgeError as exc:  # it is gone, and what it held with it: nobody can do better
-                log.critical("upgrade: %s; the connections it still held are lost", exc)
-                client.drained = True
-                break
-            self._unstarted = list(batch)  # until started: a rollback carries them as they came
-            while self._unstarted:
-                info, relay = restore_connection(self._unstarted[0], self.engine, self.config.idle_timeout)
-                self._unstarted.pop(0)
-                self._register(info, relay)
-                self._start_relay(info, relay)
-                self.carried += 1
-            worst = max(worst, time.monotonic() - paused_at)
-            batches += bool(batch)
-            fork_pause = None
-        if client.resumed_at is not None and self._paused_at is not None:
-            fork_pause = client.resumed_at - self._paused_at  # the fork's own pause
-        log.info("upgrade: %d connections taken from the bridge (pid %d) in %d batches over %.1f ms; longest "
-                 "wait for a batch %.1f ms, for the fork %s", self.carried, client.pid, batches,
-                 (time.monotonic() - began) * 1000, worst * 1000,
-                 "-" if fork_pause is None else f"{fork_pause * 1000:.1f} ms")
-        self.carried_pause = max(worst, fork_pause or 0.0)
-        self.bytes_closed = [a + b for a, b in zip(self.bytes_closed, client.closed_bytes)]
-        client.finish()
-
-    def take_back(self, client: Any) -> None:
-        """(paused; the exec failed after the bridge was forked) Our relays are stale copies: let
-        them go without a byte or a shutdown, and take the connections back from the bridge."""
+    def release_stale(self) -> None:
+        """(paused; the exec failed after the bridge was forked) Our relays are stale copies:
+        let them go without a byte or a shutdown (the bridge gives the connections back)."""
         for info, relay in self.live_connections():
             self.engine.release(relay)
             held = list(relay.fds())
@@ -420,22 +405,18 @@ class ProxyServer:
             with self._lock:
                 self.connections.pop(info.conn_id, None)
             self._slots.release()
-        self._bridge = client
-        self._paused_at = None
-        self._drain_bridge()
-        self._bridge = None
+            self.carried -= 1
 
-    def adopt(self, doc: dict) -> None:
-        """Take over the listener and connections of the previous program (before `start`).
-        If they were resumed early (`resume.start_early`, before the configuration was loaded),
-        take over that running set. On failure every inherited fd is left open (for the rollback
-        to the previous program)."""
-        from . import resume
+    def adopt(self, doc: dict, early: Any = None) -> None:
+        """Take over one listener and its connections of the previous program (before `start`):
+        ``doc`` is its entry in the upgrade document's ``listeners``. If they were resumed early
+        (``early``: its `resume.Early`, resumed before the configuration was loaded), take over
+        that running set. On failure every inherited fd is left open (for the rollback to the
+        previous program)."""
         from .upgrade import restore_connection
 
-        early = resume.resumed
         listener = socket.socket(fileno=doc["listener_fd"])
-        if early is not None and early.doc is doc:
+        if early is not None:
             try:
                 self._adopt_running(early)
             except BaseException:
@@ -459,12 +440,9 @@ class ProxyServer:
                 self._adopted.append((info, relay))
         self._listener = listener
         self.carried = len(doc["connections"])
-        if doc.get("bridge") is not None:
-            from .bridge import BridgeClient
-
-            self._bridge = BridgeClient(doc["bridge"]["fd"], doc["bridge"]["pid"])
-            self._paused_at = doc.get("paused_at_monotonic")
-        self._ids = itertools.count(doc["next_conn_id"])
+        self.passed_listener = bool(doc.get("passed"))
+        if not self._shared_ids:  # shared: the runtime continues the count of every listener
+            self._ids = itertools.count(doc["next_conn_id"])
         counters = doc.get("counters", {})
         self.handshakes_ok = counters.get("handshakes_ok", 0)
         self.handshakes_failed = counters.get("handshakes_failed", 0)
@@ -582,15 +560,15 @@ class ProxyServer:
                                               server_name=info.server_name, alpn=info.alpn_protocol,
                                               cipher=info.cipher_suite)
             except OSError as exc:
-                log.warning("conn=%d backend %s:%d unreachable: %s", info.conn_id, *spec.address, exc)
+                log.warning("conn=%s backend %s:%d unreachable: %s", info.ref, *spec.address, exc)
                 self._alert_after_handshake(sock, handoff, AlertDescription.internal_error)
                 return
             backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             info.backend_local_addr = backend.getsockname()[:2]
             channel = self._client_channel(sock, handoff, info)
             info.mode = channel.mode
-            log.info("conn=%d open client=%s:%d sni=%s alpn=%s suite=%s group=%s mode=%s",
-                     info.conn_id, *info.client_addr, info.server_name, info.alpn_protocol,
+            log.info("conn=%s open client=%s:%d sni=%s alpn=%s suite=%s group=%s mode=%s",
+                     info.ref, *info.client_addr, info.server_name, info.alpn_protocol,
                      info.cipher_suite, info.group, info.mode.value)
             relay = Relay(info.conn_id, channel, backend, engine=self.engine,
                           idle_timeout=self.config.idle_timeout)
@@ -598,7 +576,7 @@ class ProxyServer:
             relay_started = True
             self._start_relay(info, relay)  # from here the relay owns the sockets and the slot
         except Exception:  # noqa: BLE001 - a bug must cost one connection, not the server
-            log.exception("conn=%d internal error", info.conn_id)
+            log.exception("conn=%s internal error", info.ref)
         finally:
             with self._lock:
                 if not relay_started:
@@ -660,7 +638,7 @@ class ProxyServer:
     def _handshake_failed(self, info: ConnectionInfo, reason: str, alert: str = "none") -> bool:
         self.handshakes_failed += 1
         self.handshake_failures[alert] = self.handshake_failures.get(alert, 0) + 1
-        log.info("conn=%d handshake failed client=%s:%d: %s", info.conn_id, *info.client_addr, reason)
+        log.info("conn=%s handshake failed client=%s:%d: %s", info.ref, *info.client_addr, reason)
         return False
 
     def _client_channel(self, sock: socket.socket, handoff: Handoff, info: ConnectionInfo) -> ClientChannel:
@@ -678,7 +656,7 @@ class ProxyServer:
                     raise  # TX is in the kernel already; we cannot go back to userspace
                 if self.config.ktls is KtlsMode.REQUIRE:
                     raise
-                log.warning("conn=%d kTLS install failed (%s); staying in userspace", info.conn_id, exc)
+                log.warning("conn=%s kTLS install failed (%s); staying in userspace", info.ref, exc)
         return UserspaceChannel(sock, Session(handoff))
 
     def _alert_after_handshake(self, sock: socket.socket, handoff: Handoff, description: AlertDescription) -> None:
@@ -692,8 +670,8 @@ class ProxyServer:
             self.bytes_closed[0] += s.bytes_from_client
             self.bytes_closed[1] += s.bytes_to_client
             info.closed = True
-        log.info("conn=%d close client=%s:%d bytes_in=%d bytes_out=%d duration=%.3fs reason=%s",
-                 info.conn_id, *info.client_addr, s.bytes_from_client, s.bytes_to_client,
+        log.info("conn=%s close client=%s:%d bytes_in=%d bytes_out=%d duration=%.3fs reason=%s",
+                 info.ref, *info.client_addr, s.bytes_from_client, s.bytes_to_client,
                  time.time() - s.started, s.close_reason)
 
     def connection_for_backend_peer(self, addr: tuple[str, int]) -> ConnectionInfo | None:

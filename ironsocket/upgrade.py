@@ -16,26 +16,29 @@ the PID stays the same and no second server ever competes for the sockets.
    never finishes its handshake must not be able to veto every upgrade); then
    the relay loops park between two steps (`engine.Engine.pause`): every pump at a safe point. A pump holds its bytes either in its
    splice pipe (kTLS; the pipe fds are carried) or in a Python buffer (carried in the document).
-3. **Bridge.** The program forks (`bridge`): the child keeps relaying every connection while
-   the new program loads, and hands them over a batch at a time when the new program asks (a
-   connection waits only for its own batch's hand-over, not for the new program's start-up).
-   The connections' fds stay close-on-exec: after the exec only the bridge holds them.
+3. **Bridge.** The program forks (`bridge`): the child keeps relaying every connection of
+   every listener while the new program loads, and hands them over a batch at a time when the
+   new program asks (a connection waits only for its own batch's hand-over, not for the new
+   program's start-up). The connections' fds stay close-on-exec: after the exec only the bridge
+   holds them.
 4. **State and exec.** One JSON document in a sealed memfd (never on disk): format and version,
-   the listener, admin, control and demo fds, the bridge (its socket and pid), and — when a
-   rollback carries connections itself — per connection the client, backend and pipe fds, mode,
-   suite, SNI, ALPN, addresses, counters, start time, the traffic secrets and, read back from the
-   kernel at that moment, the key, IV and next rec_seq per direction; for userspace connections
-   also the partial record and buffered bytes (`connection_doc`: the bridge sends the same
-   description with each connection it hands over). Every fd named in it is made inheritable
-   for this one exec; every other fd stays close-on-exec (Python's default). ``execv(target)``
-   with ``IRONSOCKET_UPGRADE_STATE_FD`` in the environment, if the target file is still the one
-   the check ran (else the upgrade is refused); an exec that fails takes the connections back
-   from the bridge and resumes everything.
+   the admin, control and demo fds, the bridge (its socket and pid), and per listener
+   (``listeners``: one entry per `ProxyServer`, in order: its name, listening fd, address, id
+   counter, counters, ``bridged``: how many connections the bridge holds, and ``connections``:
+   those the document carries itself — a rollback's). A connection's description
+   (`connection_doc`, also what the bridge sends with each connection it hands over): client,
+   backend and pipe fds, mode, suite, SNI, ALPN, addresses, counters, start time, the traffic
+   secrets and — read back from the kernel at that moment — the key, IV and next rec_seq per
+   direction; for userspace connections also the partial record and buffered bytes. Every fd
+   named in the document is made inheritable for this one exec; every other fd stays
+   close-on-exec (Python's default). ``execv(target)`` with ``IRONSOCKET_UPGRADE_STATE_FD`` in
+   the environment, if the target file is still the one the check ran (else the upgrade is
+   refused); an exec that fails takes the connections back from the bridge and resumes.
 5. **Restore.** The new program validates the document (format, version, every fd open and of
-   the right kind), adopts the listener, admin and control sockets, and only then takes the
-   connections from the bridge (every kTLS socket's suite and rec_seq read back equal to its
-   description), starts their pumps and the accept loop (`runtime.STARTUP_STEPS`), and answers
-   the requester.
+   the right kind), adopts the listeners, admin and control sockets, and only then (at the
+   ``relay`` step of `runtime.STARTUP_STEPS`) starts the accept loops and takes the connections
+   from the bridge (each kTLS socket's suite, keys and rec_seq read back equal to its
+   description), and answers the requester.
 6. **Rollback.** A restore that fails (bad config, invalid state, a crash in restore code)
    never closes what it inherited, and execs the previous program (``previous_exec``) with
    ``IRONSOCKET_UPGRADE_FAILED`` set to the reason. If nothing was adopted yet, with the same
@@ -45,9 +48,9 @@ the PID stays the same and no second server ever competes for the sockets.
 
 Remaining window: a crash of the new program between exec and its first line of Python no
 longer loses the connections (the bridge keeps relaying what it still holds until those end; only
-the listener is gone). A kill -9 of the bridge loses what it holds; a kill -9 of the new program
-after the hand-over, or a previous program that can no longer be exec'd when a rollback needs it,
-loses the connections.
+the listeners are gone). A kill -9 of the bridge loses what it holds; a kill -9 of the new
+program after the hand-over, or a previous program that can no longer be exec'd when a rollback
+needs it, loses the connections.
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from . import bridge, ktls
 from .connection import ConnectionInfo
@@ -79,7 +82,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("ironsocket.upgrade")
 
 STATE_FORMAT = "ironsocket-upgrade"
-STATE_VERSION = 2  # 2: the connections may be held by a bridge (ironsocket.bridge)
+STATE_VERSION = 2  # 2: one entry per listener (``listeners``), for `serve --config`; the bridge
+LEGACY_VERSION = 1  # one listener, its keys at the top level: read (converted), and written back
+# to a version-1 program by a rollback, so that an upgrade from a version-1 program works both ways
+_LISTENER_KEYS_V1 = ("listener_fd", "listen", "idle_timeout", "next_conn_id", "connections", "counters")
 ENV_STATE_FD = "IRONSOCKET_UPGRADE_STATE_FD"
 ENV_FAILED = "IRONSOCKET_UPGRADE_FAILED"
 CHECK_FLAG = "--upgrade-check"
@@ -108,11 +114,13 @@ def target_program(exec_path: str | None) -> list[str]:
     return [exec_path, *sys.argv[1:]]
 
 
-def check_target(argv: list[str]) -> str:
-    """Run the target with ``--upgrade-check``; return its report or raise UpgradeError."""
+def check_target(argv: list[str], env: dict[str, str] | None = None) -> str:
+    """Run the target with ``--upgrade-check`` (``env``: added to its environment); return its
+    report or raise UpgradeError."""
+    child_env = {k: v for k, v in os.environ.items() if k != ENV_STATE_FD} | (env or {})
     try:
         proc = subprocess.run([*argv, CHECK_FLAG], capture_output=True, text=True, timeout=CHECK_TIMEOUT,
-                              stdin=subprocess.DEVNULL, env={k: v for k, v in os.environ.items() if k != ENV_STATE_FD})
+                              stdin=subprocess.DEVNULL, env=child_env)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise UpgradeError(f"cannot run the new program {argv[0]}: {exc}") from None
     out = (proc.stdout + proc.stderr).strip()
@@ -127,7 +135,9 @@ def check_target(argv: list[str]) -> str:
 
 def check_report() -> str:
     """What ``--upgrade-check`` prints (after the configuration loaded)."""
-    return f"ironsocket upgrade-check: ok, pid {os.getpid()}, reads state {STATE_FORMAT} v{STATE_VERSION}"
+    # A version-1 program looks for "state ironsocket-upgrade v1": this one reads that too.
+    return (f"ironsocket upgrade-check: ok, pid {os.getpid()}, reads state {STATE_FORMAT} v{STATE_VERSION} "
+            f"(and state {STATE_FORMAT} v{LEGACY_VERSION})")
 
 
 # -- the document ---------------------------------------------------------------------------------
@@ -193,14 +203,22 @@ def connection_doc(info: ConnectionInfo) -> dict[str, Any]:
 
 
 def inherited_fds(doc: dict[str, Any]) -> list[int]:
-    fds = [fd for key in ("listener_fd", "control_fd", "demo_fd", "admin_fd", "reply_fd") if (fd := doc.get(key)) is not None]
+    """Every fd the document names (they must survive the exec); either version."""
+    fds = [fd for key in ("control_fd", "demo_fd", "admin_fd", "reply_fd") if (fd := doc.get(key)) is not None]
     if doc.get("bridge") is not None:
         fds.append(doc["bridge"]["fd"])
-    for conn in doc["connections"]:
-        fds += [conn["client_fd"], conn["backend_fd"]]
-        for direction in ("c2b", "b2c"):
-            fds += conn[direction]["pipe"] or []
+    for entry in doc["listeners"] if "listeners" in doc else [doc]:
+        fds.append(entry["listener_fd"])
+        for conn in entry["connections"]:
+            fds += [conn["client_fd"], conn["backend_fd"]]
+            for direction in ("c2b", "b2c"):
+                fds += conn[direction]["pipe"] or []
     return fds
+
+
+def connection_count(doc: dict[str, Any]) -> int:
+    """The connections a document carries, over every listener (and its bridge holds)."""
+    return sum(len(entry["connections"]) + entry.get("bridged", 0) for entry in doc["listeners"])
 
 
 def write_memfd(doc: dict[str, Any]) -> int:
@@ -233,11 +251,31 @@ def read_memfd(fd: int) -> dict[str, Any]:
     except OSError as exc:
         raise StateError(f"state fd {fd}: {exc.strerror}") from None
     try:
-        doc = json.loads(b"".join(chunks))
+        doc: dict[str, Any] = json.loads(b"".join(chunks))
     except ValueError as exc:
         raise StateError(f"state document is not JSON: {exc}") from None
+    if isinstance(doc, dict) and doc.get("format") == STATE_FORMAT and doc.get("version") == LEGACY_VERSION:
+        doc = from_legacy(doc)
     validate(doc)
     return doc
+
+
+def from_legacy(doc: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 document (one listener at the top level) as version 2, marked
+    ``from_version`` (a rollback then writes version 1 again: `to_legacy`)."""
+    entry = {key: doc[key] for key in _LISTENER_KEYS_V1 if key in doc}
+    entry["name"] = ""
+    rest = {k: v for k, v in doc.items() if k not in _LISTENER_KEYS_V1}
+    return {**rest, "version": STATE_VERSION, "from_version": LEGACY_VERSION, "listeners": [entry]}
+
+
+def to_legacy(doc: dict[str, Any]) -> dict[str, Any]:
+    """A version-2 document of one listener as version 1, for a version-1 previous program."""
+    if len(doc["listeners"]) != 1:
+        raise StateError(f"a version-{LEGACY_VERSION} program has one listener, the state has {len(doc['listeners'])}")
+    (entry,) = doc["listeners"]
+    rest = {k: v for k, v in doc.items() if k not in ("listeners", "from_version")}
+    return {**rest, **{k: v for k, v in entry.items() if k in _LISTENER_KEYS_V1}, "version": LEGACY_VERSION}
 
 
 def validate(doc: dict[str, Any]) -> None:
@@ -246,21 +284,38 @@ def validate(doc: dict[str, Any]) -> None:
         raise StateError(f"not an {STATE_FORMAT} document")
     if doc.get("version") != STATE_VERSION:
         raise StateError(f"state version {doc.get('version')} (this program reads {STATE_VERSION})")
-    for key in ("listener_fd", "control_fd", "demo_fd", "admin_fd"):
+    for key in ("control_fd", "demo_fd", "admin_fd"):
         if doc.get(key) is not None:
             _expect(doc[key], stat.S_ISSOCK, key)
     if doc.get("bridge") is not None:
-        _expect(doc["bridge"]["fd"], stat.S_ISSOCK, "bridge fd")
-        int(doc["bridge"]["pid"])
-    for conn in doc.get("connections", []):
-        where = f"connection {conn.get('id')}"
-        _expect(conn["client_fd"], stat.S_ISSOCK, f"{where} client_fd")
-        _expect(conn["backend_fd"], stat.S_ISSOCK, f"{where} backend_fd")
-        for direction in ("c2b", "b2c"):
-            for fd in conn[direction]["pipe"] or []:
-                _expect(fd, stat.S_ISFIFO, f"{where} {direction} pipe")
-        CipherSuite[conn["suite"]]
-        RecordMode(conn["mode"])
+        try:
+            fd = int(doc["bridge"]["fd"])
+            int(doc["bridge"]["pid"])
+        except (KeyError, TypeError, ValueError):
+            raise StateError("bridge: needs fd and pid") from None
+        _expect(fd, stat.S_ISSOCK, "bridge fd")
+    listeners = doc.get("listeners")
+    if not isinstance(listeners, list) or not listeners:
+        raise StateError("the document names no listener")
+    names = [entry.get("name") if isinstance(entry, dict) else None for entry in listeners]
+    for n, entry in enumerate(listeners):
+        if (not isinstance(entry, dict) or not isinstance(entry.get("connections"), list)
+                or not isinstance(entry.get("listener_fd"), int) or not isinstance(entry.get("name", ""), str)):
+            raise StateError(f"listeners[{n}] is not a listener entry (name, listener_fd, connections)")
+        entry.setdefault("name", "")
+        if entry["name"] and names.count(entry["name"]) > 1:
+            raise StateError(f"listener name {entry['name']!r} twice in the document")
+        label = f"listener {entry['name'] or n}"
+        _expect(entry["listener_fd"], stat.S_ISSOCK, f"{label} listener_fd")
+        for conn in entry["connections"]:
+            where = f"{label} connection {conn.get('id')}"
+            _expect(conn["client_fd"], stat.S_ISSOCK, f"{where} client_fd")
+            _expect(conn["backend_fd"], stat.S_ISSOCK, f"{where} backend_fd")
+            for direction in ("c2b", "b2c"):
+                for fd in conn[direction]["pipe"] or []:
+                    _expect(fd, stat.S_ISFIFO, f"{where} {direction} pipe")
+            CipherSuite[conn["suite"]]
+            RecordMode(conn["mode"])
 
 
 def _expect(fd: int, kind: Any, what: str) -> None:
@@ -328,54 +383,76 @@ def _restore_connection(conn: dict[str, Any], client: socket.socket, backend: so
 
 
 # -- performing one ------------------------------------------------------------------------------
-def perform(server: ProxyServer, target: list[str], reply: socket.socket | None = None,
-            extra: dict[str, Any] | None = None, dump_path: str | None = None,
-            also_pause: Sequence[Any] = ()) -> None:
-    """Check, quiesce, fork the bridge, exec. Returns only if the upgrade did not happen (raises
-    UpgradeError with the reason after resuming everything). ``also_pause``: other services
-    whose listener is carried (the admin endpoint), paused with the server (``pause()``:
-    finish what is in progress, take nothing new) and resumed if the exec does not happen.
+Progress: TypeAlias = Callable[[str, dict[str, Any]], None]
+"""``progress(phase, details)``: told as each phase of `perform` begins (``check``, ``quiesce``,
+``exec``), for `ironsocket upgrade` to print them as they happen."""
 
-    The connections are not in the document: a fork of this program (`bridge`) keeps relaying
-    them while the new program loads, and hands them over when it asks. ``dump_path`` (a
-    debugging aid) describes them as they were at the fork."""
+
+def perform(servers: Sequence[ProxyServer], target: list[str], reply: socket.socket | None = None,
+            extra: dict[str, Any] | None = None, dump_path: str | None = None,
+            also_pause: Sequence[Any] = (), progress: Progress | None = None,
+            check_env: dict[str, str] | None = None) -> None:
+    """Check, quiesce, snapshot and exec. Returns only if the upgrade did not happen (raises
+    UpgradeError with the reason after resuming everything). ``servers``: every listener's
+    `ProxyServer`, carried in this order. ``also_pause``: other services whose listener is
+    carried (the admin endpoint), paused with the servers (``pause()``: finish what is in
+    progress, take nothing new) and resumed if the exec does not happen. ``check_env``: for the
+    check child (what it must verify the new configuration against: `runtime.ENV_LISTENERS`)."""
+    tell = progress or (lambda phase, details: None)
     identity = _identity(target[0])  # the file the check runs: exec'd only if still the same
-    report = check_target(target)
+    tell("check", {"program": " ".join(target)})
+    report = check_target(target, check_env)
     log.info("upgrade: target checked: %s", report.splitlines()[-1] if report else "")
     paused: list[Any] = []
-    server_paused = False
-    bridge_client = None
+    servers_paused: list[ProxyServer] = []
+    bridged: bridge.BridgeClient | None = None
     try:
+        tell("quiesce", {"listeners": len(servers),
+                         "connections": sum(len(server.connections) for server in servers)})
         for service in also_pause:  # first: their wait (up to a poll interval) is not the connections' pause
             service.pause(PARK_DEADLINE)
             paused.append(service)
         started = time.monotonic()
-        server.pause(HANDSHAKE_DEADLINE, PARK_DEADLINE)  # resumes by itself if it raises
-        server_paused = True
+        for server in servers:
+            server.pause(HANDSHAKE_DEADLINE, PARK_DEADLINE)  # resumes by itself if it raises
+            servers_paused.append(server)
         if _identity(target[0]) != identity:
             raise UpgradeError(f"{target[0]} changed after its start-up check; not running it")
-        doc = document(server, {**(extra or {}), "reply_fd": reply.fileno() if reply is not None else None},
+        doc = document(servers, {**(extra or {}), "reply_fd": reply.fileno() if reply is not None else None},
                        previous_exec=current_program(), paused_at=started, connections=False)
-        if dump_path is not None:
-            dump_state({**doc, "connections": [connection_doc(i) for i, _ in server.live_connections()]}, dump_path)
-        live = server.live_connections()
-        own = [doc[k] for k in ("listener_fd", "control_fd", "demo_fd", "admin_fd", "reply_fd") if doc.get(k) is not None]
-        pid, sock = bridge.fork(server.engine, live, own, lambda: list(server.bytes_closed))
-        bridge_client = bridge.BridgeClient(sock.detach(), pid)
-        doc["bridge"] = bridge_client.document()
+        live = [(info, relay, index) for index, server in enumerate(servers)
+                for info, relay in server.live_connections()]
+        if dump_path is not None:  # a debugging aid: the connections as they are at the fork
+            dumped = {**doc, "listeners": [dict(entry, connections=[connection_doc(i) for i, _ in server.live_connections()])
+                                           for entry, server in zip(doc["listeners"], servers)]}
+            dump_state(dumped, dump_path)
+        own = [fd for key in ("control_fd", "demo_fd", "admin_fd", "reply_fd") if (fd := doc.get(key)) is not None]
+        own += [entry["listener_fd"] for entry in doc["listeners"]]
+        pid, sock = bridge.fork([server.engine for server in servers], live, own,
+                                lambda: [sum(s.bytes_closed[0] for s in servers), sum(s.bytes_closed[1] for s in servers)])
+        bridged = bridge.BridgeClient(sock.detach(), pid)
+        doc["bridge"] = bridged.document()
         log.info("upgrade: %d connections paused in %.1f ms, relayed by the bridge (pid %d) until the new "
                  "program takes them; exec %s", len(live), (time.monotonic() - started) * 1000, pid, " ".join(target))
+        tell("exec", {"connections": len(live), "listeners": len(servers), "bridge": pid})
         exec_with_state(target, doc)
     except BaseException as exc:
         for service in paused:
             service.resume()
-        if bridge_client is not None:  # the exec failed: our copies are stale, the bridge has them
-            server.take_back(bridge_client)
-        if server_paused:
+        if bridged is not None:  # the exec failed: our relays are stale copies, the bridge has them
+            _take_back(servers, bridged)
+        for server in servers_paused:
             server.resume()
-        if isinstance(exc, UpgradeError) or not server_paused:
+        if isinstance(exc, UpgradeError) or len(servers_paused) < len(servers):
             raise
         raise UpgradeError(f"exec failed: {exc}") from None
+
+
+def _take_back(servers: Sequence[ProxyServer], bridged: bridge.BridgeClient) -> None:
+    """After an exec that failed with the bridge forked: take every connection back from it."""
+    for server in servers:
+        server.release_stale()
+    bridged.drain(lambda conn: servers[conn["listener"]].take_carried(conn), paused_at=None)
 
 
 def _identity(path: str) -> tuple[int, ...] | None:
@@ -387,11 +464,13 @@ def _identity(path: str) -> tuple[int, ...] | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def document(server: ProxyServer, extra: dict[str, Any], *, previous_exec: list[str] | None,
+def document(servers: Sequence[Any], extra: dict[str, Any], *, previous_exec: list[str] | None,
              paused_at: float, connections: bool = True) -> dict[str, Any]:
-    """The state document of a paused server, as it is at this moment (``connections``: False
-    when a bridge is about to hold them)."""
-    doc = server.snapshot(connections=connections)
+    """The state document of paused servers (anything with ``snapshot()`` → a listener entry:
+    a `ProxyServer`, a `resume.Early`, a `Carried` entry), as it is at this moment
+    (``connections`` False: `ProxyServer`s only, whose connections a bridge is about to hold)."""
+    entries = [server.snapshot() if connections else server.snapshot(connections=False) for server in servers]
+    doc: dict[str, Any] = {"listeners": entries}
     doc.update(extra)
     doc.update(format=STATE_FORMAT, version=STATE_VERSION, pid=os.getpid(), created=time.time(),
                paused_at_monotonic=paused_at, previous_exec=previous_exec)
@@ -440,7 +519,21 @@ def rollback(doc: dict[str, Any], state_fd: int, reason: str) -> None:
     os.execve(previous[0], previous, env)
 
 
-def roll_back_live(server: ProxyServer, extra: dict[str, Any], doc: dict[str, Any], state_fd: int,
+class Carried:
+    """A listener entry of the inherited document that nothing in this program took over yet
+    (no byte of its connections moved here): a rollback carries it exactly as it came."""
+
+    def __init__(self, entry: dict[str, Any]) -> None:
+        self.entry = entry
+
+    def pause(self, handshake_deadline: float, park_deadline: float) -> None:
+        pass
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.entry
+
+
+def roll_back_live(servers: Sequence[Any], extra: dict[str, Any], doc: dict[str, Any], state_fd: int,
                    reason: str) -> None:
     """After a failure in a program that has adopted the connections (and may have moved bytes):
     pause them, write the state as it is *now* and exec the previous program with it. The old
@@ -451,10 +544,13 @@ def roll_back_live(server: ProxyServer, extra: dict[str, Any], doc: dict[str, An
                      "the carried connections are lost", reason)
         raise StateError(f"restore failed ({reason}) and the document names no previous program")
     log.error("upgrade: restore failed: %s; rolling back to %s with the current state", reason, " ".join(previous))
-    server.pause(HANDSHAKE_DEADLINE, PARK_DEADLINE)
+    for server in servers:
+        server.pause(HANDSHAKE_DEADLINE, PARK_DEADLINE)
     # previous_exec None: if the previous program cannot restore either, there is nowhere to go
     # (going back and forth would never end).
-    now = document(server, extra, previous_exec=None, paused_at=time.monotonic())
+    now = document(servers, extra, previous_exec=None, paused_at=time.monotonic())
+    if doc.get("from_version") == LEGACY_VERSION:  # the previous program reads version 1 only
+        now = to_legacy(now)
     # What we inherited and do not pass on (the old document, fds of connections that ended
     # here) must not leak into the previous program.
     for fd in {*inherited_fds(doc), state_fd} - set(inherited_fds(now)):

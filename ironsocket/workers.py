@@ -33,6 +33,7 @@ import threading
 import time
 
 from . import sdnotify
+from .connection import ENV_WORKER
 
 log = logging.getLogger("ironsocket.workers")
 
@@ -102,7 +103,8 @@ class _Supervisor:
 
     # -- workers -----------------------------------------------------------------------------------
     def spawn(self, i: int) -> None:
-        proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, env=self.env)
+        # The worker index names its connections (``conn=<worker>.<n>``: unique per machine).
+        proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, env=self.env | {ENV_WORKER: str(i)})
         self.workers[i] = proc
         log.info("worker %d started, pid %d", i, proc.pid)
 

@@ -168,3 +168,48 @@ def test_systemd_socket_activate(echo_backend, tmp_path) -> None:
         assert _echo_through(("127.0.0.1", port)) == b"activated\n"
     finally:
         proc.stop()
+
+
+def test_a_socket_activated_server_upgrades_in_place(echo_backend, tmp_path) -> None:
+    """The address systemd bound is not --listen's (here 127.0.0.1:1): the upgrade's pre-flight
+    and restore keep the passed socket instead of refusing it as a moved listener."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = listener.getsockname()
+    ctl = tmp_path / "ctl.sock"
+    args = _serve_args(echo_backend)
+    args[args.index("--control-socket") + 1] = str(ctl)
+    proc = _spawn(listener.fileno(), args)
+    try:
+        proc.wait_for_line(r"socket activation: listening on fd 3")
+        listener.close()
+        raw = socket.create_connection(address, timeout=20)
+        with client_context().wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"before")
+            assert tls.recv(100) == b"before"
+            res = subprocess.run([sys.executable, "-m", "ironsocket", "upgrade", "--socket", str(ctl)],
+                                 capture_output=True, text=True, timeout=120, env=os.environ | {"PYTHONPATH": str(ROOT)})
+            assert res.returncode == 0, res.stdout + res.stderr + proc.output
+            assert "upgraded: restored 1 connections" in res.stdout, res.stdout
+            tls.sendall(b"after")
+            assert tls.recv(100) == b"after"
+        assert _echo_through(address) == b"activated\n"
+    finally:
+        proc.stop()
+        listener.close()
+
+
+def test_a_passed_socket_with_a_two_listener_config_is_not_silently_ignored(echo_backend, tmp_path) -> None:
+    from tests.helpers import CERTS
+
+    cfg = tmp_path / "two.toml"
+    cfg.write_text("".join(f'[[listeners]]\nname = "l{i}"\nlisten = "127.0.0.1:0"\nbackend = "127.0.0.1:{echo_backend[1]}"\n'
+                           f'certs = [{{ cert = "{CERTS}/ecdsa-p256.pem", key = "{CERTS}/ecdsa-p256.key" }}]\n'
+                           for i in range(2)))
+    listener = socket.create_server(("127.0.0.1", 0))
+    proc = _spawn(listener.fileno(), ["serve", "--config", str(cfg), "--control-socket", str(tmp_path / "ctl.sock")])
+    try:
+        proc.wait_for_line(r"socket activation: the configuration has 2 listeners; the socket systemd passed is not used")
+        proc.wait_for_line(r"serving TLS 1\.3 on [\d.]+:\d+ \(l1\)")
+    finally:
+        proc.stop()
+        listener.close()

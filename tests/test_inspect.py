@@ -456,7 +456,13 @@ def test_describe_state_and_cli(tmp_path) -> None:
     assert re.search(r"^4\s+127\.0\.0\.1:5000\s+127\.0\.0\.1:8080\s+localhost\s+h2\s+TLS_AES_128_GCM_SHA256\s+ktls-sw\s+12\s+9\s",
                      text, re.M), text
     with pytest.raises(ValueError, match="version"):
-        describe_state({**STATE, "version": 99})
+        describe_state({**STATE, "version": 3})
+    # Version 2 (what --upgrade-state-dump writes): the same connections, per listener.
+    v2 = {"format": STATE["format"], "version": 2,
+          "listeners": [{"name": "a", "connections": []}, {"name": "b", "connections": STATE["connections"]}]}
+    assert describe_state(v2) == [row]
+    with pytest.raises(ValueError, match="listeners"):
+        describe_state({**v2, "listeners": [{"name": "a"}]})
     with pytest.raises(ValueError, match="format"):
         describe_state({"connections": []})
     doc = tmp_path / "state.json"

@@ -265,8 +265,8 @@ def test_sd_notify_after_a_refused_reload_is_ready_again(cert_server, tmp_path: 
 
 
 def test_serve_config_notifies_and_survives_sighup(tmp_path: Path, echo_backend) -> None:
-    """`serve --config` (several listeners, no exec upgrade yet): READY=1 for systemd, and a
-    SIGHUP (ExecReload of the example unit) is refused in the log instead of killing it."""
+    """`serve --config`: READY=1 for systemd, and a SIGHUP (ExecReload of the example unit) is
+    the exec reload, as without --config: RELOADING=1, then READY=1 from the same MAINPID."""
     config = tmp_path / "site.toml"
     config.write_text(f"""
 [[listeners]]
@@ -284,7 +284,10 @@ certs = [{{ cert = "{CERTS / 'ecdsa-p256.pem'}", key = "{CERTS / 'ecdsa-p256.key
         assert notify.next("READY")["MAINPID"] == str(proc.pid)
         port = int(re.search(r"serving TLS 1\.3 on [\d.]+:(\d+)", log_path.read_text()).group(1))
         proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: "SIGHUP: reload/upgrade is not supported with --config" in log_path.read_text(), what="refusal")
+        assert notify.next("RELOADING")["RELOADING"] == "1"
+        ready = notify.next("READY")
+        assert ready["MAINPID"] == str(proc.pid) and ready.get("IRONSOCKET_UPGRADE") == "ok", ready
+        wait_until(lambda: "reload done (SIGHUP)" in log_path.read_text(), what="reload done")
         assert proc.poll() is None
         assert echo_once(port, b"still here") == b"still here"
         proc.send_signal(signal.SIGQUIT)
