@@ -36,10 +36,12 @@ class HandshakeComplete(Event):
 
     cipher_suite: CipherSuite
     group: Group
-    signature_scheme: SignatureScheme
+    signature_scheme: SignatureScheme | None  # None when resumed (no CertificateVerify)
     server_name: str | None
     alpn_protocol: str | None
     hello_retry: bool
+    resumed: bool = False  # a session ticket's PSK was accepted (RFC 8446 §4.2.11)
+    tickets_sent: int = 0  # NewSessionTickets in data_to_send() (§4.6.1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

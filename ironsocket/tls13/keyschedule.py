@@ -97,10 +97,35 @@ def finished_key(cipher_suite: CipherSuite, base_key: bytes) -> bytes:
     return hkdf_expand_label(params.hash_name, base_key, b"finished", b"", params.hash_len)
 
 
+# -- resumption (§4.2.11.2, §4.6.1) -------------------------------------------------------------
+def early_secret(cipher_suite: CipherSuite, psk: bytes | None) -> bytes:
+    """Early Secret = HKDF-Extract(0, PSK) (§7.1); without a PSK, PSK = zeros."""
+    params = SUITES[cipher_suite]
+    return hkdf_extract(params.hash_name, b"\x00", psk if psk is not None else bytes(params.hash_len))
+
+
+def psk_binder(cipher_suite: CipherSuite, psk: bytes, truncated_hello_hash: bytes) -> bytes:
+    """The binder of a resumption PSK (§4.2.11.2): an HMAC, as in Finished, under the key
+    derived from binder_key = Derive-Secret(Early Secret, "res binder", ""), over
+    Transcript-Hash(Truncate(ClientHello)) (with a HelloRetryRequest: the transcript up to it, too)."""
+    params = SUITES[cipher_suite]
+    empty = hashlib.new(params.hash_name).digest()
+    binder_key = derive_secret(params.hash_name, early_secret(cipher_suite, psk), b"res binder", empty)
+    return hmac.new(finished_key(cipher_suite, binder_key), truncated_hello_hash, params.hash_name).digest()
+
+
+def resumption_psk(cipher_suite: CipherSuite, resumption_master_secret: bytes, ticket_nonce: bytes) -> bytes:
+    """The PSK a ticket stands for: HKDF-Expand-Label(resumption_master_secret, "resumption",
+    ticket_nonce, Hash.length) (§4.6.1)."""
+    params = SUITES[cipher_suite]
+    return hkdf_expand_label(params.hash_name, resumption_master_secret, b"resumption", ticket_nonce, params.hash_len)
+
+
 class KeySchedule:
     """The secret ladder of RFC 8446 §7.1 plus the running transcript hash.
 
-    ``extract(ikm)`` climbs one rung: the first call gives the Early Secret (no PSK: ikm = zeros),
+    ``extract(ikm)`` climbs one rung: the first call gives the Early Secret (ikm = the PSK when
+    resuming, §4.2.11; no PSK: zeros),
     the second the Handshake Secret (ikm = the (EC)DHE shared secret), the third the Master
     Secret (ikm = zeros). Between rungs the "derived" secret is used as salt.
     """

@@ -147,6 +147,59 @@ def parse_client_hello(body: bytes) -> ClientHello:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class PskIdentity:
+    identity: bytes
+    obfuscated_ticket_age: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OfferedPsks:
+    """The ClientHello's pre_shared_key extension (§4.2.11). ``binders_size`` is the length of
+    the encoded binders list (its 2-byte length included): what Truncate(ClientHello) removes
+    from the end of the ClientHello (§4.2.11.2; pre_shared_key is the last extension)."""
+
+    identities: tuple[PskIdentity, ...]
+    binders: tuple[bytes, ...]
+    binders_size: int
+
+
+def _vector(data: bytes, offset: int, length_size: int) -> tuple[bytes, int]:
+    if offset + length_size > len(data):
+        raise AlertDecodeError("truncated pre_shared_key")
+    length = int.from_bytes(data[offset : offset + length_size], "big")
+    end = offset + length_size + length
+    if end > len(data):
+        raise AlertDecodeError("truncated pre_shared_key")
+    return data[offset + length_size : end], end
+
+
+def parse_pre_shared_key(data: bytes) -> OfferedPsks:
+    """The OfferedPsks structure (§4.2.11) from the extension's raw bytes."""
+    identities_raw, offset = _vector(data, 0, 2)
+    binders_raw, end = _vector(data, offset, 2)
+    if end != len(data):
+        raise AlertDecodeError("bytes after the pre_shared_key binders")
+    identities = []
+    i = 0
+    while i < len(identities_raw):
+        identity, i = _vector(identities_raw, i, 2)
+        if not identity or i + 4 > len(identities_raw):
+            raise AlertDecodeError("malformed pre_shared_key identity")
+        identities.append(PskIdentity(identity, int.from_bytes(identities_raw[i : i + 4], "big")))
+        i += 4
+    binders = []
+    i = 0
+    while i < len(binders_raw):
+        binder, i = _vector(binders_raw, i, 1)
+        if len(binder) < 32:
+            raise AlertDecodeError("pre_shared_key binder shorter than 32 bytes")
+        binders.append(binder)
+    if not identities or not binders:
+        raise AlertDecodeError("pre_shared_key with no identity or no binder")
+    return OfferedPsks(identities=tuple(identities), binders=tuple(binders), binders_size=len(data) - offset)
+
+
 # -- server messages ------------------------------------------------------------------------------
 
 
@@ -155,15 +208,19 @@ def _versions_ext() -> tx.TLSExtension:
 
 
 def server_hello(
-    *, random: bytes, legacy_session_id: bytes, cipher_suite: int, group: int, key_exchange: bytes
+    *, random: bytes, legacy_session_id: bytes, cipher_suite: int, group: int | None,
+    key_exchange: bytes | None, selected_identity: int | None = None,
 ) -> bytes:
-    """ServerHello (§4.1.3): key_share then supported_versions, as in RFC 8448."""
-    share = tx.ServerKeyShareExtension().create(
-        tx.KeyShareEntry().create(group, bytearray(key_exchange))
-    )
+    """ServerHello (§4.1.3): key_share (none with psk_ke), pre_shared_key (when resuming,
+    §4.2.11), supported_versions, in RFC 8448's order."""
+    exts: list[tx.TLSExtension] = []
+    if group is not None and key_exchange is not None:
+        exts.append(tx.ServerKeyShareExtension().create(tx.KeyShareEntry().create(group, bytearray(key_exchange))))
+    if selected_identity is not None:
+        exts.append(tx.SrvPreSharedKeyExtension().create(selected_identity))
+    exts.append(_versions_ext())
     msg = tm.ServerHello().create(
-        (3, 3), bytearray(random), bytearray(legacy_session_id), cipher_suite,
-        extensions=[share, _versions_ext()],
+        (3, 3), bytearray(random), bytearray(legacy_session_id), cipher_suite, extensions=exts,
     )
     return bytes(msg.write())
 
@@ -235,6 +292,19 @@ def certificate_verify(*, scheme: int, signature: bytes) -> bytes:
 def finished(verify_data: bytes) -> bytes:
     """Finished (§4.4.4)."""
     return bytes(tm.Finished((3, 4), len(verify_data)).create(bytearray(verify_data)).write())
+
+
+def new_session_ticket(*, lifetime: int, age_add: int, nonce: bytes, ticket: bytes) -> bytes:
+    """NewSessionTicket (§4.6.1), without extensions (no early_data: 0-RTT is never offered)."""
+    if not 1 <= len(ticket) < 1 << 16 or len(nonce) > 255:
+        raise ValueError("ticket or nonce of an impossible size")
+    body = (
+        lifetime.to_bytes(4, "big") + age_add.to_bytes(4, "big")
+        + bytes([len(nonce)]) + nonce
+        + len(ticket).to_bytes(2, "big") + ticket
+        + b"\x00\x00"
+    )
+    return bytes([HandshakeType.NEW_SESSION_TICKET]) + len(body).to_bytes(3, "big") + body
 
 
 def key_update(update_requested: bool) -> bytes:
