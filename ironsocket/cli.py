@@ -17,6 +17,7 @@ from .runtime import Runtime, upgrade_guard
 from .server import KtlsMode, ProxyConfig, StartupError, parse_hostport
 from .tls13.constants import CipherSuite, Group
 from .tls13.credentials import CertificateStore, CredentialError, load_credential
+from .tls13.tickets import TicketConfig
 
 # This typer prints an argument's Python type after its name ("CONFIG <path>"); the help says
 # what the argument is. (Options name their value with metavar=.)
@@ -107,6 +108,23 @@ def _open_keylog(path: Path):
     return write
 
 
+def _ticket_config(count: int, key_file: Path | None, lifetime: int) -> TicketConfig | None:
+    """--tickets/--ticket-key-file/--ticket-lifetime (ironsocket.ticketkeys, tls13/tickets.py)."""
+    from .ticketkeys import TicketKeyFileError, keyring
+    from .tls13.tickets import MAX_LIFETIME
+
+    if not 0 <= count <= 16:
+        _fail(f"--tickets {count}: must be 0..16")
+    if not 1 <= lifetime <= MAX_LIFETIME:
+        _fail(f"--ticket-lifetime {lifetime}: must be 1..{MAX_LIFETIME} seconds (RFC 8446 §4.6.1)")
+    if count == 0 and key_file is None:
+        return None
+    try:
+        return TicketConfig(keyring=keyring(key_file, lifetime), count=count)
+    except TicketKeyFileError as exc:
+        _fail(str(exc))
+
+
 @app.command()
 @upgrade_guard
 def serve(
@@ -122,6 +140,9 @@ def serve(
     idle_timeout: Annotated[float, typer.Option(metavar="SECONDS", help="Time without bytes in either direction before a connection is closed (0: never).")] = 300.0,
     connect_timeout: Annotated[float, typer.Option(metavar="SECONDS", help="Time to connect to the backend.")] = 5.0,
     max_connections: Annotated[int, typer.Option(metavar="N", help="Connections served at once; more wait in the listen backlog.")] = 10_000,
+    tickets: Annotated[int, typer.Option(metavar="N", help="Session tickets (RFC 8446 §4.6.1) sent after each handshake, for resumption without a certificate signature; 0: no tickets, no resumption.")] = 2,
+    ticket_key_file: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Ticket keys shared by several servers: one 64-hex-digit key per line, the first seals (0600, no symlink). Default: keys made in memory, rotated hourly, carried across upgrades.")] = None,
+    ticket_lifetime: Annotated[int, typer.Option(metavar="SECONDS", help="How long a ticket may be resumed (at most 604800).")] = 7200,
     keylog: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write TLS secrets in NSS key log format to this file (created 0600; a symlink, or a file of another user or readable by others, is refused). Only for debugging.")] = None,
     log_level: Annotated[str, typer.Option(metavar="LEVEL", help="debug, info, warning or error.")] = "info",
     # -- config file and admin endpoint (ironsocket.launch / ironsocket.admin) --
@@ -184,6 +205,7 @@ def serve(
         cipher_suites=_parse_list(ciphers, SUITE_NAMES, "cipher suite") or DEFAULT_CIPHER_SUITES,
         groups=_parse_list(groups, GROUP_NAMES, "group") or DEFAULT_GROUPS,
         alpn_protocols=tuple(p.strip() for p in alpn.split(",") if p.strip()) if alpn else (),
+        tickets=_ticket_config(tickets, ticket_key_file, ticket_lifetime),
         keylog=_open_keylog(keylog) if keylog else None,
     )
     if upgrade_state_dump is not None:  # written at each upgrade: refuse a bad path now, not then
