@@ -427,3 +427,30 @@ def test_key_file_symlink_is_refused(tmp_path: Path) -> None:
     link.symlink_to(real)
     with pytest.raises(ticketkeys.TicketKeyFileError, match="symbolic link"):
         ticketkeys.keyring(link)
+
+
+def test_mutated_resumption_hellos_give_events_or_an_alert() -> None:
+    """h11's rule on the PSK path: any mutation of a resuming ClientHello (identity, ages,
+    binders, lengths) gives a server flight or RemoteProtocolError with the alert sent, never
+    another exception. Seeded, so a failure reproduces."""
+    import random
+
+    rng = random.Random(0x1417)
+    cfg = config(tickets=ticket_config())
+    hello = resumed_hello(cfg, Conn(cfg).session)
+    psk_start = hello.rfind(bytes([0x00, ExtensionType.PRE_SHARED_KEY]))
+    assert psk_start > 0
+    outcomes = {"flight": 0, "waiting": 0, "alert": 0}  # waiting: a length now asks for more bytes
+    for _ in range(400):
+        mutated = bytearray(hello)
+        for _ in range(rng.choice((1, 1, 2, 4))):
+            # mostly inside pre_shared_key (the new parser), sometimes anywhere
+            index = rng.randrange(psk_start if rng.random() < 0.8 else HEADER_SIZE, len(mutated))
+            mutated[index] = rng.randrange(256)
+        engine = _engine_fed(cfg, bytes(mutated))
+        try:
+            outcomes["flight" if drain(engine) else "waiting"] += 1
+        except RemoteProtocolError as exc:
+            assert exc.alert is not None and engine.data_to_send().endswith(bytes([2, exc.alert]))
+            outcomes["alert"] += 1
+    assert outcomes["flight"] and outcomes["alert"]
