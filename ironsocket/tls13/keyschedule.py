@@ -34,7 +34,7 @@ SUITES: dict[CipherSuite, SuiteParams] = {
 
 def hkdf_extract(hash_name: str, salt: bytes, ikm: bytes) -> bytes:
     """HKDF-Extract (RFC 5869 §2.2)."""
-    return hmac.new(salt, ikm, hash_name).digest()
+    return hmac.digest(salt, ikm, hash_name)  # one-shot: OpenSSL's HMAC without Python objects
 
 
 def hkdf_expand(hash_name: str, prk: bytes, info: bytes, length: int) -> bytes:
@@ -43,7 +43,7 @@ def hkdf_expand(hash_name: str, prk: bytes, info: bytes, length: int) -> bytes:
     block = b""
     counter = 1
     while len(out) < length:
-        block = hmac.new(prk, block + info + bytes([counter]), hash_name).digest()
+        block = hmac.digest(prk, block + info + bytes([counter]), hash_name)
         out += block
         counter += 1
     return out[:length]
@@ -111,7 +111,7 @@ def psk_binder(cipher_suite: CipherSuite, psk: bytes, truncated_hello_hash: byte
     params = SUITES[cipher_suite]
     empty = hashlib.new(params.hash_name).digest()
     binder_key = derive_secret(params.hash_name, early_secret(cipher_suite, psk), b"res binder", empty)
-    return hmac.new(finished_key(cipher_suite, binder_key), truncated_hello_hash, params.hash_name).digest()
+    return hmac.digest(finished_key(cipher_suite, binder_key), truncated_hello_hash, params.hash_name)
 
 
 def resumption_psk(cipher_suite: CipherSuite, resumption_master_secret: bytes, ticket_nonce: bytes) -> bytes:
@@ -170,9 +170,7 @@ class KeySchedule:
 
     # -- Finished (§4.4.4) ---------------------------------------------------------------------
     def finished_verify_data(self, base_key: bytes) -> bytes:
-        return hmac.new(
-            finished_key(self.cipher_suite, base_key), self.transcript_hash(), self.hash_name
-        ).digest()
+        return hmac.digest(finished_key(self.cipher_suite, base_key), self.transcript_hash(), self.hash_name)
 
     # -- CertificateVerify (§4.4.3) ------------------------------------------------------------
     def certificate_verify_data(self, context_string: bytes) -> bytes:
