@@ -1,21 +1,19 @@
-"""The one adapter between the engine and tlslite-ng's message codecs (RFC 8446 §4).
+"""The handshake messages' bytes (RFC 8446 §4), and the one adapter to tlslite-ng.
 
-Everything tlslite-ng touches lives here: ClientHello parsing and serialising the server's
-messages. Parsed values leave as frozen dataclasses with plain ``bytes``/``int``; tlslite's
-objects, bytearrays and exceptions never cross this boundary (any parser failure becomes
-`AlertDecodeError`). Validation that tlslite leaves to its connection class (duplicate
-extensions, pre_shared_key last, ...) is done by the engine on these dataclasses.
+On the handshake path everything is read and written here directly (issue 14.4: tlslite-ng's
+generic codecs were ~40% of the engine's time per handshake): `parse_client_hello` reads the
+§4.1.2 struct and the extensions the engine uses; the server's messages are built from their
+§4 structs (RFC 8448's traces check them byte for byte). tlslite-ng stays as the reference
+ClientHello parser (`parse_client_hello_tlslite`), which tests/tls13/test_fuzz.py holds the
+direct one to. Parsed values leave as frozen dataclasses with plain ``bytes``/``int``; any
+malformed field is `AlertDecodeError`. Validation across fields (duplicate extensions,
+pre_shared_key last, ...) is done by the engine on these dataclasses.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-
-from tlslite import extensions as tx
-from tlslite import messages as tm
-from tlslite.constants import CertificateType
-from tlslite.utils.codec import Parser
 
 from .alerts import AlertDecodeError, AlertIllegalParameter
 from .constants import ExtensionType, HandshakeType, TLS13_VERSION
@@ -242,7 +240,12 @@ def parse_client_hello(body: bytes) -> ClientHello:
 
 def parse_client_hello_tlslite(body: bytes) -> ClientHello:
     """The ClientHello through tlslite-ng's parser: the reference `parse_client_hello` is
-    checked against (tests/tls13/test_fuzz.py); not on the handshake path."""
+    checked against (tests/tls13/test_fuzz.py); not on the handshake path, so tlslite-ng is
+    imported only here."""
+    from tlslite import extensions as tx
+    from tlslite import messages as tm
+    from tlslite.utils.codec import Parser
+
     # tlslite's parser reads the 3-byte length itself: give it the length back.
     raw = len(body).to_bytes(3, "big") + body
     try:
@@ -382,8 +385,28 @@ def parse_pre_shared_key(data: bytes) -> OfferedPsks:
 # -- server messages ------------------------------------------------------------------------------
 
 
-def _versions_ext() -> tx.TLSExtension:
-    return tx.SrvSupportedVersionsExtension().create((TLS13_VERSION >> 8, TLS13_VERSION & 0xFF))
+def _vec(data: bytes, length_size: int) -> bytes:
+    """A TLS vector: the length in ``length_size`` bytes, then the bytes (RFC 8446 §3.4)."""
+    if len(data) >= 1 << (8 * length_size):
+        raise ValueError("vector too long")
+    return len(data).to_bytes(length_size, "big") + data
+
+
+def _ext(ext_type: int, data: bytes) -> bytes:
+    return ext_type.to_bytes(2, "big") + _vec(data, 2)
+
+
+def _handshake(msg_type: HandshakeType, body: bytes) -> bytes:
+    return bytes([msg_type]) + len(body).to_bytes(3, "big") + body
+
+
+_SUPPORTED_VERSIONS_13 = _ext(ExtensionType.SUPPORTED_VERSIONS, TLS13_VERSION.to_bytes(2, "big"))
+
+
+def _server_hello(random: bytes, legacy_session_id: bytes, cipher_suite: int, extensions: bytes) -> bytes:
+    body = (b"\x03\x03" + random + _vec(legacy_session_id, 1) + cipher_suite.to_bytes(2, "big")
+            + b"\x00" + _vec(extensions, 2))
+    return _handshake(HandshakeType.SERVER_HELLO, body)
 
 
 def server_hello(
@@ -392,31 +415,22 @@ def server_hello(
 ) -> bytes:
     """ServerHello (§4.1.3): key_share (none with psk_ke), pre_shared_key (when resuming,
     §4.2.11), supported_versions, in RFC 8448's order."""
-    exts: list[tx.TLSExtension] = []
+    exts = b""
     if group is not None and key_exchange is not None:
-        exts.append(tx.ServerKeyShareExtension().create(tx.KeyShareEntry().create(group, bytearray(key_exchange))))
+        exts += _ext(ExtensionType.KEY_SHARE, group.to_bytes(2, "big") + _vec(key_exchange, 2))
     if selected_identity is not None:
-        exts.append(tx.SrvPreSharedKeyExtension().create(selected_identity))
-    exts.append(_versions_ext())
-    msg = tm.ServerHello().create(
-        (3, 3), bytearray(random), bytearray(legacy_session_id), cipher_suite, extensions=exts,
-    )
-    return bytes(msg.write())
+        exts += _ext(ExtensionType.PRE_SHARED_KEY, selected_identity.to_bytes(2, "big"))
+    return _server_hello(random, legacy_session_id, cipher_suite, exts + _SUPPORTED_VERSIONS_13)
 
 
 def hello_retry_request(
     *, legacy_session_id: bytes, cipher_suite: int, group: int, cookie: bytes | None
 ) -> bytes:
     """HelloRetryRequest (§4.1.4): a ServerHello with the special random."""
-    exts: list[tx.TLSExtension] = [tx.HRRKeyShareExtension().create(group)]
+    exts = _ext(ExtensionType.KEY_SHARE, group.to_bytes(2, "big"))
     if cookie is not None:
-        exts.append(tx.CookieExtension().create(bytearray(cookie)))
-    exts.append(_versions_ext())
-    msg = tm.ServerHello().create(
-        (3, 3), bytearray(HELLO_RETRY_REQUEST_RANDOM), bytearray(legacy_session_id),
-        cipher_suite, extensions=exts,
-    )
-    return bytes(msg.write())
+        exts += _ext(ExtensionType.COOKIE, _vec(cookie, 2))
+    return _server_hello(HELLO_RETRY_REQUEST_RANDOM, legacy_session_id, cipher_suite, exts + _SUPPORTED_VERSIONS_13)
 
 
 def encrypted_extensions(
@@ -427,52 +441,34 @@ def encrypted_extensions(
     alpn_protocol: bytes | None,
 ) -> bytes:
     """EncryptedExtensions (§4.3.1), in the order RFC 8448's server uses."""
-    exts: list[tx.TLSExtension] = []
+    exts = b""
     if supported_groups:
-        exts.append(tx.SupportedGroupsExtension().create(list(supported_groups)))
+        exts += _ext(ExtensionType.SUPPORTED_GROUPS, _vec(b"".join(g.to_bytes(2, "big") for g in supported_groups), 2))
     if record_size_limit is not None:
-        exts.append(tx.RecordSizeLimitExtension().create(record_size_limit))
+        exts += _ext(ExtensionType.RECORD_SIZE_LIMIT, record_size_limit.to_bytes(2, "big"))
     if server_name_ack:
-        exts.append(tx.SNIExtension().create())
+        exts += _ext(ExtensionType.SERVER_NAME, b"")
     if alpn_protocol is not None:
-        exts.append(tx.ALPNExtension().create([bytearray(alpn_protocol)]))
-    return bytes(tm.EncryptedExtensions().create(exts).write())
-
-
-class _DerCertificate:
-    """Duck-typed stand-in for tlslite's X509 (only ``writeBytes`` is used when writing)."""
-
-    def __init__(self, der: bytes) -> None:
-        self._der = der
-
-    def writeBytes(self) -> bytearray:  # noqa: N802 - tlslite's name
-        return bytearray(self._der)
+        exts += _ext(ExtensionType.APPLICATION_LAYER_PROTOCOL_NEGOTIATION, _vec(_vec(alpn_protocol, 1), 2))
+    return _handshake(HandshakeType.ENCRYPTED_EXTENSIONS, _vec(exts, 2))
 
 
 @functools.lru_cache(maxsize=64)
 def certificate(chain: tuple[bytes, ...]) -> bytes:
     """Certificate (§4.4.2) with an empty request context and no per-entry extensions. The same
     bytes for every handshake with a credential: cached per chain (a reload makes new chains)."""
-    msg = tm.Certificate(CertificateType.x509, (3, 4))
-    msg.create(None, bytearray())
-    msg.certificate_list = [
-        tm.CertificateEntry(CertificateType.x509).create(_DerCertificate(der), [])
-        for der in chain
-    ]
-    return bytes(msg.write())
+    entries = b"".join(_vec(der, 3) + _vec(b"", 2) for der in chain)
+    return _handshake(HandshakeType.CERTIFICATE, _vec(b"", 1) + _vec(entries, 3))
 
 
 def certificate_verify(*, scheme: int, signature: bytes) -> bytes:
     """CertificateVerify (§4.4.3)."""
-    msg = tm.CertificateVerify((3, 4)).create(
-        bytearray(signature), (scheme >> 8, scheme & 0xFF)
-    )
-    return bytes(msg.write())
+    return _handshake(HandshakeType.CERTIFICATE_VERIFY, scheme.to_bytes(2, "big") + _vec(signature, 2))
 
 
 def finished(verify_data: bytes) -> bytes:
     """Finished (§4.4.4)."""
-    return bytes(tm.Finished((3, 4), len(verify_data)).create(bytearray(verify_data)).write())
+    return _handshake(HandshakeType.FINISHED, verify_data)
 
 
 def new_session_ticket(*, lifetime: int, age_add: int, nonce: bytes, ticket: bytes) -> bytes:

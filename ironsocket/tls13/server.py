@@ -511,7 +511,7 @@ class TLSServer:
         return self._send_server_flight(hello, shares[0])
 
     def _check_client_hello(self, hello: messages.ClientHello) -> None:
-        """The RFC's MUSTs for a ClientHello that tlslite's parser does not enforce."""
+        """The RFC's MUSTs for a ClientHello that its parser (messages.py) does not enforce."""
         if len(set(hello.extension_types)) != len(hello.extension_types):
             raise AlertIllegalParameter("duplicate extension in ClientHello (§4.2)")
         for ext in NOT_IN_CLIENT_HELLO:
