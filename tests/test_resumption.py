@@ -223,3 +223,32 @@ def test_key_file_shared_by_two_servers_and_refused_when_readable(start_proxy, t
                           "--ticket-key-file", str(keys)], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert run.returncode != 0
     assert f"ticket key file {keys} has mode 0644" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_workers_share_ticket_keys(tmp_path: Path, echo_backend) -> None:
+    """With --workers 2 a ticket from one worker resumes at the other (one derived key ring)."""
+    from ironsocket import control
+    from tests.test_workers import free_port, serve, wait_until
+
+    port = free_port()
+    proc, log = serve(tmp_path, "--workers", "2", "--listen", f"127.0.0.1:{port}",
+                      "--backend", f"{echo_backend[0]}:{echo_backend[1]}", "--drain-timeout", "1")
+    try:
+        wait_until(lambda: log.read_text().count("serving TLS 1.3 on") == 2, what="two workers serving")
+
+        from types import SimpleNamespace
+
+        workers = SimpleNamespace(host="127.0.0.1", port=port)
+        ctx = client_context()
+        first = echo(workers, ctx)
+        session = first.session
+        close(first)
+        resumed = [echo(workers, ctx, session) for _ in range(16)]
+        assert all(c.session_reused for c in resumed)
+        counts = [len(control.request(p, {"command": "connections"})["connections"]) for p in control.find_servers(tmp_path)]
+        assert len(counts) == 2 and all(counts), counts  # both workers resumed some (SO_REUSEPORT spreads them)
+        for c in resumed:
+            close(c)
+    finally:
+        proc.terminate()
+        proc.wait(30)

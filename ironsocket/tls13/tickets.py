@@ -32,8 +32,11 @@ Keys (`TicketKeyring`): the newest key seals; every key still inside its accepta
 unseals. A key seals for ``rotation`` seconds and is accepted for ``rotation + lifetime``
 seconds after it was made, so a ticket sealed at the last moment under a key is still
 readable for its whole lifetime. A key ring loaded from a file (`TicketKeyring.fixed`) never
-rotates: the operator rotates the file. The ring is exported into the upgrade state document
-(`export`/`load`), so tickets issued before an exec upgrade resume after it.
+rotates: the operator rotates the file. A random ring is exported into the upgrade state
+document (`export`/`load`), so tickets issued before an exec upgrade resume after it. A ring
+derived from a shared secret (`TicketKeyring.derived`, for the processes of ``--workers``)
+computes the key of each rotation period from the secret (HKDF), so every process holding it
+seals and opens with the same keys and rotates at the same moments, without talking.
 
 Nothing here touches a socket; time and randomness are injected (`now`, `random_bytes`).
 """
@@ -41,6 +44,7 @@ Nothing here touches a socket; time and randomness are injected (`now`, `random_
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import struct
 import threading
@@ -166,6 +170,8 @@ class TicketKeyring:
         self._lock = threading.Lock()
         self._keys: list[TicketKey] = list(keys)  # newest first
         self._seals = 0  # by the newest key
+        self._master: bytes | None = None  # derived(): the shared secret
+        self._derived: dict[int, TicketKey] = {}  # derived(): period number → key
         if rotation is None and not self._keys:
             raise ValueError("a fixed ticket key ring needs at least one key")
 
@@ -178,9 +184,37 @@ class TicketKeyring:
         return cls(rotation=None, lifetime=lifetime,
                    keys=[TicketKey(key_id_for(s), s, 0.0) for s in secrets])
 
+    @classmethod
+    def derived(cls, master: bytes, *, rotation: float = DEFAULT_ROTATION,
+                lifetime: int = DEFAULT_LIFETIME) -> TicketKeyring:
+        """Keys computed from ``master`` per rotation period: the same in every process that
+        holds ``master`` (``--workers``), rotating at the same moments."""
+        if len(master) < KEY_SIZE:
+            raise ValueError(f"a ticket key secret is at least {KEY_SIZE} bytes")
+        ring = cls(rotation=rotation, lifetime=lifetime)
+        ring._master = hashlib.sha256(b"ironsocket ticket key secret\x00" + master).digest()
+        return ring
+
     @property
     def is_fixed(self) -> bool:
         return self.rotation is None
+
+    @property
+    def is_derived(self) -> bool:
+        return self._master is not None
+
+    def _period_key(self, period: int) -> TicketKey:
+        """derived(): the key of one rotation period (called with the lock held)."""
+        assert self._master is not None and self.rotation is not None
+        key = self._derived.get(period)
+        if key is None:
+            info = period.to_bytes(8, "big", signed=True)
+            blocks = hmac.digest(self._master, b"key\x00" + info, "sha512")
+            key = TicketKey(blocks[:KEY_ID_SIZE], blocks[KEY_ID_SIZE : KEY_ID_SIZE + KEY_SIZE],
+                            period * self.rotation)
+            oldest = period - int((self.rotation + self.lifetime) // self.rotation) - 2
+            self._derived = {p: k for p, k in self._derived.items() if p >= oldest} | {period: key}
+        return key
 
     def _accepted_until(self, key: TicketKey) -> float:
         assert self.rotation is not None
@@ -189,6 +223,9 @@ class TicketKeyring:
     def sealing_key(self, now: float) -> TicketKey:
         """The key to seal a new ticket with (making a new one when the current one is due)."""
         with self._lock:
+            if self._master is not None:
+                assert self.rotation is not None
+                return self._period_key(int(now // self.rotation))
             if self.rotation is not None:
                 newest = self._keys[0] if self._keys else None
                 if newest is None or now >= newest.created + self.rotation or now < newest.created \
@@ -205,6 +242,14 @@ class TicketKeyring:
 
     def find(self, key_id: bytes, now: float) -> TicketKey | None:
         with self._lock:
+            if self._master is not None:
+                assert self.rotation is not None
+                current = int(now // self.rotation)
+                for period in range(current, current - int((self.rotation + self.lifetime) // self.rotation) - 2, -1):
+                    key = self._period_key(period)
+                    if key.key_id == key_id:
+                        return key if key.created <= now < self._accepted_until(key) else None
+                return None
             for key in self._keys:
                 if key.key_id == key_id:
                     if self.rotation is not None and not key.created <= now < self._accepted_until(key):
@@ -214,14 +259,17 @@ class TicketKeyring:
 
     # -- the upgrade state document ---------------------------------------------------------------
     def export(self) -> list[dict[str, Any]]:
-        """The keys, for the upgrade state document (sealed memfd; never written to disk)."""
+        """The keys, for the upgrade state document (sealed memfd; never written to disk). A
+        derived ring exports nothing: the next program derives the same keys."""
+        if self._master is not None:
+            return []
         with self._lock:
             return [{"id": k.key_id.hex(), "key": k.secret.hex(), "created": k.created} for k in self._keys]
 
     def load(self, doc: list[dict[str, Any]]) -> None:
         """Take the keys a previous program exported (a rotating ring only: a fixed ring keeps
         the file's keys). Malformed entries are ignored: the worst case is a full handshake."""
-        if self.is_fixed:
+        if self.is_fixed or self.is_derived:
             return
         keys = []
         for entry in doc:

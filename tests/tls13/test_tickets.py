@@ -454,3 +454,31 @@ def test_mutated_resumption_hellos_give_events_or_an_alert() -> None:
             assert exc.alert is not None and engine.data_to_send().endswith(bytes([2, exc.alert]))
             outcomes["alert"] += 1
     assert outcomes["flight"] and outcomes["alert"]
+
+
+def test_derived_rings_share_keys_and_rotate_together() -> None:
+    """--workers: every worker derives the same key per period from one secret."""
+    secret = os.urandom(32)
+    a, b = TicketKeyring.derived(secret, rotation=3600, lifetime=7200), TicketKeyring.derived(secret, rotation=3600, lifetime=7200)
+    other = TicketKeyring.derived(os.urandom(32), rotation=3600, lifetime=7200)
+    now = 3600 * 500_000 + 10.0
+    ticket = tickets_mod.seal(a.sealing_key(now), _state(issued=now))
+    assert tickets_mod.unseal(b, ticket, now) is not None
+    assert tickets_mod.unseal(other, ticket, now) is None
+    assert b.sealing_key(now + 3600).key_id != a.sealing_key(now).key_id  # the next period
+    assert tickets_mod.unseal(b, ticket, now + 7199) is not None  # previous period, within lifetime
+    assert tickets_mod.unseal(b, ticket, now + 7200) is None
+    assert a.export() == [] and not a.is_fixed and a.is_derived
+    # Through the engine: a ticket from "worker a" resumes at "worker b".
+    first = Conn(config(tickets=ticket_config(TicketKeyring.derived(secret))))
+    assert Conn(config(tickets=ticket_config(TicketKeyring.derived(secret))), session=first.session).reused
+    assert not Conn(config(tickets=ticket_config(TicketKeyring.derived(os.urandom(32)))), session=first.session).reused
+
+
+def test_keyring_from_the_workers_environment() -> None:
+    secret = ticketkeys.new_shared_secret()
+    env = {ticketkeys.SHARED_SECRET_ENV: secret}
+    assert ticketkeys.keyring(None, environ=env).is_derived
+    assert not ticketkeys.keyring(None, environ={}).is_derived
+    with pytest.raises(ticketkeys.TicketKeyFileError, match="not a hex secret"):
+        ticketkeys.keyring(None, environ={ticketkeys.SHARED_SECRET_ENV: "zz"})
