@@ -194,6 +194,7 @@ class _Psk:
     index: int  # selected_identity (§4.2.11)
     secret: bytes = field(repr=False)
     mode: PskKeyExchangeMode
+    authenticated: float  # when the certificate signature of this session chain was made
 
 
 class TLSServer:
@@ -636,7 +637,7 @@ class TLSServer:
             expected = psk_binder(suite, state.psk, truncated.digest())
             if not hmac.compare_digest(offered.binders[index], expected):
                 raise AlertDecryptError("the binder of the selected PSK does not verify (§4.2.11)")
-            return _Psk(index, state.psk, PskKeyExchangeMode.PSK_DHE_KE)
+            return _Psk(index, state.psk, PskKeyExchangeMode.PSK_DHE_KE, state.authenticated)
         return None
 
     def _may_resume(self, state: TicketState) -> bool:
@@ -798,7 +799,10 @@ class TLSServer:
         assert schedule is not None and negotiated is not None
         resumption_master_secret = schedule.derive_secret(b"res master")
         now = config.clock()
-        lifetime = config.keyring.lifetime
+        authenticated = self._psk.authenticated if self._psk is not None else now
+        lifetime = tickets_mod.lifetime_for(now, authenticated, config.keyring.lifetime)
+        if lifetime == 0:
+            return ()
         out = []
         for n in range(config.count):
             nonce = n.to_bytes(1, "big")  # ticket_nonce: unique per ticket of this connection
@@ -810,6 +814,7 @@ class TLSServer:
                 psk=resumption_psk(negotiated.cipher_suite, resumption_master_secret, nonce),
                 server_name=negotiated.server_name,
                 alpn_protocol=negotiated.alpn_protocol,
+                authenticated=authenticated,
             )
             try:
                 key = config.keyring.sealing_key(now)

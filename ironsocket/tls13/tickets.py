@@ -19,6 +19,8 @@ keys rotate every `DEFAULT_ROTATION` seconds anyway. The body (`TicketState`), v
     uint8  format = 1
     uint16 cipher_suite
     uint64 issued_ms         (Unix time in ms, from the injected clock)
+    uint64 authenticated_ms  (when the certificate signature of the session's first, full
+                              handshake was made; resumptions carry it on, see MAX_AUTH_AGE)
     uint32 lifetime          (seconds; ≤ 7 days, §4.6.1)
     uint32 ticket_age_add
     opaque psk<1..255>       (HKDF-Expand-Label(resumption_master_secret, "resumption", nonce))
@@ -68,7 +70,11 @@ DEFAULT_LIFETIME = 2 * 3600  # seconds (OpenSSL's default is 7200 too)
 MAX_LIFETIME = 7 * 24 * 3600  # §4.6.1: "Servers MUST NOT use any value greater than 604800 seconds"
 DEFAULT_ROTATION = 3600  # a new sealing key every hour
 MAX_SEALS_PER_KEY = 1 << 28  # then a new key, whatever the clock says (random-nonce GCM bound)
-_HEADER = struct.Struct("!BHQII")
+# §4.6.1: "It is RECOMMENDED that implementations place limits on the total lifetime of such
+# keying material" (tickets issued on resumed connections could extend it forever): no ticket
+# is valid past this long after the CertificateVerify that started the chain.
+MAX_AUTH_AGE = MAX_LIFETIME
+_HEADER = struct.Struct("!BHQQII")
 
 
 class PskKeyExchangeMode(IntEnum):
@@ -89,6 +95,11 @@ class TicketState:
     psk: bytes
     server_name: str | None
     alpn_protocol: str | None
+    authenticated: float = 0.0  # Unix time of the session's certificate signature (0: = issued)
+
+    def __post_init__(self) -> None:
+        if not self.authenticated:
+            object.__setattr__(self, "authenticated", self.issued)
 
     def __repr__(self) -> str:  # never print the PSK by accident
         return f"TicketState(cipher_suite={self.cipher_suite.name}, lifetime={self.lifetime})"
@@ -99,7 +110,8 @@ class TicketState:
         if not 1 <= len(self.psk) <= 255 or len(name) > 255 or len(alpn) > 255:
             raise ValueError("ticket field too long")
         return (
-            _HEADER.pack(FORMAT, self.cipher_suite, int(self.issued * 1000), self.lifetime, self.ticket_age_add)
+            _HEADER.pack(FORMAT, self.cipher_suite, int(self.issued * 1000), int(self.authenticated * 1000),
+                         self.lifetime, self.ticket_age_add)
             + bytes([len(self.psk)]) + self.psk
             + bytes([len(name)]) + name
             + bytes([len(alpn)]) + alpn
@@ -109,7 +121,7 @@ class TicketState:
     def decode(cls, body: bytes) -> TicketState | None:
         """The state in ``body``, or None if it is not a well-formed version-1 body."""
         try:
-            fmt, suite, issued_ms, lifetime, age_add = _HEADER.unpack_from(body)
+            fmt, suite, issued_ms, auth_ms, lifetime, age_add = _HEADER.unpack_from(body)
             offset = _HEADER.size
             fields = []
             for _ in range(3):
@@ -124,6 +136,7 @@ class TicketState:
             return cls(
                 cipher_suite=CipherSuite(suite),
                 issued=issued_ms / 1000,
+                authenticated=auth_ms / 1000,
                 lifetime=lifetime,
                 ticket_age_add=age_add,
                 psk=fields[0],
@@ -332,6 +345,14 @@ def unseal(keyring: TicketKeyring, ticket: bytes, now: float) -> TicketState | N
     except InvalidTag:
         return None
     state = TicketState.decode(body)
-    if state is None or not state.issued <= now + 1 or now >= state.issued + min(state.lifetime, MAX_LIFETIME):
+    if state is None or not state.authenticated <= state.issued <= now + 1:
+        return None
+    if now >= state.issued + min(state.lifetime, MAX_LIFETIME) or now >= state.authenticated + MAX_AUTH_AGE:
         return None
     return state
+
+
+def lifetime_for(now: float, authenticated: float, lifetime: int) -> int:
+    """The lifetime of a new ticket for a session authenticated at ``authenticated``: at most
+    ``lifetime``, and never past MAX_AUTH_AGE after the authentication (0: issue none)."""
+    return max(0, min(lifetime, int(authenticated + MAX_AUTH_AGE - now)))

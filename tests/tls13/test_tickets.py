@@ -482,3 +482,24 @@ def test_keyring_from_the_workers_environment() -> None:
     assert not ticketkeys.keyring(None, environ={}).is_derived
     with pytest.raises(ticketkeys.TicketKeyFileError, match="not a hex secret"):
         ticketkeys.keyring(None, environ={ticketkeys.SHARED_SECRET_ENV: "zz"})
+
+
+def test_resumption_chains_end_seven_days_after_the_certificate_signature() -> None:
+    """§4.6.1 RECOMMENDED: a limit on the total lifetime of keying material that tickets
+    issued on resumed connections would otherwise extend forever (MAX_AUTH_AGE)."""
+    clock = Clock()
+    cfg = config(tickets=ticket_config(TicketKeyring(lifetime=tickets_mod.DEFAULT_LIFETIME), clock))
+    conn = Conn(cfg)
+    step = tickets_mod.DEFAULT_LIFETIME - 60
+    while clock.now + step < T0 + tickets_mod.MAX_AUTH_AGE:
+        clock.now += step
+        conn = Conn(cfg, session=conn.session)
+        assert conn.reused
+    # The last resumption's tickets end with the chain, not a full lifetime later.
+    assert 0 < conn.done.tickets_sent
+    clock.now = T0 + tickets_mod.MAX_AUTH_AGE
+    last = Conn(cfg, session=conn.session)
+    assert not last.reused and last.done.signature_scheme is not None  # a new certificate signature
+    assert tickets_mod.lifetime_for(T0 + 10, T0, 7200) == 7200
+    assert tickets_mod.lifetime_for(T0 + tickets_mod.MAX_AUTH_AGE - 100, T0, 7200) == 100
+    assert tickets_mod.lifetime_for(T0 + tickets_mod.MAX_AUTH_AGE, T0, 7200) == 0
