@@ -153,7 +153,7 @@ def serve(
     workers: Annotated[int, typer.Option(metavar="N", help="Worker processes sharing the port (SO_REUSEPORT), to use every core. Each worker has its own control socket.")] = 1,
     reuse_port: Annotated[bool, typer.Option("--reuse-port", help="Set SO_REUSEPORT on the listener (set for each worker by --workers).")] = False,
     drain_timeout: Annotated[float, typer.Option(metavar="SECONDS", help="On SIGTERM/SIGINT, time connections may finish before they are closed with close_notify (SIGQUIT: no drain).")] = 10.0,
-    upgrade_state_dump: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Debugging: at each upgrade also write the state document, traffic secrets included, to this file (0600), for `inspect-keys --state`.")] = None,
+    upgrade_state_dump: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Debugging: at each upgrade also write the state document, traffic secrets and session ticket keys included, to this file (0600), for `inspect-keys --state`.")] = None,
     upgrade_check: Annotated[bool, typer.Option("--upgrade-check", hidden=True, help="Load the configuration, report the upgrade state format, exit.")] = False,
 ) -> None:
     """Terminate TLS 1.3 on LISTEN and relay plaintext to BACKEND.
