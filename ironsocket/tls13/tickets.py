@@ -45,6 +45,7 @@ Nothing here touches a socket; time and randomness are injected (`now`, `random_
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -324,10 +325,16 @@ class TicketKeyExhausted(Exception):
     """A fixed key sealed MAX_SEALS_PER_KEY tickets (the server then stops sending tickets)."""
 
 
+@functools.lru_cache(maxsize=256)
+def _aead(secret: bytes) -> AESGCM:
+    """The AEAD object of a ticket key (made once per key, not per ticket)."""
+    return AESGCM(secret)
+
+
 def seal(key: TicketKey, state: TicketState, random_bytes: Callable[[int], bytes] = os.urandom) -> bytes:
     """The ticket for ``state`` under ``key``, with a fresh random nonce."""
     nonce = random_bytes(NONCE_SIZE)
-    sealed = AESGCM(key.secret).encrypt(nonce, state.encode(), bytes([FORMAT]) + key.key_id)
+    sealed = _aead(key.secret).encrypt(nonce, state.encode(), bytes([FORMAT]) + key.key_id)
     return key.key_id + nonce + sealed
 
 
@@ -341,7 +348,7 @@ def unseal(keyring: TicketKeyring, ticket: bytes, now: float) -> TicketState | N
         return None
     nonce = ticket[KEY_ID_SIZE : KEY_ID_SIZE + NONCE_SIZE]
     try:
-        body = AESGCM(key.secret).decrypt(nonce, ticket[KEY_ID_SIZE + NONCE_SIZE :], bytes([FORMAT]) + key.key_id)
+        body = _aead(key.secret).decrypt(nonce, ticket[KEY_ID_SIZE + NONCE_SIZE :], bytes([FORMAT]) + key.key_id)
     except InvalidTag:
         return None
     state = TicketState.decode(body)
