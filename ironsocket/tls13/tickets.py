@@ -45,7 +45,6 @@ Nothing here touches a socket; time and randomness are injected (`now`, `random_
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import os
@@ -53,7 +52,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
@@ -155,6 +154,11 @@ class TicketKey:
     key_id: bytes
     secret: bytes
     created: float  # Unix time, seconds
+    # Made once per key, not per ticket; it goes when the key is retired (no cache keeps it).
+    aead: AESGCM = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "aead", AESGCM(self.secret))
 
     def __repr__(self) -> str:
         return f"TicketKey(key_id={self.key_id.hex()}, created={self.created:.0f})"
@@ -325,16 +329,10 @@ class TicketKeyExhausted(Exception):
     """A fixed key sealed MAX_SEALS_PER_KEY tickets (the server then stops sending tickets)."""
 
 
-@functools.lru_cache(maxsize=256)
-def _aead(secret: bytes) -> AESGCM:
-    """The AEAD object of a ticket key (made once per key, not per ticket)."""
-    return AESGCM(secret)
-
-
 def seal(key: TicketKey, state: TicketState, random_bytes: Callable[[int], bytes] = os.urandom) -> bytes:
     """The ticket for ``state`` under ``key``, with a fresh random nonce."""
     nonce = random_bytes(NONCE_SIZE)
-    sealed = _aead(key.secret).encrypt(nonce, state.encode(), bytes([FORMAT]) + key.key_id)
+    sealed = key.aead.encrypt(nonce, state.encode(), bytes([FORMAT]) + key.key_id)
     return key.key_id + nonce + sealed
 
 
@@ -348,7 +346,7 @@ def unseal(keyring: TicketKeyring, ticket: bytes, now: float) -> TicketState | N
         return None
     nonce = ticket[KEY_ID_SIZE : KEY_ID_SIZE + NONCE_SIZE]
     try:
-        body = _aead(key.secret).decrypt(nonce, ticket[KEY_ID_SIZE + NONCE_SIZE :], bytes([FORMAT]) + key.key_id)
+        body = key.aead.decrypt(nonce, ticket[KEY_ID_SIZE + NONCE_SIZE :], bytes([FORMAT]) + key.key_id)
     except InvalidTag:
         return None
     state = TicketState.decode(body)
