@@ -503,3 +503,12 @@ def test_resumption_chains_end_seven_days_after_the_certificate_signature() -> N
     assert tickets_mod.lifetime_for(T0 + 10, T0, 7200) == 7200
     assert tickets_mod.lifetime_for(T0 + tickets_mod.MAX_AUTH_AGE - 100, T0, 7200) == 100
     assert tickets_mod.lifetime_for(T0 + tickets_mod.MAX_AUTH_AGE, T0, 7200) == 0
+
+
+def test_key_file_fifo_or_directory_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.key"
+    os.mkfifo(fifo, 0o600)  # no writer: an open without O_NONBLOCK would hang start-up
+    with pytest.raises(ticketkeys.TicketKeyFileError, match="not a regular file"):
+        ticketkeys.keyring(fifo)
+    with pytest.raises(ticketkeys.TicketKeyFileError):
+        ticketkeys.keyring(tmp_path)
