@@ -108,10 +108,11 @@ def _open_keylog(path: Path):
     return write
 
 
-def _ticket_config(count: int, key_file: Path | None, lifetime: int) -> TicketConfig | None:
-    """--tickets/--ticket-key-file/--ticket-lifetime (ironsocket.ticketkeys, tls13/tickets.py)."""
+def _ticket_config(count: int, key_file: Path | None, lifetime: int, psk_ke: bool) -> TicketConfig | None:
+    """--tickets/--ticket-key-file/--ticket-lifetime/--ticket-psk-ke (ironsocket.ticketkeys,
+    tls13/tickets.py)."""
     from .ticketkeys import TicketKeyFileError, keyring
-    from .tls13.tickets import MAX_LIFETIME
+    from .tls13.tickets import MAX_LIFETIME, PskKeyExchangeMode
 
     if not 0 <= count <= 16:
         _fail(f"--tickets {count}: must be 0..16")
@@ -120,7 +121,8 @@ def _ticket_config(count: int, key_file: Path | None, lifetime: int) -> TicketCo
     if count == 0 and key_file is None:
         return None
     try:
-        return TicketConfig(keyring=keyring(key_file, lifetime), count=count)
+        modes = {PskKeyExchangeMode.PSK_DHE_KE} | ({PskKeyExchangeMode.PSK_KE} if psk_ke else set())
+        return TicketConfig(keyring=keyring(key_file, lifetime), count=count, psk_modes=frozenset(modes))
     except TicketKeyFileError as exc:
         _fail(str(exc))
 
@@ -143,6 +145,7 @@ def serve(
     tickets: Annotated[int, typer.Option(metavar="N", help="Session tickets (RFC 8446 §4.6.1) sent after each handshake, for resumption without a certificate signature; 0: no tickets, no resumption.")] = 2,
     ticket_key_file: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Ticket keys shared by several servers: one 64-hex-digit key per line, the first seals (0600, no symlink). Default: keys made in memory, rotated hourly, carried across upgrades.")] = None,
     ticket_lifetime: Annotated[int, typer.Option(metavar="SECONDS", help="How long a ticket may be resumed (at most 604800).")] = 7200,
+    ticket_psk_ke: Annotated[bool, typer.Option("--ticket-psk-ke", help="Also accept psk_ke resumptions (no fresh ECDHE: cheaper, but such a session is only as safe as the ticket key). psk_dhe_ke is preferred when a client offers both; without this flag it is the only mode.")] = False,
     keylog: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write TLS secrets in NSS key log format to this file (created 0600; a symlink, or a file of another user or readable by others, is refused). Only for debugging.")] = None,
     log_level: Annotated[str, typer.Option(metavar="LEVEL", help="debug, info, warning or error.")] = "info",
     # -- config file and admin endpoint (ironsocket.launch / ironsocket.admin) --
@@ -205,7 +208,7 @@ def serve(
         cipher_suites=_parse_list(ciphers, SUITE_NAMES, "cipher suite") or DEFAULT_CIPHER_SUITES,
         groups=_parse_list(groups, GROUP_NAMES, "group") or DEFAULT_GROUPS,
         alpn_protocols=tuple(p.strip() for p in alpn.split(",") if p.strip()) if alpn else (),
-        tickets=_ticket_config(tickets, ticket_key_file, ticket_lifetime),
+        tickets=_ticket_config(tickets, ticket_key_file, ticket_lifetime, ticket_psk_ke),
         keylog=_open_keylog(keylog) if keylog else None,
     )
     if upgrade_state_dump is not None:  # written at each upgrade: refuse a bad path now, not then

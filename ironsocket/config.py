@@ -39,7 +39,8 @@ TOP_KEYS = {"log_level", "admin", "listeners"}
 ADMIN_KEYS = {"listen", "unix", "allow_remote"}
 LISTENER_KEYS = {"name", "listen", "backend", "certs", "routes", "alpn", "ciphers", "groups", "proxy_protocol",
                  "transparent", "ktls", "handshake_timeout", "idle_timeout", "connect_timeout", "max_connections",
-                 "backlog", "tickets", "ticket_key_file", "ticket_lifetime"}
+                 "backlog", "tickets", "ticket_key_file", "ticket_lifetime",
+                 "ticket_psk_ke"}
 CERT_KEYS = {"cert", "key"}
 ROUTE_KEYS = {"backend", "cert", "key", "proxy_protocol", "transparent", "connect_timeout"}
 
@@ -292,9 +293,10 @@ class _Loader:
         return value
 
     def tickets(self, table: dict, path: Path_) -> TicketConfig | None:
-        """``tickets = N`` (default 2, 0: off), ``ticket_key_file``, ``ticket_lifetime`` (tls13/tickets.py)."""
+        """``tickets = N`` (default 2, 0: off), ``ticket_key_file``, ``ticket_lifetime``,
+        ``ticket_psk_ke`` (tls13/tickets.py)."""
         from .ticketkeys import TicketKeyFileError, keyring
-        from .tls13.tickets import DEFAULT_LIFETIME, MAX_LIFETIME
+        from .tls13.tickets import DEFAULT_LIFETIME, MAX_LIFETIME, PskKeyExchangeMode
 
         count = self.number(table, "tickets", path, 2, positive=False, integer=True)
         if count > 16:
@@ -306,10 +308,13 @@ class _Loader:
         if "ticket_key_file" in table:
             value = Path(self.get(table, "ticket_key_file", str, path)).expanduser()
             key_file = value if value.is_absolute() else self.base / value
+        modes = {PskKeyExchangeMode.PSK_DHE_KE}
+        if self.get(table, "ticket_psk_ke", bool, path, False):
+            modes.add(PskKeyExchangeMode.PSK_KE)
         if count == 0 and key_file is None:
             return None
         try:
-            return TicketConfig(keyring=keyring(key_file, lifetime), count=count)
+            return TicketConfig(keyring=keyring(key_file, lifetime), count=count, psk_modes=frozenset(modes))
         except TicketKeyFileError as exc:
             raise self.error(path + ("ticket_key_file",), str(exc)) from None
 

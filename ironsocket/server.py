@@ -575,7 +575,7 @@ class ProxyServer:
                         info.server_name = event.server_name
                     elif isinstance(event, HandshakeComplete):
                         info.cipher_suite = event.cipher_suite.name
-                        info.group = event.group.name
+                        info.group = event.group.name if event.group is not None else None
                         info.alpn_protocol = event.alpn_protocol
                         info.resumed = event.resumed
                         self._send(sock, engine.data_to_send())

@@ -347,6 +347,12 @@ def test_tickets_keys(tmp_path: Path) -> None:
     web, db = load_file(write(tmp_path, text)).listeners
     assert web.tls.tickets is not None and web.tls.tickets.count == 3 and web.tls.tickets.keyring.is_fixed
     assert web.tls.tickets.keyring.lifetime == 600
+    from ironsocket.tls13.tickets import PskKeyExchangeMode
+
+    assert web.tls.tickets.psk_modes == {PskKeyExchangeMode.PSK_DHE_KE}
+    psk_ke = load_file(write(tmp_path, GOOD.replace("max_connections = 50", "max_connections = 50\nticket_psk_ke = true")))
+    assert psk_ke.listeners[0].tls.tickets is not None
+    assert psk_ke.listeners[0].tls.tickets.psk_modes == {PskKeyExchangeMode.PSK_DHE_KE, PskKeyExchangeMode.PSK_KE}
     assert db.tls.tickets is None
     keys.chmod(0o640)
     with pytest.raises(ConfigError) as info:

@@ -252,3 +252,36 @@ def test_workers_share_ticket_keys(tmp_path: Path, echo_backend) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def _extension_types(server_hello: bytes) -> list[int]:
+    body = server_hello[4:]
+    offset = 2 + 32
+    offset += 1 + body[offset]  # legacy_session_id_echo
+    offset += 2 + 1  # cipher_suite, legacy_compression_method
+    end = offset + 2 + int.from_bytes(body[offset : offset + 2], "big")
+    offset += 2
+    types = []
+    while offset < end:
+        types.append(int.from_bytes(body[offset : offset + 2], "big"))
+        offset += 4 + int.from_bytes(body[offset + 2 : offset + 4], "big")
+    return types
+
+
+@pytest.mark.parametrize("psk_ke", [False, True], ids=["default", "ticket-psk-ke"])
+def test_openssl_allow_no_dhe_kex(start_proxy, tmp_path: Path, psk_ke: bool) -> None:
+    """A client that also offers psk_ke (OpenSSL lists both modes then) resumes with psk_dhe_ke,
+    with or without --ticket-psk-ke: a fresh ECDHE is preferred whenever the client offers it
+    (psk_ke itself, for a client offering only it: tests/tls13/test_tickets.py)."""
+    from tests.test_interop import parse_msg_server_hellos
+
+    proxy = start_proxy(*(["--ticket-psk-ke"] if psk_ke else []))
+    sess = tmp_path / "session.pem"
+    first = sess_client(proxy, tmp_path, "-sess_out", str(sess), "-allow_no_dhe_kex")
+    assert first.rc == 0, first.describe()
+    second = sess_client(proxy, tmp_path, "-sess_in", str(sess), "-allow_no_dhe_kex", msgfile=tmp_path / "msg")
+    assert second.rc == 0 and "Reused, TLSv1.3" in second.text, second.describe()
+    (server_hello,) = parse_msg_server_hellos(second.msg)
+    types = _extension_types(server_hello)
+    assert 41 in types  # pre_shared_key
+    assert 51 in types  # key_share: psk_dhe_ke

@@ -35,7 +35,7 @@ class HandshakeComplete(Event):
     """The client Finished verified (RFC 8446 §4.4.4); call `handoff()` next."""
 
     cipher_suite: CipherSuite
-    group: Group
+    group: Group | None  # None: a psk_ke resumption (no (EC)DHE)
     signature_scheme: SignatureScheme | None  # None when resumed (no CertificateVerify)
     server_name: str | None
     alpn_protocol: str | None

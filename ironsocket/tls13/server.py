@@ -282,7 +282,7 @@ class TLSServer:
         if self.state is not State.CONNECTED:
             raise LocalProtocolError(f"no handoff in state {self.state.name}")
         negotiated, read, write = self._negotiated, self._read_protection, self._write_protection
-        assert negotiated and negotiated.group and read and write
+        assert negotiated and read and write
         plaintext = bytearray()
         offset = 0
         if drain:
@@ -481,6 +481,8 @@ class TLSServer:
         self._key_schedule = KeySchedule(negotiated.cipher_suite)
         self._psk = self._select_psk(hello, raw)  # before the hello enters the transcript
         self._add_to_transcript(raw)
+        if self._psk is not None and self._psk.mode is PskKeyExchangeMode.PSK_KE:
+            return self._send_server_flight(hello, None)  # §4.2.9 psk_ke: no (EC)DHE, no HRR
         share = self._select_key_share(hello)
         if share is None:
             return self._send_hello_retry_request(hello)
@@ -502,6 +504,8 @@ class TLSServer:
         self._negotiated = negotiated
         # §4.1.4/§4.2.11.2: the binders of the second hello cover the HelloRetryRequest too.
         self._psk = self._select_psk(hello, raw)
+        if self._psk is not None and self._psk.mode is PskKeyExchangeMode.PSK_KE:
+            self._psk = None  # after an HRR the (EC)DHE is under way: a full handshake
         self._add_to_transcript(raw)
         shares = hello.key_shares or ()
         if len(shares) != 1 or shares[0].group != self._retry_group:
@@ -622,8 +626,10 @@ class TLSServer:
         if len(offered.identities) != len(offered.binders):
             raise AlertIllegalParameter("pre_shared_key: as many binders as identities are required (§4.2.11)")
         modes = hello.psk_key_exchange_modes or ()
-        # §4.2.9: only a mode the client listed; psk_dhe_ke is the only one we use.
-        if PskKeyExchangeMode.PSK_DHE_KE not in modes or PskKeyExchangeMode.PSK_DHE_KE not in config.psk_modes:
+        # §4.2.9: only a mode the client listed and we allow; psk_dhe_ke first.
+        mode = next((m for m in (PskKeyExchangeMode.PSK_DHE_KE, PskKeyExchangeMode.PSK_KE)
+                     if m in modes and m in config.psk_modes), None)
+        if mode is None:
             return None
         suite = self._negotiated.cipher_suite
         now = config.clock()
@@ -637,7 +643,7 @@ class TLSServer:
             expected = psk_binder(suite, state.psk, truncated.digest())
             if not hmac.compare_digest(offered.binders[index], expected):
                 raise AlertDecryptError("the binder of the selected PSK does not verify (§4.2.11)")
-            return _Psk(index, state.psk, PskKeyExchangeMode.PSK_DHE_KE, state.authenticated)
+            return _Psk(index, state.psk, mode, state.authenticated)
         return None
 
     def _may_resume(self, state: TicketState) -> bool:
@@ -685,12 +691,17 @@ class TLSServer:
         return State.START_AFTER_RETRY
 
     # -- the server flight (§4.1.3, §4.3, §4.4) --------------------------------------------------
-    def _send_server_flight(self, hello: messages.ClientHello, share: messages.KeyShareEntry) -> State:
+    def _send_server_flight(self, hello: messages.ClientHello, share: messages.KeyShareEntry | None) -> State:
+        """``share`` None: psk_ke resumption (no (EC)DHE, no key_share in the ServerHello)."""
         negotiated, schedule, psk = self._negotiated, self._key_schedule, self._psk
         assert negotiated and schedule and negotiated.credential and negotiated.scheme
-        negotiated.group = Group(share.group)
-        exchange = self.config.key_exchange(negotiated.group)
-        shared_secret = exchange.exchange(share.key_exchange)
+        assert share is not None or (psk is not None and psk.mode is PskKeyExchangeMode.PSK_KE)
+        shared_secret: bytes | None = None
+        exchange: KeyExchange | None = None
+        if share is not None:
+            negotiated.group = Group(share.group)
+            exchange = self.config.key_exchange(negotiated.group)
+            shared_secret = exchange.exchange(share.key_exchange)
         suite = negotiated.cipher_suite
 
         server_hello = messages.server_hello(
@@ -698,7 +709,7 @@ class TLSServer:
             legacy_session_id=hello.legacy_session_id,
             cipher_suite=suite,
             group=negotiated.group,
-            key_exchange=exchange.public_bytes(),
+            key_exchange=exchange.public_bytes() if exchange is not None else None,
             selected_identity=psk.index if psk is not None else None,
         )
         self._add_to_transcript(server_hello)
@@ -707,7 +718,7 @@ class TLSServer:
             self._send_plaintext(ContentType.CHANGE_CIPHER_SPEC, b"\x01")
 
         schedule.extract(psk.secret if psk is not None else None)  # Early Secret
-        schedule.extract(shared_secret)  # Handshake Secret
+        schedule.extract(shared_secret)  # Handshake Secret (psk_ke: zeros, §7.1)
         client_hs = schedule.derive_secret(b"c hs traffic")
         server_hs = schedule.derive_secret(b"s hs traffic")
         self._keylog("CLIENT_HANDSHAKE_TRAFFIC_SECRET", client_hs)
@@ -761,7 +772,7 @@ class TLSServer:
     # -- client Finished (§4.4.4) ----------------------------------------------------------------
     def _handle_finished(self, raw: bytes) -> State:
         schedule, negotiated = self._key_schedule, self._negotiated
-        assert schedule and negotiated and negotiated.group and negotiated.scheme
+        assert schedule and negotiated and negotiated.scheme
         expected = schedule.finished_verify_data(self._client_handshake_secret)
         if len(raw) - 4 != len(expected):
             raise AlertDecodeError("Finished of the wrong length")

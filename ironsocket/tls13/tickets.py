@@ -309,8 +309,10 @@ class TicketConfig:
 
     ``count`` NewSessionTickets after each full or resumed handshake (0: resume tickets issued
     elsewhere, e.g. before a restart with a key file, but issue none). ``psk_modes``: the key
-    exchange modes a resumption may use (§4.2.9); only psk_dhe_ke (a fresh (EC)DHE on every
-    resumption, so forward secrecy does not depend on the ticket key) is implemented."""
+    exchange modes a resumption may use (§4.2.9). The default, psk_dhe_ke, makes a fresh
+    (EC)DHE on every resumption, so forward secrecy does not depend on the ticket key; psk_ke
+    (no (EC)DHE: cheaper, but whoever gets a ticket key can decrypt the resumed sessions made
+    with it) only if configured, and psk_dhe_ke is preferred when the client offers both."""
 
     keyring: TicketKeyring
     count: int = 2
@@ -321,8 +323,8 @@ class TicketConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.count <= 16:
             raise ValueError("tickets per handshake must be 0..16")
-        if self.psk_modes != frozenset({PskKeyExchangeMode.PSK_DHE_KE}):
-            raise ValueError("only the psk_dhe_ke resumption mode is implemented")
+        if not self.psk_modes:
+            raise ValueError("at least one PSK key exchange mode is required")
 
 
 class TicketKeyExhausted(Exception):

@@ -372,8 +372,8 @@ def test_binder_of_a_ticket_we_cannot_use_is_not_checked() -> None:
 
 
 def test_psk_without_psk_dhe_ke_is_ignored() -> None:
-    """§4.2.9: never a mode the client did not offer. A client offering only psk_ke (not
-    implemented here) gets a full handshake."""
+    """§4.2.9: never a mode the client did not offer, nor one we do not allow. A client
+    offering only psk_ke gets a full handshake from the default (psk_dhe_ke only)."""
     cfg = config(tickets=ticket_config())
     first = Conn(cfg)
     hello = resumed_hello(cfg, first.session)
@@ -512,3 +512,31 @@ def test_key_file_fifo_or_directory_is_refused_without_blocking(tmp_path: Path) 
         ticketkeys.keyring(fifo)
     with pytest.raises(ticketkeys.TicketKeyFileError):
         ticketkeys.keyring(tmp_path)
+
+
+NO_DHE_KEX = 0x400  # OpenSSL's SSL_OP_ALLOW_NO_DHE_KEX: the client offers psk_ke too
+
+
+def test_psk_ke_only_if_configured() -> None:
+    from ironsocket.tls13.tickets import PskKeyExchangeMode as Mode
+
+    ctx = client_context()
+    ctx.options |= NO_DHE_KEX
+    psk_ke = config(tickets=ticket_config(psk_modes=frozenset({Mode.PSK_KE})))
+    first = Conn(psk_ke, ctx=ctx)
+    resumed = Conn(psk_ke, ctx=ctx, session=first.session)
+    assert resumed.reused and resumed.done.group is None  # no (EC)DHE at all
+    assert resumed.engine.handoff().group is None
+    # Both allowed: psk_dhe_ke is preferred when the client offers both.
+    both = config(tickets=ticket_config(psk_modes=frozenset({Mode.PSK_KE, Mode.PSK_DHE_KE})))
+    first = Conn(both, ctx=ctx)
+    assert Conn(both, ctx=ctx, session=first.session).done.group is Group.X25519
+    # The default refuses psk_ke: a client that offers both gets psk_dhe_ke.
+    default = config(tickets=ticket_config())
+    first = Conn(default, ctx=ctx)
+    again = Conn(default, ctx=ctx, session=first.session)
+    assert again.reused and again.done.group is Group.X25519
+    # A client that offers only psk_dhe_ke, at a psk_ke-only server: a full handshake.
+    first = Conn(psk_ke)
+    full = Conn(psk_ke, session=first.session)
+    assert not full.reused and full.done.signature_scheme is not None
