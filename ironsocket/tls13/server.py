@@ -481,10 +481,9 @@ class TLSServer:
         self._key_schedule = KeySchedule(negotiated.cipher_suite)
         self._psk = self._select_psk(hello, raw)  # before the hello enters the transcript
         self._add_to_transcript(raw)
-        if self._psk is not None and self._psk.mode is PskKeyExchangeMode.PSK_KE:
-            return self._send_server_flight(hello, None)  # §4.2.9 psk_ke: no (EC)DHE, no HRR
-        share = self._select_key_share(hello)
-        if share is None:
+        psk_ke = self._psk is not None and self._psk.mode is PskKeyExchangeMode.PSK_KE
+        share = None if psk_ke else self._select_key_share(hello)  # §4.2.9 psk_ke: no (EC)DHE
+        if share is None and not psk_ke:
             return self._send_hello_retry_request(hello)
         if hello.has(ExtensionType.EARLY_DATA):
             self._early_data_skip = MAX_EARLY_DATA_SKIP
