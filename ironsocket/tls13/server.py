@@ -214,6 +214,7 @@ class TLSServer:
         self._negotiated: _Negotiated | None = None
         self._first_hello: messages.ClientHello | None = None
         self._psk: _Psk | None = None
+        self._client_psk_modes: tuple[int, ...] = ()  # the final ClientHello's (§4.2.9)
         self._retry_group: Group | None = None
         self._retry_cookie: bytes | None = None
         self._client_random = b""
@@ -480,6 +481,7 @@ class TLSServer:
         self._client_random = hello.random
         self._key_schedule = KeySchedule(negotiated.cipher_suite)
         self._psk = self._select_psk(hello, raw)  # before the hello enters the transcript
+        self._client_psk_modes = hello.psk_key_exchange_modes or ()
         self._add_to_transcript(raw)
         psk_ke = self._psk is not None and self._psk.mode is PskKeyExchangeMode.PSK_KE
         share = None if psk_ke else self._select_key_share(hello)  # §4.2.9 psk_ke: no (EC)DHE
@@ -503,6 +505,7 @@ class TLSServer:
         self._negotiated = negotiated
         # §4.1.4/§4.2.11.2: the binders of the second hello cover the HelloRetryRequest too.
         self._psk = self._select_psk(hello, raw)
+        self._client_psk_modes = hello.psk_key_exchange_modes or ()
         if self._psk is not None and self._psk.mode is PskKeyExchangeMode.PSK_KE:
             self._psk = None  # after an HRR the (EC)DHE is under way: a full handshake
         self._add_to_transcript(raw)
@@ -805,6 +808,10 @@ class TLSServer:
         client Finished, §7.1)."""
         config, schedule, negotiated = self.config.tickets, self._key_schedule, self._negotiated
         if config is None or config.count == 0:
+            return ()
+        if not config.psk_modes.intersection(self._client_psk_modes):
+            # §4.2.9: "Servers SHOULD NOT send NewSessionTicket with tickets that are not
+            # compatible with the advertised modes" (none advertised: no resumption at all).
             return ()
         assert schedule is not None and negotiated is not None
         resumption_master_secret = schedule.derive_secret(b"res master")

@@ -536,7 +536,17 @@ def test_psk_ke_only_if_configured() -> None:
     first = Conn(default, ctx=ctx)
     again = Conn(default, ctx=ctx, session=first.session)
     assert again.reused and again.done.group is Group.X25519
-    # A client that offers only psk_dhe_ke, at a psk_ke-only server: a full handshake.
+    # A client that offers only psk_dhe_ke, at a psk_ke-only server: no ticket it could not use.
     first = Conn(psk_ke)
-    full = Conn(psk_ke, session=first.session)
-    assert not full.reused and full.done.signature_scheme is not None
+    assert first.done.tickets_sent == 0 and not first.client.obj.session.has_ticket
+
+
+def test_no_tickets_for_a_client_without_a_compatible_psk_mode() -> None:
+    """§4.2.9 SHOULD NOT: no tickets the client could not use (no psk_key_exchange_modes, or
+    only psk_ke at a server that allows only psk_dhe_ke)."""
+    from tests.tls13.test_server import Client, connect
+
+    _, _, events = connect(config(tickets=ticket_config()), Client())  # sends no psk_key_exchange_modes
+    (done,) = [e for e in events if isinstance(e, HandshakeComplete)]
+    assert done.tickets_sent == 0
+    assert Conn(config(tickets=ticket_config())).done.tickets_sent == 2  # CPython offers psk_dhe_ke
