@@ -550,3 +550,31 @@ def test_no_tickets_for_a_client_without_a_compatible_psk_mode() -> None:
     (done,) = [e for e in events if isinstance(e, HandshakeComplete)]
     assert done.tickets_sent == 0
     assert Conn(config(tickets=ticket_config())).done.tickets_sent == 2  # CPython offers psk_dhe_ke
+
+
+def _with_pre_shared_key(record: bytes, new_ext_data: bytes) -> bytes:
+    """The ClientHello record with its (last) pre_shared_key extension's data replaced."""
+    msg = record[HEADER_SIZE:]
+    hello = messages.parse_client_hello(msg[4:])
+    old = dict(hello.extensions)[ExtensionType.PRE_SHARED_KEY]
+    assert msg.endswith(old)
+    head = msg[4 : len(msg) - len(old) - 4]  # the body up to the pre_shared_key header
+    ext_len_at = len(head) - 2 - sum(4 + len(d) for t, d in hello.extensions[:-1])
+    exts_len = int.from_bytes(head[ext_len_at : ext_len_at + 2], "big") - len(old) + len(new_ext_data)
+    body = (head[:ext_len_at] + exts_len.to_bytes(2, "big") + head[ext_len_at + 2 :]
+            + ExtensionType.PRE_SHARED_KEY.to_bytes(2, "big") + len(new_ext_data).to_bytes(2, "big") + new_ext_data)
+    msg = bytes([HandshakeType.CLIENT_HELLO]) + len(body).to_bytes(3, "big") + body
+    return bytes([ContentType.HANDSHAKE, 3, 1]) + len(msg).to_bytes(2, "big") + msg
+
+
+def test_identities_and_binders_in_unequal_number_is_illegal_parameter() -> None:
+    cfg = config(tickets=ticket_config())
+    hello = resumed_hello(cfg, Conn(cfg).session)
+    old = dict(messages.parse_client_hello(hello[HEADER_SIZE + 4 :]).extensions)[ExtensionType.PRE_SHARED_KEY]
+    offered = messages.parse_pre_shared_key(old)
+    assert drain(_engine_fed(cfg, _with_pre_shared_key(hello, old)))  # rebuilt unchanged: still fine
+    identity = offered.identities[0]
+    one = len(identity.identity).to_bytes(2, "big") + identity.identity + identity.obfuscated_ticket_age.to_bytes(4, "big")
+    two_identities = len(one * 2).to_bytes(2, "big") + one * 2 + old[2 + len(one) :]
+    error = _expect_alert(cfg, _with_pre_shared_key(hello, two_identities))
+    assert error.alert is AlertDescription.illegal_parameter
