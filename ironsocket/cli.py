@@ -17,6 +17,7 @@ from .runtime import Runtime, upgrade_guard
 from .server import KtlsMode, ProxyConfig, StartupError, parse_hostport
 from .tls13.constants import CipherSuite, Group
 from .tls13.credentials import CertificateStore, CredentialError, load_credential
+from .tls13.tickets import TicketConfig
 
 # This typer prints an argument's Python type after its name ("CONFIG <path>"); the help says
 # what the argument is. (Options name their value with metavar=.)
@@ -109,6 +110,25 @@ def _open_keylog(path: Path):
     return write
 
 
+def _ticket_config(count: int, key_file: Path | None, lifetime: int, psk_ke: bool) -> TicketConfig | None:
+    """--tickets/--ticket-key-file/--ticket-lifetime/--ticket-psk-ke (ironsocket.ticketkeys,
+    tls13/tickets.py)."""
+    from .ticketkeys import TicketKeyFileError, keyring
+    from .tls13.tickets import MAX_LIFETIME, PskKeyExchangeMode
+
+    if not 0 <= count <= 16:
+        _fail(f"--tickets {count}: must be 0..16")
+    if not 1 <= lifetime <= MAX_LIFETIME:
+        _fail(f"--ticket-lifetime {lifetime}: must be 1..{MAX_LIFETIME} seconds (RFC 8446 §4.6.1)")
+    if count == 0 and key_file is None:
+        return None
+    try:
+        modes = {PskKeyExchangeMode.PSK_DHE_KE} | ({PskKeyExchangeMode.PSK_KE} if psk_ke else set())
+        return TicketConfig(keyring=keyring(key_file, lifetime), count=count, psk_modes=frozenset(modes))
+    except TicketKeyFileError as exc:
+        _fail(str(exc))
+
+
 @app.command()
 @upgrade_guard
 def serve(
@@ -125,6 +145,10 @@ def serve(
     idle_timeout: Annotated[float, typer.Option(metavar="SECONDS", help="Time without bytes in either direction before a connection is closed (0: never).")] = 300.0,
     connect_timeout: Annotated[float, typer.Option(metavar="SECONDS", help="Time to connect to the backend.")] = 5.0,
     max_connections: Annotated[int, typer.Option(metavar="N", help="Connections served at once; more wait in the listen backlog.")] = 10_000,
+    tickets: Annotated[int, typer.Option(metavar="N", help="Session tickets (RFC 8446 §4.6.1) sent after each handshake, for resumption without a certificate signature; 0: no tickets, no resumption.")] = 2,
+    ticket_key_file: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Ticket keys shared by several servers: one 64-hex-digit key per line, the first seals (0600, no symlink). Default: keys made in memory, rotated hourly, carried across upgrades.")] = None,
+    ticket_lifetime: Annotated[int, typer.Option(metavar="SECONDS", help="How long a ticket may be resumed (at most 604800).")] = 7200,
+    ticket_psk_ke: Annotated[bool, typer.Option("--ticket-psk-ke", help="Also accept psk_ke resumptions (no fresh ECDHE: cheaper, but such a session is only as safe as the ticket key). psk_dhe_ke is preferred when a client offers both; without this flag it is the only mode.")] = False,
     keylog: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write TLS secrets in NSS key log format to this file (created 0600; a symlink, or a file of another user or readable by others, is refused). Only for debugging.")] = None,
     log_level: Annotated[str, typer.Option(metavar="LEVEL", help="debug, info, warning or error.")] = "info",
     # -- config file and admin endpoint (ironsocket.launch / ironsocket.admin) --
@@ -135,7 +159,7 @@ def serve(
     workers: Annotated[int, typer.Option(metavar="N", help="Worker processes sharing the port (SO_REUSEPORT), to use every core. Each worker has its own control socket.")] = 1,
     reuse_port: Annotated[bool, typer.Option("--reuse-port", help="Set SO_REUSEPORT on the listener (set for each worker by --workers).")] = False,
     drain_timeout: Annotated[float, typer.Option(metavar="SECONDS", help="On SIGTERM/SIGINT, time connections may finish before they are closed with close_notify (SIGQUIT: no drain).")] = 10.0,
-    upgrade_state_dump: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Debugging: at each upgrade also write the state document, traffic secrets included, to this file (0600), for `inspect-keys --state`.")] = None,
+    upgrade_state_dump: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Debugging: at each upgrade also write the state document, traffic secrets and session ticket keys included, to this file (0600), for `inspect-keys --state`.")] = None,
     upgrade_check: Annotated[bool, typer.Option("--upgrade-check", hidden=True, help="Load the configuration, report the upgrade state format, exit.")] = False,
 ) -> None:
     """Terminate TLS 1.3 on LISTEN and relay plaintext to BACKEND.
@@ -191,9 +215,10 @@ def serve(
                     "admin_allow_remote": run.admin_allow_remote}
         has_admin = run.admin_listen is not None or run.admin_unix is not None
     else:
+        ticket_config = _ticket_config(tickets, ticket_key_file, ticket_lifetime, ticket_psk_ke)
         configs = [_flag_listener(listen, backend, cert, key, alpn, ciphers, groups, ktls_mode, handshake_timeout,
                                   idle_timeout, connect_timeout, max_connections, keylog, drain_timeout, reuse_port,
-                                  upgrade_check)]
+                                  upgrade_check, ticket_config)]
         demo = backend is None
         has_admin = admin is not None
     if upgrade_check:  # the exec upgrade's pre-flight: configuration loaded, state format known
@@ -250,7 +275,8 @@ def _defaulted(ctx: typer.Context, param: str) -> bool:
 def _flag_listener(listen: str, backend: str | None, cert: list[Path] | None, key: list[Path] | None,
                    alpn: str | None, ciphers: str | None, groups: str | None, ktls_mode: KtlsMode,
                    handshake_timeout: float, idle_timeout: float, connect_timeout: float, max_connections: int,
-                   keylog: Path | None, drain_timeout: float, reuse_port: bool, upgrade_check: bool) -> ProxyConfig:
+                   keylog: Path | None, drain_timeout: float, reuse_port: bool, upgrade_check: bool,
+                   tickets: TicketConfig | None) -> ProxyConfig:
     """The one listener the command-line options describe (without --config)."""
     from .tls13.server import DEFAULT_CIPHER_SUITES, DEFAULT_GROUPS, ServerConfig
 
@@ -288,6 +314,7 @@ def _flag_listener(listen: str, backend: str | None, cert: list[Path] | None, ke
         cipher_suites=_parse_list(ciphers, SUITE_NAMES, "cipher suite") or DEFAULT_CIPHER_SUITES,
         groups=_parse_list(groups, GROUP_NAMES, "group") or DEFAULT_GROUPS,
         alpn_protocols=tuple(p.strip() for p in alpn.split(",") if p.strip()) if alpn else (),
+        tickets=tickets,
         keylog=_open_keylog(keylog) if keylog else None,
     )
     return ProxyConfig(

@@ -25,6 +25,7 @@ from .server import KtlsMode, ProxyConfig, parse_hostport
 from .tls13.constants import CipherSuite, Group
 from .tls13.credentials import CertificateStore, Credential, CredentialError, load_credential
 from .tls13.server import DEFAULT_CIPHER_SUITES, DEFAULT_GROUPS, ServerConfig
+from .tls13.tickets import TicketConfig
 
 Path_ = tuple[str | int, ...]
 
@@ -38,7 +39,8 @@ TOP_KEYS = {"log_level", "admin", "listeners"}
 ADMIN_KEYS = {"listen", "unix", "allow_remote"}
 LISTENER_KEYS = {"name", "listen", "backend", "certs", "routes", "alpn", "ciphers", "groups", "proxy_protocol",
                  "transparent", "ktls", "handshake_timeout", "idle_timeout", "connect_timeout", "max_connections",
-                 "backlog"}
+                 "backlog", "tickets", "ticket_key_file", "ticket_lifetime",
+                 "ticket_psk_ke"}
 CERT_KEYS = {"cert", "key"}
 ROUTE_KEYS = {"backend", "cert", "key", "proxy_protocol", "transparent", "connect_timeout"}
 
@@ -290,6 +292,32 @@ class _Loader:
             raise self.error(path + (key,), f"must be {'> 0' if integer else '>= 0'}, not {value!r}")
         return value
 
+    def tickets(self, table: dict, path: Path_) -> TicketConfig | None:
+        """``tickets = N`` (default 2, 0: off), ``ticket_key_file``, ``ticket_lifetime``,
+        ``ticket_psk_ke`` (tls13/tickets.py)."""
+        from .ticketkeys import TicketKeyFileError, keyring
+        from .tls13.tickets import DEFAULT_LIFETIME, MAX_LIFETIME, PskKeyExchangeMode
+
+        count = self.number(table, "tickets", path, 2, positive=False, integer=True)
+        if count > 16:
+            raise self.error(path + ("tickets",), f"must be 0..16, not {count}")
+        lifetime = self.number(table, "ticket_lifetime", path, DEFAULT_LIFETIME, integer=True)
+        if lifetime > MAX_LIFETIME:
+            raise self.error(path + ("ticket_lifetime",), f"must be at most {MAX_LIFETIME} seconds (RFC 8446 §4.6.1)")
+        key_file = None
+        if "ticket_key_file" in table:
+            value = Path(self.get(table, "ticket_key_file", str, path)).expanduser()
+            key_file = value if value.is_absolute() else self.base / value
+        modes = {PskKeyExchangeMode.PSK_DHE_KE}
+        if self.get(table, "ticket_psk_ke", bool, path, False):
+            modes.add(PskKeyExchangeMode.PSK_KE)
+        if count == 0 and key_file is None:
+            return None
+        try:
+            return TicketConfig(keyring=keyring(key_file, lifetime), count=count, psk_modes=frozenset(modes))
+        except TicketKeyFileError as exc:
+            raise self.error(path + ("ticket_key_file",), str(exc)) from None
+
     # -- sections --
     def load(self, doc: dict) -> FileConfig:
         self.check_keys(doc, TOP_KEYS, ())
@@ -408,6 +436,7 @@ class _Loader:
             cipher_suites=self.names(table, "ciphers", path, SUITE_NAMES) or DEFAULT_CIPHER_SUITES,
             groups=self.names(table, "groups", path, GROUP_NAMES) or DEFAULT_GROUPS,
             alpn_protocols=self.alpn(table, path),
+            tickets=self.tickets(table, path),
         )
         idle = self.number(table, "idle_timeout", path, 300.0)
         config = ProxyConfig(

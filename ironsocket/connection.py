@@ -44,6 +44,7 @@ class ConnectionInfo:
     relay: Relay | None = None
     backend_addr: tuple[str, int] | None = None  # the backend chosen for this connection (admin)
     closed: bool = False  # relay done, bytes counted in ProxyServer.bytes_closed (admin)
+    resumed: bool = False  # the handshake resumed a session ticket's PSK (RFC 8446 §4.2.11)
 
     @property
     def ref(self) -> str:

@@ -86,6 +86,8 @@ CONFLICTS_WITH_CONFIG = {
     "listen": "--listen", "backend": "--backend", "cert": "--cert", "key": "--key", "alpn": "--alpn",
     "ciphers": "--ciphers", "groups": "--groups", "ktls_mode": "--ktls", "handshake_timeout": "--handshake-timeout",
     "idle_timeout": "--idle-timeout", "connect_timeout": "--connect-timeout", "max_connections": "--max-connections",
+    "tickets": "--tickets", "ticket_key_file": "--ticket-key-file", "ticket_lifetime": "--ticket-lifetime",
+    "ticket_psk_ke": "--ticket-psk-ke",
 }
 """``serve`` options that are per-listener keys of a configuration file: with ``--config`` they
 are an error (each listener says its own), never silently ignored. The others are honoured:

@@ -114,3 +114,30 @@ def key_file_warning(path: str | Path) -> str | None:
         return None
     return (f"UNPROTECTED PRIVATE KEY FILE {path}: permissions {mode:04o} are too open "
             f"(group/others can read the key); chmod 600 {path}")
+
+
+def read_secret(path: str | Path, what: str = "secrets file", max_size: int = 64 * 1024) -> bytes:
+    """Read a file of secrets (``--ticket-key-file``) under the write policy's checks: the last
+    component is not followed if it is a symbolic link, and the opened file must be a regular
+    file of ours with no group/other permission bits (refused, not warned: it holds keys that
+    decrypt every session's ticket). Raises SecretFileError with a one-line message."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SecretFileError(f"{what} {path} is a symbolic link; refusing to follow it") from None
+        raise SecretFileError(f"{what} {path}: {exc.strerror}") from None
+    try:
+        if (why := _problem(os.fstat(fd))) is not None:
+            raise SecretFileError(f"{what} {path} {why}")
+        chunks = []
+        size = 0
+        while chunk := os.read(fd, 65536):
+            size += len(chunk)
+            if size > max_size:
+                raise SecretFileError(f"{what} {path} is larger than {max_size} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

@@ -374,6 +374,9 @@ class ProxyServer:
             "bridged": 0 if connections else len(live),
             "counters": {"handshakes_ok": self.handshakes_ok, "handshakes_failed": self.handshakes_failed,
                          "handshake_failures": self.handshake_failures, "bytes_closed": self.bytes_closed},
+            # The session ticket keys (tls13/tickets.py): tickets issued before the upgrade resume
+            # after it. Only in this sealed memfd, never on disk (unless --upgrade-state-dump).
+            "ticket_keys": self.config.tls.tickets.keyring.export() if self.config.tls.tickets else [],
         }
 
     # -- the bridge (ironsocket.bridge): connections a fork of the previous program relayed ------
@@ -448,6 +451,8 @@ class ProxyServer:
         self.handshakes_failed = counters.get("handshakes_failed", 0)
         self.handshake_failures = dict(counters.get("handshake_failures", {}))
         self.bytes_closed = list(counters.get("bytes_closed", [0, 0]))
+        if self.config.tls.tickets is not None and isinstance(doc.get("ticket_keys"), list):
+            self.config.tls.tickets.keyring.load(doc["ticket_keys"])  # a key file's ring keeps its keys
         self.adopted = True
 
     def _adopt_running(self, early: Any) -> None:
@@ -567,9 +572,9 @@ class ProxyServer:
             info.backend_local_addr = backend.getsockname()[:2]
             channel = self._client_channel(sock, handoff, info)
             info.mode = channel.mode
-            log.info("conn=%s open client=%s:%d sni=%s alpn=%s suite=%s group=%s mode=%s",
+            log.info("conn=%s open client=%s:%d sni=%s alpn=%s suite=%s group=%s mode=%s%s",
                      info.ref, *info.client_addr, info.server_name, info.alpn_protocol,
-                     info.cipher_suite, info.group, info.mode.value)
+                     info.cipher_suite, info.group, info.mode.value, " resumed" if info.resumed else "")
             relay = Relay(info.conn_id, channel, backend, engine=self.engine,
                           idle_timeout=self.config.idle_timeout)
             info.relay = relay
@@ -614,8 +619,9 @@ class ProxyServer:
                         info.server_name = event.server_name
                     elif isinstance(event, HandshakeComplete):
                         info.cipher_suite = event.cipher_suite.name
-                        info.group = event.group.name
+                        info.group = event.group.name if event.group is not None else None
                         info.alpn_protocol = event.alpn_protocol
+                        info.resumed = event.resumed
                         self._send(sock, engine.data_to_send())
                         self.handshakes_ok += 1
                         return True

@@ -100,6 +100,10 @@ class _Supervisor:
         self.told_ready = False
         self.upstream = dict(os.environ)  # where our own notifications go (systemd's NOTIFY_SOCKET)
         self.env = dict(os.environ) | {sdnotify.ENV: self.notify.name}
+        # One ticket key secret for every worker: a ticket resumes at any of them (ticketkeys.py).
+        from .ticketkeys import SHARED_SECRET_ENV, new_shared_secret
+
+        self.env.setdefault(SHARED_SECRET_ENV, new_shared_secret())
 
     # -- workers -----------------------------------------------------------------------------------
     def spawn(self, i: int) -> None:

@@ -331,3 +331,35 @@ def test_certificates_that_expire_soon_or_have_expired_are_warned_about(tmp_path
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
+
+
+def test_tickets_keys(tmp_path: Path) -> None:
+    """``tickets = N`` (default 2, 0: off), ``ticket_key_file`` (0600), ``ticket_lifetime``."""
+    web, db = load_file(write(tmp_path, GOOD)).listeners
+    assert web.tls.tickets is not None and web.tls.tickets.count == 2 and not web.tls.tickets.keyring.is_fixed
+    assert web.tls.tickets.keyring is not db.tls.tickets.keyring  # per listener
+    keys = tmp_path / "tickets.key"
+    keys.write_text("ab" * 16 + "0123456789abcdef" * 2 + "\n")
+    keys.chmod(0o600)
+    text = GOOD.replace("max_connections = 50", 'max_connections = 50\ntickets = 3\nticket_key_file = "tickets.key"\n'
+                                                "ticket_lifetime = 600")
+    text = text.replace("transparent = true", "transparent = true\ntickets = 0")
+    web, db = load_file(write(tmp_path, text)).listeners
+    assert web.tls.tickets is not None and web.tls.tickets.count == 3 and web.tls.tickets.keyring.is_fixed
+    assert web.tls.tickets.keyring.lifetime == 600
+    from ironsocket.tls13.tickets import PskKeyExchangeMode
+
+    assert web.tls.tickets.psk_modes == {PskKeyExchangeMode.PSK_DHE_KE}
+    psk_ke = load_file(write(tmp_path, GOOD.replace("max_connections = 50", "max_connections = 50\nticket_psk_ke = true")))
+    assert psk_ke.listeners[0].tls.tickets is not None
+    assert psk_ke.listeners[0].tls.tickets.psk_modes == {PskKeyExchangeMode.PSK_DHE_KE, PskKeyExchangeMode.PSK_KE}
+    assert db.tls.tickets is None
+    keys.chmod(0o640)
+    with pytest.raises(ConfigError) as info:
+        load_file(write(tmp_path, text))
+    message = str(info.value)
+    assert "listeners[0].ticket_key_file" in message and "has mode 0640" in message and "\n" not in message
+    with pytest.raises(ConfigError, match="must be 0..16"):
+        load_file(write(tmp_path, GOOD.replace("max_connections = 50", "max_connections = 50\ntickets = 17")))
+    with pytest.raises(ConfigError, match="at most 604800"):
+        load_file(write(tmp_path, GOOD.replace("max_connections = 50", "max_connections = 50\nticket_lifetime = 604801")))

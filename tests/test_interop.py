@@ -185,18 +185,26 @@ def s_client(
     argv = [need("openssl"), "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", CA, *args]
     if msgfile is not None:
         argv += ["-msg", "-msgfile", str(msgfile)]
-    run = run_interactive(argv, ready_marker=b"Verify return code", data=data, echo_after=b"---\n", timeout=timeout)
+    # The echo follows the session block or a NewSessionTicket's block (or "read R BLOCK").
+    run = run_interactive(argv, ready_marker=b"Verify return code", data=data, echo_after=b"\n", timeout=timeout)
     run.info = parse_s_client(run.text)
     if msgfile is not None and msgfile.exists():
         run.msg = msgfile.read_text()
     return run
 
 
+# What s_client prints for each TLS 1.3 NewSessionTicket (the server sends 2 by default,
+# --tickets), and when a read returned a handshake record instead of data: not application data.
+S_CLIENT_TICKET_NOISE = re.compile(
+    rb"---\nPost-Handshake New Session Ticket arrived:\nSSL-Session:\n(?:(?:    [^\n]*)?\n)*?---\n|read R BLOCK\n"
+)
+
+
 def echoed_after_session_block(run: ClientRun) -> bytes:
     """What s_client wrote to stdout after its session summary: the application data."""
     head, sep, tail = run.stdout.partition(b"Verify return code: 0 (ok)\n---\n")
     assert sep, run.describe()
-    return tail
+    return S_CLIENT_TICKET_NOISE.sub(b"", tail)
 
 
 def line() -> bytes:

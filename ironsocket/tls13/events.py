@@ -35,11 +35,13 @@ class HandshakeComplete(Event):
     """The client Finished verified (RFC 8446 §4.4.4); call `handoff()` next."""
 
     cipher_suite: CipherSuite
-    group: Group
-    signature_scheme: SignatureScheme
+    group: Group | None  # None: a psk_ke resumption (no (EC)DHE)
+    signature_scheme: SignatureScheme | None  # None when resumed (no CertificateVerify)
     server_name: str | None
     alpn_protocol: str | None
     hello_retry: bool
+    resumed: bool = False  # a session ticket's PSK was accepted (RFC 8446 §4.2.11)
+    tickets_sent: int = 0  # NewSessionTickets in data_to_send() (§4.6.1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -42,7 +42,7 @@ class Handoff:
     """
 
     cipher_suite: CipherSuite
-    group: Group
+    group: Group | None  # None: a psk_ke resumption (no (EC)DHE)
     read: TrafficKeys
     write: TrafficKeys
     server_name: str | None = None

@@ -34,7 +34,7 @@ SUITES: dict[CipherSuite, SuiteParams] = {
 
 def hkdf_extract(hash_name: str, salt: bytes, ikm: bytes) -> bytes:
     """HKDF-Extract (RFC 5869 §2.2)."""
-    return hmac.new(salt, ikm, hash_name).digest()
+    return hmac.digest(salt, ikm, hash_name)  # one-shot: OpenSSL's HMAC without Python objects
 
 
 def hkdf_expand(hash_name: str, prk: bytes, info: bytes, length: int) -> bytes:
@@ -43,7 +43,7 @@ def hkdf_expand(hash_name: str, prk: bytes, info: bytes, length: int) -> bytes:
     block = b""
     counter = 1
     while len(out) < length:
-        block = hmac.new(prk, block + info + bytes([counter]), hash_name).digest()
+        block = hmac.digest(prk, block + info + bytes([counter]), hash_name)
         out += block
         counter += 1
     return out[:length]
@@ -97,10 +97,35 @@ def finished_key(cipher_suite: CipherSuite, base_key: bytes) -> bytes:
     return hkdf_expand_label(params.hash_name, base_key, b"finished", b"", params.hash_len)
 
 
+# -- resumption (§4.2.11.2, §4.6.1) -------------------------------------------------------------
+def early_secret(cipher_suite: CipherSuite, psk: bytes | None) -> bytes:
+    """Early Secret = HKDF-Extract(0, PSK) (§7.1); without a PSK, PSK = zeros."""
+    params = SUITES[cipher_suite]
+    return hkdf_extract(params.hash_name, b"\x00", psk if psk is not None else bytes(params.hash_len))
+
+
+def psk_binder(cipher_suite: CipherSuite, psk: bytes, truncated_hello_hash: bytes) -> bytes:
+    """The binder of a resumption PSK (§4.2.11.2): an HMAC, as in Finished, under the key
+    derived from binder_key = Derive-Secret(Early Secret, "res binder", ""), over
+    Transcript-Hash(Truncate(ClientHello)) (with a HelloRetryRequest: the transcript up to it, too)."""
+    params = SUITES[cipher_suite]
+    empty = hashlib.new(params.hash_name).digest()
+    binder_key = derive_secret(params.hash_name, early_secret(cipher_suite, psk), b"res binder", empty)
+    return hmac.digest(finished_key(cipher_suite, binder_key), truncated_hello_hash, params.hash_name)
+
+
+def resumption_psk(cipher_suite: CipherSuite, resumption_master_secret: bytes, ticket_nonce: bytes) -> bytes:
+    """The PSK a ticket stands for: HKDF-Expand-Label(resumption_master_secret, "resumption",
+    ticket_nonce, Hash.length) (§4.6.1)."""
+    params = SUITES[cipher_suite]
+    return hkdf_expand_label(params.hash_name, resumption_master_secret, b"resumption", ticket_nonce, params.hash_len)
+
+
 class KeySchedule:
     """The secret ladder of RFC 8446 §7.1 plus the running transcript hash.
 
-    ``extract(ikm)`` climbs one rung: the first call gives the Early Secret (no PSK: ikm = zeros),
+    ``extract(ikm)`` climbs one rung: the first call gives the Early Secret (ikm = the PSK when
+    resuming, §4.2.11; no PSK: zeros),
     the second the Handshake Secret (ikm = the (EC)DHE shared secret), the third the Master
     Secret (ikm = zeros). Between rungs the "derived" secret is used as salt.
     """
@@ -145,9 +170,7 @@ class KeySchedule:
 
     # -- Finished (§4.4.4) ---------------------------------------------------------------------
     def finished_verify_data(self, base_key: bytes) -> bytes:
-        return hmac.new(
-            finished_key(self.cipher_suite, base_key), self.transcript_hash(), self.hash_name
-        ).digest()
+        return hmac.digest(finished_key(self.cipher_suite, base_key), self.transcript_hash(), self.hash_name)
 
     # -- CertificateVerify (§4.4.3) ------------------------------------------------------------
     def certificate_verify_data(self, context_string: bytes) -> bytes:

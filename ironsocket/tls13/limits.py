@@ -25,6 +25,9 @@ MAX_EARLY_DATA_SKIP = 64 * 1024
 # change_cipher_spec (before its second ClientHello or before its encrypted flight). The RFC
 # says to drop it; a second one has no purpose, so 200,000 of them are not dropped for free.
 MAX_CHANGE_CIPHER_SPEC_RECORDS = 1
+# §4.2.11: a ClientHello may offer many PSK identities; each one we try costs an AES-GCM open.
+# Clients offer one (OpenSSL, NSS, GnuTLS, BoringSSL); we look at this many, the rest are ignored.
+MAX_PSK_IDENTITIES_TRIED = 4
 
 # -- after the handshake (session.py) ---------------------------------------------------------
 # A KeyUpdate (§4.6.3) is one byte of body; NewSessionTicket/CertificateRequest are not

@@ -21,6 +21,19 @@ and raises `RemoteProtocolError` carrying ``.alert``. A fatal alert from the cli
 
 The transcript (§4.4.1) is fed only from raw bytes, exactly once per message: incoming messages
 as received, outgoing ones as serialised, through `_add_to_transcript`.
+
+Resumption (§4.2.11, `tickets.py`): with ``config.tickets`` set, a ClientHello's pre_shared_key
+is looked at before the hello enters the transcript. Of its identities (at most
+MAX_PSK_IDENTITIES_TRIED), the first that unseals under one of our ticket keys, is within its
+lifetime, has our negotiated suite's hash and the same SNI, is selected, and only that one's
+binder is checked (§4.2.11: "SHOULD NOT attempt to validate multiple binders"); a binder that
+does not verify is decrypt_error. An identity we cannot use is ignored: a full handshake.
+The resumed flight is ServerHello (with pre_shared_key) + EncryptedExtensions + Finished: no
+Certificate or CertificateVerify; the mode is always psk_dhe_ke (a fresh (EC)DHE too). 0-RTT
+is never accepted: early_data is never in EncryptedExtensions, and tickets never allow it.
+After the client Finished, ``config.tickets.count`` NewSessionTickets are sealed under the
+server application key (each advances the write rec_seq that `handoff()` reports, so the kTLS
+TX install continues after them).
 """
 
 from __future__ import annotations
@@ -62,9 +75,12 @@ from .constants import (
 from .credentials import CertificateStore, Credential, sign
 from .events import NEED_DATA, ClientHelloReceived, Event, HandshakeComplete
 from .handoff import Handoff
-from .keyschedule import SERVER_CERTIFICATE_VERIFY_CONTEXT, KeySchedule
+from .keyschedule import SERVER_CERTIFICATE_VERIFY_CONTEXT, SUITES, KeySchedule, psk_binder, resumption_psk
+from . import tickets as tickets_mod
+from .tickets import PskKeyExchangeMode, TicketConfig, TicketKeyExhausted, TicketState
 from .limits import (  # bounds on what a client may make the engine do, with their reasons
     MAX_CHANGE_CIPHER_SPEC_RECORDS,
+    MAX_PSK_IDENTITIES_TRIED,
     MAX_CLIENT_HELLO_SIZE,
     MAX_EARLY_DATA_SKIP,
     MAX_HANDSHAKE_MESSAGE_SIZE,
@@ -146,8 +162,10 @@ class ServerConfig:
     signer: Callable[[Credential, SignatureScheme, bytes], bytes] = lambda cred, scheme, data: sign(
         cred.private_key, scheme, data
     )
-    # NewSessionTicket messages (full handshake messages) to send after the client Finished.
-    # ironsocket does not resume sessions, so none by default; a replay test injects RFC 8448's.
+    # Session tickets and resumption (tickets.TicketConfig); None: neither.
+    tickets: TicketConfig | None = None
+    # Fixed NewSessionTicket messages to send after the client Finished instead of our own
+    # tickets (a replay test injects RFC 8448's); empty: `tickets` decides.
     new_session_tickets: Callable[[], tuple[bytes, ...]] = tuple
     keylog: KeylogCallback | None = field(default=None, repr=False)
 
@@ -169,6 +187,16 @@ class _Negotiated:
     record_size_limit: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Psk:
+    """The resumption PSK selected from the ClientHello (its binder verified)."""
+
+    index: int  # selected_identity (§4.2.11)
+    secret: bytes = field(repr=False)
+    mode: PskKeyExchangeMode
+    authenticated: float  # when the certificate signature of this session chain was made
+
+
 class TLSServer:
     """One server-side TLS 1.3 handshake. See the module docstring for the contract."""
 
@@ -185,6 +213,8 @@ class TLSServer:
         self._key_schedule: KeySchedule | None = None
         self._negotiated: _Negotiated | None = None
         self._first_hello: messages.ClientHello | None = None
+        self._psk: _Psk | None = None
+        self._client_psk_modes: tuple[int, ...] = ()  # the final ClientHello's (§4.2.9)
         self._retry_group: Group | None = None
         self._retry_cookie: bytes | None = None
         self._client_random = b""
@@ -253,7 +283,7 @@ class TLSServer:
         if self.state is not State.CONNECTED:
             raise LocalProtocolError(f"no handoff in state {self.state.name}")
         negotiated, read, write = self._negotiated, self._read_protection, self._write_protection
-        assert negotiated and negotiated.group and read and write
+        assert negotiated and read and write
         plaintext = bytearray()
         offset = 0
         if drain:
@@ -450,9 +480,12 @@ class TLSServer:
         self._negotiated = negotiated
         self._client_random = hello.random
         self._key_schedule = KeySchedule(negotiated.cipher_suite)
+        self._psk = self._select_psk(hello, raw)  # before the hello enters the transcript
+        self._client_psk_modes = hello.psk_key_exchange_modes or ()
         self._add_to_transcript(raw)
-        share = self._select_key_share(hello)
-        if share is None:
+        psk_ke = self._psk is not None and self._psk.mode is PskKeyExchangeMode.PSK_KE
+        share = None if psk_ke else self._select_key_share(hello)  # §4.2.9 psk_ke: no (EC)DHE
+        if share is None and not psk_ke:
             return self._send_hello_retry_request(hello)
         if hello.has(ExtensionType.EARLY_DATA):
             self._early_data_skip = MAX_EARLY_DATA_SKIP
@@ -470,6 +503,11 @@ class TLSServer:
         if negotiated.cipher_suite is not self._negotiated.cipher_suite:
             raise AlertIllegalParameter("second ClientHello changed the negotiated cipher suite")
         self._negotiated = negotiated
+        # §4.1.4/§4.2.11.2: the binders of the second hello cover the HelloRetryRequest too.
+        self._psk = self._select_psk(hello, raw)
+        self._client_psk_modes = hello.psk_key_exchange_modes or ()
+        if self._psk is not None and self._psk.mode is PskKeyExchangeMode.PSK_KE:
+            self._psk = None  # after an HRR the (EC)DHE is under way: a full handshake
         self._add_to_transcript(raw)
         shares = hello.key_shares or ()
         if len(shares) != 1 or shares[0].group != self._retry_group:
@@ -480,7 +518,7 @@ class TLSServer:
         return self._send_server_flight(hello, shares[0])
 
     def _check_client_hello(self, hello: messages.ClientHello) -> None:
-        """The RFC's MUSTs for a ClientHello that tlslite's parser does not enforce."""
+        """The RFC's MUSTs for a ClientHello that its parser (messages.py) does not enforce."""
         if len(set(hello.extension_types)) != len(hello.extension_types):
             raise AlertIllegalParameter("duplicate extension in ClientHello (§4.2)")
         for ext in NOT_IN_CLIENT_HELLO:
@@ -580,6 +618,44 @@ class TLSServer:
             record_size_limit=hello.record_size_limit,
         )
 
+    def _select_psk(self, hello: messages.ClientHello, raw: bytes) -> _Psk | None:
+        """The ticket PSK to resume with (binder verified), or None for a full handshake."""
+        config = self.config.tickets
+        if config is None or not hello.has(ExtensionType.PRE_SHARED_KEY):
+            return None
+        assert self._negotiated is not None and self._key_schedule is not None
+        offered = messages.parse_pre_shared_key(dict(hello.extensions)[ExtensionType.PRE_SHARED_KEY])
+        if len(offered.identities) != len(offered.binders):
+            raise AlertIllegalParameter("pre_shared_key: as many binders as identities are required (§4.2.11)")
+        modes = hello.psk_key_exchange_modes or ()
+        # §4.2.9: only a mode the client listed and we allow; psk_dhe_ke first.
+        mode = next((m for m in (PskKeyExchangeMode.PSK_DHE_KE, PskKeyExchangeMode.PSK_KE)
+                     if m in modes and m in config.psk_modes), None)
+        if mode is None:
+            return None
+        suite = self._negotiated.cipher_suite
+        now = config.clock()
+        for index, offer in enumerate(offered.identities[:MAX_PSK_IDENTITIES_TRIED]):
+            state = tickets_mod.unseal(config.keyring, offer.identity, now)
+            if state is None or not self._may_resume(state):
+                continue
+            # The one PSK we select: its binder, and nothing else, is checked before we use it.
+            truncated = self._key_schedule.transcript.copy()
+            truncated.update(raw[: len(raw) - offered.binders_size])
+            expected = psk_binder(suite, state.psk, truncated.digest())
+            if not hmac.compare_digest(offered.binders[index], expected):
+                raise AlertDecryptError("the binder of the selected PSK does not verify (§4.2.11)")
+            return _Psk(index, state.psk, mode, state.authenticated)
+        return None
+
+    def _may_resume(self, state: TicketState) -> bool:
+        """§4.6.1: only with a suite of the same KDF hash; §4.2.11 and RFC 6066 §3: only for the
+        server name the session was established for."""
+        negotiated = self._negotiated
+        assert negotiated is not None
+        same_hash = SUITES[state.cipher_suite].hash_name == SUITES[negotiated.cipher_suite].hash_name
+        return same_hash and state.server_name == negotiated.server_name
+
     def _select_key_share(self, hello: messages.ClientHello) -> messages.KeyShareEntry | None:
         """The client's share for our most preferred group it sent one for, or None (→ HRR)."""
         shares = {s.group: s for s in hello.key_shares or ()}
@@ -617,12 +693,17 @@ class TLSServer:
         return State.START_AFTER_RETRY
 
     # -- the server flight (§4.1.3, §4.3, §4.4) --------------------------------------------------
-    def _send_server_flight(self, hello: messages.ClientHello, share: messages.KeyShareEntry) -> State:
-        negotiated, schedule = self._negotiated, self._key_schedule
+    def _send_server_flight(self, hello: messages.ClientHello, share: messages.KeyShareEntry | None) -> State:
+        """``share`` None: psk_ke resumption (no (EC)DHE, no key_share in the ServerHello)."""
+        negotiated, schedule, psk = self._negotiated, self._key_schedule, self._psk
         assert negotiated and schedule and negotiated.credential and negotiated.scheme
-        negotiated.group = Group(share.group)
-        exchange = self.config.key_exchange(negotiated.group)
-        shared_secret = exchange.exchange(share.key_exchange)
+        assert share is not None or (psk is not None and psk.mode is PskKeyExchangeMode.PSK_KE)
+        shared_secret: bytes | None = None
+        exchange: KeyExchange | None = None
+        if share is not None:
+            negotiated.group = Group(share.group)
+            exchange = self.config.key_exchange(negotiated.group)
+            shared_secret = exchange.exchange(share.key_exchange)
         suite = negotiated.cipher_suite
 
         server_hello = messages.server_hello(
@@ -630,15 +711,16 @@ class TLSServer:
             legacy_session_id=hello.legacy_session_id,
             cipher_suite=suite,
             group=negotiated.group,
-            key_exchange=exchange.public_bytes(),
+            key_exchange=exchange.public_bytes() if exchange is not None else None,
+            selected_identity=psk.index if psk is not None else None,
         )
         self._add_to_transcript(server_hello)
         self._send_plaintext(ContentType.HANDSHAKE, server_hello)
         if hello.legacy_session_id and self._first_hello is None:  # compat mode: CCS once
             self._send_plaintext(ContentType.CHANGE_CIPHER_SPEC, b"\x01")
 
-        schedule.extract(None)  # Early Secret (no PSK)
-        schedule.extract(shared_secret)  # Handshake Secret
+        schedule.extract(psk.secret if psk is not None else None)  # Early Secret
+        schedule.extract(shared_secret)  # Handshake Secret (psk_ke: zeros, §7.1)
         client_hs = schedule.derive_secret(b"c hs traffic")
         server_hs = schedule.derive_secret(b"s hs traffic")
         self._keylog("CLIENT_HANDSHAKE_TRAFFIC_SECRET", client_hs)
@@ -662,13 +744,14 @@ class TLSServer:
                 alpn_protocol=negotiated.alpn_protocol.encode() if negotiated.alpn_protocol else None,
             )
         )
-        add(messages.certificate(negotiated.credential.chain))
-        signature = self.config.signer(
-            negotiated.credential,
-            negotiated.scheme,
-            schedule.certificate_verify_data(SERVER_CERTIFICATE_VERIFY_CONTEXT),
-        )
-        add(messages.certificate_verify(scheme=negotiated.scheme, signature=signature))
+        if psk is None:  # resumed: the PSK authenticates us (§2.2)
+            add(messages.certificate(negotiated.credential.chain))
+            signature = self.config.signer(
+                negotiated.credential,
+                negotiated.scheme,
+                schedule.certificate_verify_data(SERVER_CERTIFICATE_VERIFY_CONTEXT),
+            )
+            add(messages.certificate_verify(scheme=negotiated.scheme, signature=signature))
         add(messages.finished(schedule.finished_verify_data(server_hs)))
         self._send_encrypted(ContentType.HANDSHAKE, bytes(flight))
 
@@ -691,7 +774,7 @@ class TLSServer:
     # -- client Finished (§4.4.4) ----------------------------------------------------------------
     def _handle_finished(self, raw: bytes) -> State:
         schedule, negotiated = self._key_schedule, self._negotiated
-        assert schedule and negotiated and negotiated.group and negotiated.scheme
+        assert schedule and negotiated and negotiated.scheme
         expected = schedule.finished_verify_data(self._client_handshake_secret)
         if len(raw) - 4 != len(expected):
             raise AlertDecodeError("Finished of the wrong length")
@@ -702,20 +785,62 @@ class TLSServer:
         self._read_protection = RecordProtection.from_secret(
             negotiated.cipher_suite, self._client_application_secret
         )
-        for ticket in self.config.new_session_tickets():
+        tickets = self.config.new_session_tickets() or self._new_session_tickets()
+        for ticket in tickets:
             # Sealed under the server application key: each one advances the write rec_seq.
             self._send_encrypted(ContentType.HANDSHAKE, ticket)
         self._events.append(
             HandshakeComplete(
                 cipher_suite=negotiated.cipher_suite,
                 group=negotiated.group,
-                signature_scheme=negotiated.scheme,
+                signature_scheme=negotiated.scheme if self._psk is None else None,
                 server_name=negotiated.server_name,
                 alpn_protocol=negotiated.alpn_protocol,
                 hello_retry=self._first_hello is not None,
+                resumed=self._psk is not None,
+                tickets_sent=len(tickets),
             )
         )
         return State.CONNECTED
+
+    def _new_session_tickets(self) -> tuple[bytes, ...]:
+        """Our NewSessionTickets (§4.6.1), from resumption_master_secret (transcript through the
+        client Finished, §7.1)."""
+        config, schedule, negotiated = self.config.tickets, self._key_schedule, self._negotiated
+        if config is None or config.count == 0:
+            return ()
+        if not config.psk_modes.intersection(self._client_psk_modes):
+            # §4.2.9: "Servers SHOULD NOT send NewSessionTicket with tickets that are not
+            # compatible with the advertised modes" (none advertised: no resumption at all).
+            return ()
+        assert schedule is not None and negotiated is not None
+        resumption_master_secret = schedule.derive_secret(b"res master")
+        now = config.clock()
+        authenticated = self._psk.authenticated if self._psk is not None else now
+        lifetime = tickets_mod.lifetime_for(now, authenticated, config.keyring.lifetime)
+        if lifetime == 0:
+            return ()
+        out = []
+        for n in range(config.count):
+            nonce = n.to_bytes(1, "big")  # ticket_nonce: unique per ticket of this connection
+            state = TicketState(
+                cipher_suite=negotiated.cipher_suite,
+                issued=now,
+                lifetime=lifetime,
+                ticket_age_add=int.from_bytes(config.random_bytes(4), "big"),
+                psk=resumption_psk(negotiated.cipher_suite, resumption_master_secret, nonce),
+                server_name=negotiated.server_name,
+                alpn_protocol=negotiated.alpn_protocol,
+                authenticated=authenticated,
+            )
+            try:
+                key = config.keyring.sealing_key(now)
+            except TicketKeyExhausted:
+                break
+            ticket = tickets_mod.seal(key, state, config.random_bytes)
+            out.append(messages.new_session_ticket(
+                lifetime=lifetime, age_add=state.ticket_age_add, nonce=nonce, ticket=ticket))
+        return tuple(out)
 
 
 class _PeerClosed(Exception):

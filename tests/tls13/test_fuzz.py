@@ -207,3 +207,47 @@ def test_parse_client_hello_known_errors() -> None:
         messages.parse_client_hello(_hello_body_with(ExtensionType.APPLICATION_LAYER_PROTOCOL_NEGOTIATION, u16(b"\x00")))
     with pytest.raises(AlertIllegalParameter):
         messages.parse_client_hello(_hello_body_with(ExtensionType.SERVER_NAME, u16(b"\x01" + u16(b"x"))))
+
+
+def _outcome(parse, body: bytes):  # type: ignore[no-untyped-def]
+    try:
+        return parse(body)
+    except (AlertDecodeError, AlertIllegalParameter) as exc:
+        return type(exc)
+
+
+def test_parse_client_hello_agrees_with_tlslite() -> None:
+    """The direct parser (the handshake path) against tlslite-ng's (the reference): on every
+    input tlslite accepts, the same ClientHello, or a refusal the RFC asks for and tlslite
+    misses (a legacy_session_id over 32 bytes). The direct parser may accept what tlslite
+    refuses only in extensions the engine never reads (their bytes stay raw)."""
+    rng = random.Random(SEED + 1)
+    corpus = [BODY, *(mutate(rng, BODY) for _ in range(3000)), *(BODY[:n] for n in range(len(BODY)))]
+    corpus += [_hello_body_with(t, g) for t in EXTENSION_TYPES for g in GARBAGE]
+    both, lenient = 0, 0
+    for body in corpus:
+        ours, reference = _outcome(messages.parse_client_hello, body), _outcome(messages.parse_client_hello_tlslite, body)
+        if isinstance(reference, messages.ClientHello):
+            if isinstance(ours, messages.ClientHello):
+                assert ours == reference, body.hex()
+                both += 1
+            else:
+                assert ours is AlertDecodeError and len(reference.legacy_session_id) > 32, body.hex()
+        elif isinstance(ours, messages.ClientHello):
+            lenient += 1
+            if len(set(ours.extension_types)) != len(ours.extension_types):
+                continue  # a duplicate extension: the engine refuses the hello (illegal_parameter)
+            # tlslite refused an extension the engine does not read: without those, it agrees.
+            kept = tuple((t, d) for t, d in ours.extensions if t in messages._EXTENSION_PARSERS)
+            again = messages.parse_client_hello_tlslite(_encode(ours, kept))
+            assert again == messages.parse_client_hello(_encode(ours, kept)), body.hex()
+        else:
+            assert ours is reference or {ours, reference} <= {AlertDecodeError, AlertIllegalParameter}
+    assert both > 100 and lenient > 0
+
+
+def _encode(hello: messages.ClientHello, exts: tuple[tuple[int, bytes], ...]) -> bytes:
+    ext_bytes = b"".join(t.to_bytes(2, "big") + u16(d) for t, d in exts)
+    return (hello.legacy_version.to_bytes(2, "big") + hello.random + bytes([len(hello.legacy_session_id)])
+            + hello.legacy_session_id + u16(b"".join(c.to_bytes(2, "big") for c in hello.cipher_suites))
+            + bytes([len(hello.legacy_compression_methods)]) + bytes(hello.legacy_compression_methods) + u16(ext_bytes))

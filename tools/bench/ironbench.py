@@ -521,7 +521,8 @@ def start_peer(name: str, backend_port: int, s: Settings) -> Contender:
         argv = [sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0",
                 "--backend", f"127.0.0.1:{backend_port}", "--cert", str(CERT), "--key", str(KEY),
                 "--ciphers", SUITE, "--groups", "x25519", "--log-level", "warning",
-                "--max-connections", "30000", "--idle-timeout", "0", "--handshake-timeout", "60"]
+                "--max-connections", "30000", "--idle-timeout", "0", "--handshake-timeout", "60",
+                "--tickets", "0"]  # the peers are configured without tickets too (no-tls-tickets, off)
         c.proc = spawn(argv, logf)
         deadline = time.monotonic() + s.startup_timeout
         while True:
