@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 from pathlib import Path
 from typing import Annotated, Optional
@@ -124,6 +123,7 @@ def serve(
     max_connections: Annotated[int, typer.Option(metavar="N", help="Connections served at once; more wait in the listen backlog.")] = 10_000,
     keylog: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write TLS secrets in NSS key log format to this file (created 0600; a symlink, or a file of another user or readable by others, is refused). Only for debugging.")] = None,
     log_level: Annotated[str, typer.Option(metavar="LEVEL", help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[Optional[str], typer.Option(metavar="text|logfmt|json", help="Log line format: text (for people; the default), logfmt or json (one object per line). Timestamps are ISO 8601 UTC. With --config, overrides its log_format.")] = None,
     # -- config file and admin endpoint (ironsocket.launch / ironsocket.admin) --
     config_file: Annotated[Optional[Path], typer.Option("--config", metavar="FILE", help=CONFIG_HELP)] = None,
     admin: Annotated[Optional[str], typer.Option(metavar="HOST:PORT|PATH", help="Admin HTTP endpoint (/healthz, /connections, /metrics): HOST:PORT on loopback, or a unix socket path. Off by default.")] = None,
@@ -141,13 +141,19 @@ def serve(
     kept), SIGUSR2 upgrade, SIGTERM/SIGINT graceful stop (--drain-timeout), SIGQUIT fast stop."""
     if log_level.lower() not in LOG_LEVELS:
         _fail(f"--log-level {log_level!r}: not a log level; choose from {', '.join(LOG_LEVELS)}")
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from . import logs
+
+    try:
+        fmt = logs.parse_format(log_format) if log_format is not None else logs.LogFormat.TEXT
+    except ValueError as exc:
+        _fail(f"--log-format {exc}")
+    logs.setup(log_level, fmt)  # every line from here on goes through logging, in this format
     # -- config file (ironsocket.launch): every listener of the file, optional admin --
     if config_file is not None:
         from .launch import serve_config_file
 
-        raise typer.Exit(serve_config_file(config_file, admin=admin, admin_allow_remote=admin_allow_remote))
+        raise typer.Exit(serve_config_file(config_file, admin=admin, admin_allow_remote=admin_allow_remote,
+                                           log_format=fmt if log_format is not None else None))
     from .tls13.server import DEFAULT_CIPHER_SUITES, DEFAULT_GROUPS, ServerConfig
 
     cert, key = cert or [], key or []
@@ -157,7 +163,7 @@ def serve(
 
     for key_file in key:
         if (warning := key_file_warning(key_file)) is not None:
-            typer.echo(f"ironsocket: warning: {warning}", err=True)
+            log.warning("%s", warning)
     try:
         if cert:
             credentials = tuple(load_credential(c, k) for c, k in zip(cert, key))
@@ -165,7 +171,7 @@ def serve(
             from .selfsigned import self_signed_credential
 
             credentials = (self_signed_credential(),)
-            typer.echo("ironsocket: no --cert given: using a generated self-signed certificate for localhost", err=True)
+            log.info("no --cert given: using a generated self-signed certificate for localhost")
         store = CertificateStore(credentials)
     except CredentialError as exc:
         _fail(str(exc))
@@ -212,7 +218,7 @@ def serve(
                   "control socket (ironsocket upgrade / inspect-keys --pid PID) and --admin is not supported yet")
         from .workers import main_argv, supervise, worker_argv
 
-        typer.echo(f"ironsocket: {workers} workers on {listen_addr[0]}:{listen_addr[1]} (SO_REUSEPORT)", err=True)
+        log.info("%d workers on %s:%d (SO_REUSEPORT)", workers, *listen_addr)
         raise typer.Exit(supervise(workers, worker_argv(main_argv())))
     from .admin import AdminError
     from .control import ControlError
@@ -228,11 +234,13 @@ def serve(
         _fail(explain_startup_error(str(exc)))
     server = runtime.server
     assert server is not None and runtime.control is not None
-    typer.echo(f"ironsocket: control socket {runtime.control.path} (ironsocket inspect-keys / upgrade --pid {os.getpid()})", err=True)
+    log.info("control socket %s (ironsocket inspect-keys / upgrade --pid %d)", runtime.control.path, os.getpid())
     host, port = server.address
-    typer.echo(f"ironsocket: serving TLS 1.3 on {host}:{port}, record layer: {server.record_layer}", err=True)
+    backend_host, backend_port = server.config.backend
+    log.info("serving TLS 1.3 on %s:%d, record layer: %s, backend %s:%d", host, port, server.record_layer,
+             backend_host, backend_port)
     if runtime.demo:
-        typer.echo(f"ironsocket: try: curl -k https://{host}:{port}/", err=True)
+        log.info("try: curl -k https://%s:%d/", host, port)
     runtime.run()
 
 

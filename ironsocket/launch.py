@@ -16,9 +16,10 @@ from pathlib import Path
 
 import typer
 
-from . import sdnotify
+from . import logs, sdnotify
 from .admin import AdminError, AdminServer, parse_admin
 from .config import ConfigError, load_file
+from .logs import LogFormat
 from .server import ProxyServer, StartupError
 
 log = logging.getLogger("ironsocket")
@@ -55,8 +56,7 @@ def start_admin(spec: str | None, servers: Sequence[ProxyServer], allow_remote: 
     if listen is None and unix is None:
         return None
     admin = AdminServer(servers, listen=listen, unix=unix, allow_remote=allow_remote, fd=fd)
-    admin.start()
-    typer.echo(f"ironsocket: admin endpoint on {admin.address}", err=True)
+    admin.start()  # it logs "admin endpoint on ..."
     return admin
 
 
@@ -85,15 +85,14 @@ def admin_fd_matches(spec: str | None, fd: int) -> bool:
 
 
 def serve_config_file(path: Path, *, admin: str | None = None, admin_allow_remote: bool = False,
-                      stop: threading.Event | None = None) -> int:
-    """Run every listener of ``path`` until SIGTERM/SIGINT (or ``stop``); the exit code."""
+                      stop: threading.Event | None = None, log_format: LogFormat | None = None) -> int:
+    """Run every listener of ``path`` until SIGTERM/SIGINT (or ``stop``); the exit code.
+    ``log_format``: ``--log-format`` if given (it wins over the file's ``log_format``)."""
     try:
         fc = load_file(path)
     except ConfigError as exc:
         return _fail(str(exc))
-    for warning in fc.warnings:
-        typer.echo(f"ironsocket: warning: {warning}", err=True)
-    logging.getLogger().setLevel(getattr(logging, fc.log_level.upper(), logging.INFO))
+    logs.setup(fc.log_level, log_format or fc.log_format)
     for warning in fc.warnings:
         log.warning("%s", warning)
     servers: list[ProxyServer] = []
@@ -105,8 +104,8 @@ def serve_config_file(path: Path, *, admin: str | None = None, admin_allow_remot
             server.start()
             servers.append(server)
             host, port = server.address
-            typer.echo(f"ironsocket: serving TLS 1.3 on {host}:{port} ({config.name}), "
-                       f"record layer: {server.record_layer}", err=True)
+            log.info("serving TLS 1.3 on %s:%d (%s), record layer: %s, backend %s:%d", host, port, config.name,
+                     server.record_layer, *config.backend)
         if admin:
             admin_server = start_admin(admin, servers, admin_allow_remote)
         elif fc.admin is not None:
@@ -128,7 +127,7 @@ def serve_config_file(path: Path, *, admin: str | None = None, admin_allow_remot
             log.warning("%s: reload/upgrade is not supported with --config yet (restart the service to apply "
                         "changes); ignored, still serving", refused.pop(0))
     sdnotify.stopping()
-    typer.echo("ironsocket: stopping", err=True)
+    log.info("stopping")
     if admin_server is not None:
         admin_server.stop()
     for server in servers:

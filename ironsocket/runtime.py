@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import sdnotify, upgrade
+from .counters import PROCESS
 from .server import ProxyConfig, ProxyServer
 
 log = logging.getLogger("ironsocket")
@@ -150,7 +151,7 @@ class Runtime:
         self.demo.start()
         self.config = dataclasses.replace(self.config, backend=self.demo.address)
         if doc is None:
-            self.say(f"ironsocket: no --backend given: built-in demo backend on {self.demo.address[0]}:{self.demo.address[1]}")
+            log.info("no --backend given: built-in demo backend on %s:%d", *self.demo.address)
 
     def _start_proxy(self, doc: dict[str, Any] | None) -> None:
         self.server = ProxyServer(self.config)
@@ -219,6 +220,7 @@ class Runtime:
         moving = resume.resumed.resumed_at if resume.resumed is not None else time.time()
         pause_ms = (moving - doc["created"]) * 1000
         failed = os.environ.pop(upgrade.ENV_FAILED, None)
+        PROCESS.count("rolled_back" if failed else "done")  # admin /metrics (carried in the document)
         n = len(doc["connections"])
         log.info("upgrade: restored %d connections in pid %d", n, os.getpid())
         log.info("upgrade: resumed after %.1f ms (start-up complete after %.1f ms)", pause_ms,
@@ -280,6 +282,7 @@ class Runtime:
             if not isinstance(exc, upgrade.UpgradeError):
                 log.debug("upgrade: unexpected error", exc_info=True)  # the traceback at --log-level debug
                 exc = upgrade.UpgradeError(f"{type(exc).__name__}: {exc}")
+            PROCESS.count("refused")  # admin /metrics
             if reason == "reload":
                 log.error("reload refused: %s; still serving with the current program and certificates", exc)
             else:
@@ -384,7 +387,6 @@ class Runtime:
     def shutdown(self, *, fast: bool = False, why: str = "") -> None:
         """Graceful (drain, logging progress every second) or fast (close_notify now) stop.
         A SIGQUIT while draining turns a graceful stop into a fast one."""
-        self.say("ironsocket: stopping")
         server = self.server
         drain = 0.0 if fast or server is None else server.config.drain_timeout
         n = len(server.connections) if server else 0

@@ -22,6 +22,7 @@ import enum
 import itertools
 import logging
 import os
+import re
 import select
 import socket
 import threading
@@ -30,8 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import backend as backend_mod
-from .backend import Routes
+from .backend import BackendHealth, Routes
 from . import ktls
+from .counters import PROCESS, Histogram
+from .logs import fields
 from .engine import Engine
 from .relay import ClientChannel, KtlsChannel, RecordMode, Relay, UserspaceChannel
 from .tls13.alerts import RemoteProtocolError
@@ -51,6 +54,10 @@ def _alert_label(exc: RemoteProtocolError) -> str:
     if exc.received is not None:
         return "received_" + getattr(exc.received, "name", str(exc.received))
     return "none"
+
+PLAIN_HTTP = "plain HTTP request on the TLS port"
+# A TLS record starts with a content type byte (20-24); an HTTP/1 request with a method in capitals.
+_HTTP_REQUEST = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH|CONNECT|TRACE|PRI) ")
 
 THREAD_STACK_SIZE = 256 * 1024  # relay threads hold a few frames; the default 8 MiB is waste
 
@@ -187,6 +194,7 @@ class ConnectionInfo:
     relay: Relay | None = None
     backend_addr: tuple[str, int] | None = None  # the backend chosen for this connection (admin)
     closed: bool = False  # relay done, bytes counted in ProxyServer.bytes_closed (admin)
+    route: str | None = None  # the route that chose the backend (backend.select_route), for the logs
 
 
 def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -229,6 +237,8 @@ class ProxyServer:
         self.handshakes_failed = 0
         self.handshake_failures: dict[str, int] = {}  # by alert name (admin /metrics)
         self.bytes_closed = [0, 0]  # [from client, to client] of closed connections (admin /metrics)
+        self.backend_health = BackendHealth()  # connect failures by reason, /healthz (admin)
+        self.handshake_seconds = Histogram()  # completed handshakes' durations (admin /metrics)
         self.control = PauseControl()  # the accept loop's safe points
         self.engine = Engine(config.relay_loops)  # every relay's pumps
         self._handshaking = 0
@@ -243,6 +253,14 @@ class ProxyServer:
     def address(self) -> tuple[str, int]:
         assert self._listener is not None
         return self._listener.getsockname()[:2]
+
+    @property
+    def listener_name(self) -> str:
+        """The listener's name (config), else its HOST:PORT (for the logs and the admin endpoint)."""
+        if self.config.name:
+            return self.config.name
+        host, port = self._listener.getsockname()[:2] if self._listener is not None else self.config.listen
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     @property
     def record_layer(self) -> str:
@@ -276,8 +294,7 @@ class ProxyServer:
         self.control.enter()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="is-accept", daemon=True)
         self._accept_thread.start()
-        log.info("listening on %s:%d → backend %s:%d; record layer: %s",
-                 *self.address, *self.config.backend, self.record_layer)
+        log.debug("accepting on %s:%d", *self.address)  # the caller logs "serving TLS 1.3 on ..."
 
     def stop(self, deadline: float = 5.0, drain: float | None = None) -> None:
         """Graceful stop: close the listener, let connections finish on their own for ``drain``
@@ -324,7 +341,7 @@ class ProxyServer:
             done = self._handshake_cond.wait_for(lambda: self._handshaking == 0, handshake_deadline)
             cut = [] if done else list(self._in_handshake.items())
         for conn_id, sock in cut:
-            log.info("conn=%d handshake cut: not finished when the upgrade began", conn_id)
+            log.info("handshake cut: not finished when the upgrade began", extra=fields(conn=conn_id, pid=os.getpid()))
             _shutdown_quietly(sock)  # its thread sees EOF/an error and ends
         if cut:
             with self._lock:
@@ -361,7 +378,10 @@ class ProxyServer:
             "next_conn_id": next(self._ids),
             "connections": [connection_doc(info) for info in live],
             "counters": {"handshakes_ok": self.handshakes_ok, "handshakes_failed": self.handshakes_failed,
-                         "handshake_failures": self.handshake_failures, "bytes_closed": self.bytes_closed},
+                         "handshake_failures": self.handshake_failures, "bytes_closed": self.bytes_closed,
+                         "backend_failures": self.backend_health.failure_counts(),
+                         "handshake_seconds": self.handshake_seconds.to_doc(),
+                         "upgrades": PROCESS.to_doc()},
         }
 
     def adopt(self, doc: dict) -> None:
@@ -403,6 +423,9 @@ class ProxyServer:
         self.handshakes_failed = counters.get("handshakes_failed", 0)
         self.handshake_failures = dict(counters.get("handshake_failures", {}))
         self.bytes_closed = list(counters.get("bytes_closed", [0, 0]))
+        self.backend_health = BackendHealth(counters.get("backend_failures"))
+        self.handshake_seconds.restore(counters.get("handshake_seconds"))
+        PROCESS.restore(counters.get("upgrades"))
         self.adopted = True
 
     def _adopt_running(self, early: Any) -> None:
@@ -424,6 +447,8 @@ class ProxyServer:
 
     def _register(self, info: ConnectionInfo, relay: Relay) -> None:
         self._slots.acquire(blocking=False)
+        if info.route is None:  # carried over exec: the route by this program's configuration
+            info.route = backend_mod.select_route(self.config, info.server_name)[0]
         info.relay = relay
         info.backend_local_addr = relay.backend.getsockname()[:2]
         with self._lock:
@@ -478,7 +503,7 @@ class ProxyServer:
                     self._slots.release()
                     if self._stopping.is_set():
                         return
-                    log.warning("accept failed: %s", exc)
+                    log.warning("accept failed: %s", exc, extra=fields(listener=self.listener_name))
                     time.sleep(0.05)
                     continue
                 sock.setblocking(True)
@@ -507,31 +532,37 @@ class ProxyServer:
             if not self._handshake(sock, engine, info):
                 return
             handoff = engine.handoff(drain=not self.use_ktls)
+            # -- backend connect: ironsocket.backend (SNI routes, PROXY protocol, transparent) --
+            info.route, spec = backend_mod.select_route(self.config, info.server_name)
+            info.backend_addr = spec.address
             try:
-                # -- backend connect: ironsocket.backend (SNI routes, PROXY protocol, transparent) --
-                spec = backend_mod.select(self.config, info.server_name)
-                info.backend_addr = spec.address
                 backend = backend_mod.connect(spec, client_addr=info.client_addr, local_addr=sock.getsockname()[:2],
                                               server_name=info.server_name, alpn=info.alpn_protocol,
                                               cipher=info.cipher_suite)
             except OSError as exc:
-                log.warning("conn=%d backend %s:%d unreachable: %s", info.conn_id, *spec.address, exc)
+                self.backend_health.failed(spec.address, exc)
+                log.warning("backend unreachable", extra=fields(
+                    conn=info.conn_id, pid=os.getpid(), listener=self.listener_name, route=info.route,
+                    client=info.client_addr, sni=info.server_name, backend=spec.address,
+                    reason=backend_mod.failure_reason(exc), error=backend_mod.describe_error(exc)))
                 self._alert_after_handshake(sock, handoff, AlertDescription.internal_error)
                 return
+            self.backend_health.succeeded(spec.address)
             backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             info.backend_local_addr = backend.getsockname()[:2]
             channel = self._client_channel(sock, handoff, info)
             info.mode = channel.mode
-            log.info("conn=%d open client=%s:%d sni=%s alpn=%s suite=%s group=%s mode=%s",
-                     info.conn_id, *info.client_addr, info.server_name, info.alpn_protocol,
-                     info.cipher_suite, info.group, info.mode.value)
+            log.info("open", extra=fields(
+                conn=info.conn_id, pid=os.getpid(), listener=self.listener_name, route=info.route,
+                client=info.client_addr, sni=info.server_name, alpn=info.alpn_protocol, suite=info.cipher_suite,
+                group=info.group, mode=info.mode, backend=spec.address))
             relay = Relay(info.conn_id, channel, backend, engine=self.engine,
                           idle_timeout=self.config.idle_timeout)
             info.relay = relay
             relay_started = True
             self._start_relay(info, relay)  # from here the relay owns the sockets and the slot
         except Exception:  # noqa: BLE001 - a bug must cost one connection, not the server
-            log.exception("conn=%d internal error", info.conn_id)
+            log.exception("internal error", extra=fields(conn=info.conn_id, pid=os.getpid()))
         finally:
             with self._lock:
                 if not relay_started:
@@ -547,8 +578,10 @@ class ProxyServer:
                 self._slots.release()
 
     def _handshake(self, sock: socket.socket, engine: TLSServer, info: ConnectionInfo) -> bool:
-        deadline = time.monotonic() + self.config.handshake_timeout
+        began = time.monotonic()
+        deadline = began + self.config.handshake_timeout
         exact_reads = self.use_ktls
+        first: bytes | None = None  # the client's first bytes: a plain HTTP request is named as such
         buf = bytearray(16 * 1024)
         view = memoryview(buf)
         while True:
@@ -562,6 +595,8 @@ class ProxyServer:
                 return self._handshake_failed(info, f"handshake timeout ({self.config.handshake_timeout:g}s)")
             except OSError as exc:
                 return self._handshake_failed(info, f"client socket error: {exc}")
+            if first is None:
+                first = bytes(view[:n])
             engine.receive_data(bytes(view[:n]))
             try:
                 while (event := engine.next_event()) is not NEED_DATA:
@@ -573,10 +608,12 @@ class ProxyServer:
                         info.alpn_protocol = event.alpn_protocol
                         self._send(sock, engine.data_to_send())
                         self.handshakes_ok += 1
+                        self.handshake_seconds.observe(time.monotonic() - began)
                         return True
             except RemoteProtocolError as exc:
                 self._send(sock, engine.data_to_send())
-                return self._handshake_failed(info, str(exc), alert=_alert_label(exc))
+                reason = PLAIN_HTTP if first is not None and _HTTP_REQUEST.match(first) else str(exc)
+                return self._handshake_failed(info, reason, alert=_alert_label(exc))
             if not self._send(sock, engine.data_to_send()):
                 return self._handshake_failed(info, "client went away")
 
@@ -593,7 +630,9 @@ class ProxyServer:
     def _handshake_failed(self, info: ConnectionInfo, reason: str, alert: str = "none") -> bool:
         self.handshakes_failed += 1
         self.handshake_failures[alert] = self.handshake_failures.get(alert, 0) + 1
-        log.info("conn=%d handshake failed client=%s:%d: %s", info.conn_id, *info.client_addr, reason)
+        log.info("handshake failed", extra=fields(conn=info.conn_id, pid=os.getpid(), listener=self.listener_name,
+                                                  client=info.client_addr, sni=info.server_name, alert=alert,
+                                                  reason=reason))
         return False
 
     def _client_channel(self, sock: socket.socket, handoff: Handoff, info: ConnectionInfo) -> ClientChannel:
@@ -611,7 +650,8 @@ class ProxyServer:
                     raise  # TX is in the kernel already; we cannot go back to userspace
                 if self.config.ktls is KtlsMode.REQUIRE:
                     raise
-                log.warning("conn=%d kTLS install failed (%s); staying in userspace", info.conn_id, exc)
+                log.warning("kTLS install failed; staying in userspace",
+                            extra=fields(conn=info.conn_id, pid=os.getpid(), error=str(exc)))
         return UserspaceChannel(sock, Session(handoff))
 
     def _alert_after_handshake(self, sock: socket.socket, handoff: Handoff, description: AlertDescription) -> None:
@@ -625,9 +665,12 @@ class ProxyServer:
             self.bytes_closed[0] += s.bytes_from_client
             self.bytes_closed[1] += s.bytes_to_client
             info.closed = True
-        log.info("conn=%d close client=%s:%d bytes_in=%d bytes_out=%d duration=%.3fs reason=%s",
-                 info.conn_id, *info.client_addr, s.bytes_from_client, s.bytes_to_client,
-                 time.time() - s.started, s.close_reason)
+        # The access-log line: one per connection that reached the relay, in the chosen format.
+        log.info("close", extra=fields(
+            conn=info.conn_id, pid=os.getpid(), listener=self.listener_name, route=info.route,
+            client=info.client_addr, sni=info.server_name, backend=info.backend_addr,
+            bytes_in=s.bytes_from_client, bytes_out=s.bytes_to_client,
+            duration=round(time.time() - s.started, 3), reason=s.close_reason))
 
     def connection_for_backend_peer(self, addr: tuple[str, int]) -> ConnectionInfo | None:
         """The connection whose backend socket has local address ``addr`` (for the demo page)."""
