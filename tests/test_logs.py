@@ -208,9 +208,9 @@ def test_every_line_of_a_real_run_parses(fmt: str, tmp_path: Path, echo_backend:
 
 def test_config_log_format_key(tmp_path: Path, echo_backend: tuple[str, int]) -> None:
     cfg = tmp_path / "c.toml"
-    body = (f'\n[[listeners]]\nname = "edge"\nlisten = "127.0.0.1:0"\n'
-            f'backend = "{echo_backend[0]}:{echo_backend[1]}"\n'
-            f'[[listeners.certs]]\ncert = "{CERTS}/ecdsa-p256.pem"\nkey = "{CERTS}/ecdsa-p256.key"\n')
+    body = (f'\n[[listeners]]\nname = "edge"\nlisten = "127.0.0.1:0"\nbackend = "127.0.0.1:9"\n'
+            f'[[listeners.certs]]\ncert = "{CERTS}/ecdsa-p256.pem"\nkey = "{CERTS}/ecdsa-p256.key"\n'
+            f'[listeners.routes."localhost"]\nbackend = "{echo_backend[0]}:{echo_backend[1]}"\n')
     cfg.write_text('log_format = "yaml"\n' + body)
     out = subprocess.run([sys.executable, "-m", "ironsocket", "check", str(cfg)], capture_output=True, text=True,
                          cwd=ROOT, timeout=60)
@@ -221,7 +221,10 @@ def test_config_log_format_key(tmp_path: Path, echo_backend: tuple[str, int]) ->
                                  [sys.executable, "-m", "ironsocket", "serve", "--config", str(cfg)])
     recs = records("json", lines)
     closes = [r for r in recs if r["msg"] == "close"]
-    assert len(closes) == 2 and all(r["listener"] == "edge" for r in closes), lines
+    assert len(closes) == 2, lines
+    backend = f"{echo_backend[0]}:{echo_backend[1]}"
+    assert all((r["listener"], r["route"], r["backend"]) == ("edge", "localhost", backend) for r in closes), closes
+    assert sorted(r["bytes_in"] for r in closes) == [1234, 70_000]
 
 
 def test_bad_log_format_flag_is_refused_with_the_choices() -> None:
