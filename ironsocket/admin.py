@@ -74,6 +74,9 @@ def _label(value: object) -> str:
 
 
 def _listener_name(server) -> str:
+    name = getattr(server, "listener_name", None)  # a ProxyServer: the same label as in its log lines
+    if isinstance(name, str):
+        return name
     try:
         host, port = server.address
     except Exception:  # noqa: BLE001 - not started
