@@ -231,6 +231,7 @@ class ProxyServer:
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
+        self._listener_label: str | None = None  # listener_name, once the socket is bound
         self._accept_thread: threading.Thread | None = None
         self._threads: set[threading.Thread] = set()
         self.handshakes_ok = 0
@@ -259,8 +260,13 @@ class ProxyServer:
         """The listener's name (config), else its HOST:PORT (for the logs and the admin endpoint)."""
         if self.config.name:
             return self.config.name
-        host, port = self._listener.getsockname()[:2] if self._listener is not None else self.config.listen
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if self._listener_label is None:
+            if self._listener is None:  # not started: the configured address (port 0 stays 0)
+                host, port = self.config.listen
+                return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            host, port = self._listener.getsockname()[:2]  # once: the socket is closed at stop
+            self._listener_label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return self._listener_label
 
     @property
     def record_layer(self) -> str:
@@ -286,6 +292,7 @@ class ProxyServer:
                 raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
             self._listener = listener
         self._listener.setblocking(False)
+        _ = self.listener_name  # fixed now (bound): a closed listener has no name
         threading.stack_size(THREAD_STACK_SIZE)
         self.engine.start()
         for info, relay in self._adopted:  # no thread per connection: a registration each
