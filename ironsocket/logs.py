@@ -19,7 +19,8 @@ The formatter renders the same record in the chosen `LogFormat`:
 Timestamps are ISO 8601 in UTC with milliseconds and a ``Z``. A field whose value is None is
 left out (never ``sni=None``). An exception's traceback (only logged for bugs) stays on the
 line: in text it follows the line (Python's usual form), in logfmt/json it is one escaped
-``exc`` field, so every line still parses.
+``exc`` field, so every line still parses. `setup` also routes Python's warnings and threads'
+uncaught exceptions through the same handler.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import json
 import logging
 import re
 import sys
+import threading
 from collections.abc import Mapping
 from typing import IO
 
@@ -145,6 +147,16 @@ def setup(level: str = "info", fmt: LogFormat = LogFormat.TEXT, stream: IO[str] 
     handler._ironsocket = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    logging.captureWarnings(True)  # Python's warnings become log lines too (logger py.warnings)
+    threading.excepthook = _thread_exception  # so does a thread's uncaught exception (a bug)
+
+
+def _thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    exc_info = (args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
+    logging.getLogger("ironsocket").error("uncaught exception in thread %s", name, exc_info=exc_info)
 
 
 def parse_format(text: str) -> LogFormat:

@@ -233,3 +233,50 @@ def test_bad_log_format_flag_is_refused_with_the_choices() -> None:
     assert out.returncode == 2 and "Traceback" not in out.stderr
     [line] = out.stderr.strip().splitlines()
     assert line.startswith("ironsocket: error: --log-format 'yaml'") and "text, logfmt, json" in line, line
+
+
+@pytest.mark.parametrize("fmt", ["logfmt", "json"])
+def test_tracebacks_and_thread_crashes_stay_one_parseable_line(fmt: str) -> None:
+    """A bug's traceback (log.exception, a thread's uncaught exception, a warning) is one field
+    of one line in logfmt/json: a log shipper never sees a line that does not parse."""
+    import io
+    import logging
+    import threading
+    import warnings
+
+    from ironsocket import logs
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, threading.excepthook)
+    stream = io.StringIO()
+    try:
+        logs.setup("info", logs.LogFormat(fmt), stream=stream)
+        log = logging.getLogger("ironsocket")
+        try:
+            raise RuntimeError("boom\nsecond line")
+        except RuntimeError:
+            log.exception("internal error", extra=logs.fields(conn=7, sni="a b", alpn=None))
+
+        def crash() -> None:
+            raise ValueError("thread bug")
+        t = threading.Thread(target=crash, name="is-test")
+        t.start()
+        t.join(TIMEOUT)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")  # pytest makes warnings errors
+            warnings.warn("careful", UserWarning, stacklevel=1)
+    finally:
+        for handler in list(root.handlers):
+            if handler not in saved[0]:
+                root.removeHandler(handler)
+        root.setLevel(saved[1])
+        threading.excepthook = saved[2]
+        logging.captureWarnings(False)
+    lines = stream.getvalue().splitlines()
+    recs = records(fmt, lines)
+    assert len(recs) == 3, lines
+    first, thread, warned = recs
+    assert (first["msg"], str(first["conn"]), first["sni"], first["level"]) == ("internal error", "7", "a b", "error")
+    assert "alpn" not in first and "RuntimeError: boom\nsecond line" in first["exc"]
+    assert thread["msg"] == "uncaught exception in thread is-test" and "ValueError: thread bug" in thread["exc"]
+    assert warned["logger"] == "py.warnings" and "careful" in warned["msg"]
