@@ -454,8 +454,9 @@ class ProxyServer:
 
     def _register(self, info: ConnectionInfo, relay: Relay) -> None:
         self._slots.acquire(blocking=False)
-        if info.route is None:  # carried over exec: the route by this program's configuration
-            info.route = backend_mod.select_route(self.config, info.server_name)[0]
+        if info.route is None:  # carried over exec: the route by this program's configuration,
+            route, spec = backend_mod.select_route(self.config, info.server_name)
+            info.route = route if spec.address == info.backend_addr else "carried"  # unless a reload moved it
         info.relay = relay
         info.backend_local_addr = relay.backend.getsockname()[:2]
         with self._lock:
