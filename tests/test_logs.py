@@ -280,3 +280,41 @@ def test_tracebacks_and_thread_crashes_stay_one_parseable_line(fmt: str) -> None
     assert "alpn" not in first and "RuntimeError: boom\nsecond line" in first["exc"]
     assert thread["msg"] == "uncaught exception in thread is-test" and "ValueError: thread bug" in thread["exc"]
     assert warned["logger"] == "py.warnings" and "careful" in warned["msg"]
+
+
+def test_access_line_of_a_connection_carried_over_an_upgrade(tmp_path: Path, echo_backend: tuple[str, int]) -> None:
+    """logfmt through a real exec upgrade (`ironsocket upgrade --socket CTL`): both programs'
+    lines parse, the same pid, and the carried connection's one access line (written by the
+    new program) counts the bytes of both programs."""
+    from tests.test_upgrade import Server
+
+    server = Server(tmp_path, echo_backend[1], "--log-format", "logfmt")
+    try:
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+        with client_context().wrap_socket(raw, server_hostname="localhost") as tls:
+            me = "%s:%d" % tls.getsockname()[:2]
+
+            def round_trip(data: bytes) -> None:
+                tls.sendall(data)
+                got = bytearray()
+                while len(got) < len(data):
+                    chunk = tls.recv(65536)
+                    assert chunk, "EOF"
+                    got += chunk
+                assert bytes(got) == data
+
+            round_trip(b"1" * 3000)
+            result = server.upgrade()
+            assert result.returncode == 0, result.stderr
+            server.wait_for(r"upgrade: restored 1 connections")
+            round_trip(b"2" * 4000)
+            tls.unwrap()
+        server.wait_for(r"msg=close ")
+    finally:
+        server.close()
+    recs = records("logfmt", server.text().splitlines())
+    assert {r["pid"] for r in recs} == {str(server.proc.pid)}
+    [close] = [r for r in recs if r["msg"] == "close"]
+    assert (close["client"], close["bytes_in"], close["bytes_out"], close["route"], close["sni"]) == \
+           (me, "7000", "7000", "listener", "localhost"), close
+    assert sum(r["msg"].startswith("serving TLS 1.3 on") for r in recs) == 2  # one per program image
