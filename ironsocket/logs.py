@@ -9,7 +9,8 @@ The formatter renders the same record in the chosen `LogFormat`:
 
 - ``text`` (default, for people): ``2026-12-02T04:53:39.123Z INFO ironsocket: conn=3 close
   client=127.0.0.1:4242 sni=a.example ...``: the ``conn`` field (if any) leads the message, the
-  other fields follow as ``key=value`` with values unquoted;
+  other fields follow as ``key=value`` with values unquoted (a line break in a message or value
+  is written ``\\n``: one fact, one line);
 - ``logfmt``: ``ts=... level=info logger=ironsocket pid=77 msg=close conn=3 sni="a b" ...``:
   a value is bare when it is non-empty and has no space, ``"``, ``=`` or control character,
   else double-quoted with ``\\"``, ``\\\\`` and ``\\n`` escapes;
@@ -106,14 +107,21 @@ class _Formatter(logging.Formatter):
         return out
 
 
+def _one_line(text: str) -> str:
+    """A message or value that came with line breaks (a child's stderr in an upgrade error),
+    kept on its line: ``\\n`` for a newline."""
+    return text.replace("\r", "\\r").replace("\n", "\\n") if "\n" in text or "\r" in text else text
+
+
 class TextFormatter(_Formatter):
     """``TS LEVEL logger: [conn=N ]message key=value ...`` (the traceback, if any, after it)."""
 
     def format(self, record: logging.LogRecord) -> str:
         extra = dict(_record_fields(record))
-        lead = f"conn={_text(extra.pop('conn'))} " if "conn" in extra else ""
-        tail = "".join(f" {k}={_text(v)}" for k, v in extra.items())
-        line = f"{timestamp(record.created)} {record.levelname} {record.name}: {lead}{record.getMessage()}{tail}"
+        lead = f"conn={_one_line(_text(extra.pop('conn')))} " if "conn" in extra else ""
+        tail = "".join(f" {k}={_one_line(_text(v))}" for k, v in extra.items())
+        message = _one_line(record.getMessage())
+        line = f"{timestamp(record.created)} {record.levelname} {record.name}: {lead}{message}{tail}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

@@ -318,3 +318,30 @@ def test_access_line_of_a_connection_carried_over_an_upgrade(tmp_path: Path, ech
     assert (close["client"], close["bytes_in"], close["bytes_out"], close["route"], close["sni"]) == \
            (me, "7000", "7000", "listener", "localhost"), close
     assert sum(r["msg"].startswith("serving TLS 1.3 on") for r in recs) == 2  # one per program image
+
+
+def test_text_keeps_a_multi_line_message_on_its_line() -> None:
+    import io
+    import logging
+
+    from ironsocket import logs
+
+    import threading
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, threading.excepthook)
+    stream = io.StringIO()
+    try:
+        logs.setup("info", logs.LogFormat.TEXT, stream=stream)
+        logging.getLogger("ironsocket").error("upgrade: not done: child said\nline two",
+                                              extra=logs.fields(conn=4, reason="a\nb", sni=None))
+    finally:
+        for handler in list(root.handlers):
+            if handler not in saved[0]:
+                root.removeHandler(handler)
+        root.setLevel(saved[1])
+        threading.excepthook = saved[2]
+        logging.captureWarnings(False)
+    [line] = stream.getvalue().splitlines()
+    [rec] = records("text", [line])
+    assert rec["msg"] == "conn=4 upgrade: not done: child said\\nline two reason=a\\nb", rec
