@@ -40,6 +40,8 @@ LEVELS = ("debug", "info", "warning", "error")
 FIELDS_ATTR = "fields"  # the LogRecord attribute `fields()` sets (through ``extra=``)
 
 _BARE = re.compile(r'[^\s"=\\\x00-\x1f\x7f]+')
+# Escaped inside quotes: C0 controls, DEL, and what some readers take for a line break (NEL, LS, PS).
+_CONTROL = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 
 class LogFormat(enum.Enum):
@@ -86,7 +88,8 @@ def logfmt_value(value: object) -> str:
     if _BARE.fullmatch(text):
         return text
     escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
-    escaped = re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", escaped)
+    escaped = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else
+                           f"\\u{ord(m.group()):04x}", escaped)
     return f'"{escaped}"'
 
 
@@ -134,7 +137,8 @@ class LogfmtFormatter(_Formatter):
 
 class JsonFormatter(_Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({k: _scalar(v) for k, v in self.base(record).items()}, ensure_ascii=False)
+        # ASCII only: U+2028/U+2029 raw in a line would split it for some readers.
+        return json.dumps({k: _scalar(v) for k, v in self.base(record).items()})
 
 
 FORMATTERS: dict[LogFormat, type[logging.Formatter]] = {

@@ -33,7 +33,8 @@ _ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "r": "\r"}
 def parse_logfmt(line: str) -> dict[str, str]:
     """A strict logfmt parser: ``key=value`` pairs separated by exactly one space; a value is
     bare (no space, quote, ``=`` or backslash) or double-quoted with the escapes ``\\"``,
-    ``\\\\``, ``\\n``, ``\\r``, ``\\xHH``; no key twice, nothing else on the line."""
+    ``\\\\``, ``\\n``, ``\\r``, ``\\xHH``, ``\\uHHHH``; no raw control or line-separator
+    character; no key twice, nothing else on the line."""
     out: dict[str, str] = {}
     i = 0
     while True:
@@ -61,10 +62,13 @@ def parse_logfmt(line: str) -> dict[str, str]:
                     elif nxt == "x" and re.fullmatch(r"[0-9a-f]{2}", line[i + 2:i + 4]):
                         value.append(chr(int(line[i + 2:i + 4], 16)))
                         i += 4
+                    elif nxt == "u" and re.fullmatch(r"[0-9a-f]{4}", line[i + 2:i + 6]):
+                        value.append(chr(int(line[i + 2:i + 6], 16)))
+                        i += 6
                     else:
                         raise ValueError(f"bad escape in {name}: {line!r}")
                     continue
-                if ord(ch) < 0x20:
+                if ord(ch) < 0x20 or ch in "\x7f\x85\u2028\u2029":
                     raise ValueError(f"control character in {name}: {line!r}")
                 value.append(ch)
                 i += 1
@@ -82,7 +86,7 @@ def parse_logfmt(line: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("value", ["a b", 'say "hi"', "back\\slash", "two\nlines", "k=v", "", "tab\there",
-                                   "plain", "127.0.0.1:443", "ünïcode"])
+                                   "plain", "127.0.0.1:443", "ünïcode", "line\u2028sep", "nel\x85", "del\x7f"])
 def test_logfmt_values_round_trip_through_a_strict_parser(value: str) -> None:
     assert parse_logfmt(f"k={logfmt_value(value)}") == {"k": value}
 
