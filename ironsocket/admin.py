@@ -1,8 +1,16 @@
 """The admin endpoint: plain HTTP on a loopback address or a unix socket (off by default).
 
-- ``GET /healthz``: ``200 ok`` and the number of listeners;
+- ``GET /healthz``: ``200 ok`` and the number of listeners, or ``503 unhealthy: <reason>`` when
+  a backend of a listener is unreachable. Each backend's health is the outcome of the last
+  attempt to connect to it — a client's connect, or, when that is older than
+  `backend.PROBE_INTERVAL` (1 s), a TCP connect probe with a 1 s timeout made for this request
+  (`backend.BackendHealth.check`) — so ``/healthz`` follows a backend going down and coming back
+  within about a second, with or without client traffic. A listener whose SNI routes name
+  several backends is unhealthy when any of them is unreachable (the reason names which);
 - ``GET /connections``: JSON, one object per live connection of every listener;
-- ``GET /metrics``: Prometheus text format 0.0.4.
+- ``GET /metrics``: Prometheus text format 0.0.4 (`metrics_text`: connections, bytes,
+  handshakes and their duration histogram, backend connect failures by reason, upgrades,
+  rollbacks and refused upgrades, certificate expiry, build info, the kernel's tls_stat).
 
 It has no authentication, so it refuses a non-loopback address unless ``allow_remote`` is set
 (``--admin-allow-remote`` / ``[admin] allow_remote = true``). It only reads the servers' state.
@@ -17,10 +25,12 @@ if every connection is busy answering, waits in the listen backlog (``BACKLOG``)
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
 import os
+import platform
 import socket
 import socketserver
 import threading
@@ -29,10 +39,13 @@ from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from . import backend as backend_mod
 from . import ktls
+from .counters import PROCESS
 from .relay import RecordMode
 
 log = logging.getLogger("ironsocket.admin")
+announce = logging.getLogger("ironsocket")  # the start-up line tests and operators grep for
 
 REQUEST_TIMEOUT = 5.0  # seconds a client has to send one whole request
 MAX_CONNECTIONS = 64  # admin connections served at once (a thread each)
@@ -61,6 +74,9 @@ def _label(value: object) -> str:
 
 
 def _listener_name(server) -> str:
+    name = getattr(server, "listener_name", None)  # a ProxyServer: the same label as in its log lines
+    if isinstance(name, str):
+        return name
     try:
         host, port = server.address
     except Exception:  # noqa: BLE001 - not started
@@ -113,13 +129,87 @@ class _Metrics:
             text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
             self.lines.append(f"{name}{{{text}}} {value}" if text else f"{name} {value}")
 
+    def histogram(self, name: str, help_text: str,
+                  series: list[tuple[dict[str, object], list[tuple[str, int]], float, int]]) -> None:
+        """``series``: (labels, cumulative buckets [(le, n)...], sum, count) per label set."""
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} histogram")
+        for labels, buckets, total, count in series:
+            base = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+            sep = "," if base else ""
+            for le, n in buckets:
+                self.lines.append(f'{name}_bucket{{{base}{sep}le="{le}"}} {n}')
+            self.lines.append(f"{name}_sum{{{base}}} {total!r}" if base else f"{name}_sum {total!r}")
+            self.lines.append(f"{name}_count{{{base}}} {count}" if base else f"{name}_count {count}")
+
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
+
+
+@functools.lru_cache(maxsize=256)
+def _leaf_facts(der: bytes) -> tuple[float, str] | None:
+    """(notAfter as a Unix time, subject) of a DER certificate; None if it does not parse."""
+    from cryptography import x509
+
+    try:
+        leaf = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return None
+    return leaf.not_valid_after_utc.timestamp(), leaf.subject.rfc4514_string()
+
+
+def certificate_expiry(servers: Sequence, now: float | None = None) -> list[tuple[dict[str, object], float]]:
+    """Per listener and certificate (leaf): seconds until it expires (negative: expired)."""
+    now = time.time() if now is None else now
+    out: list[tuple[dict[str, object], float]] = []
+    for server in servers:
+        listener = _listener_name(server)
+        store = getattr(getattr(server.config, "tls", None), "certificates", None)
+        seen: set[bytes] = set()
+        for cred in getattr(store, "credentials", ()):
+            if not cred.chain or cred.chain[0] in seen:
+                continue
+            seen.add(cred.chain[0])
+            facts = _leaf_facts(cred.chain[0])
+            if facts is None:
+                continue
+            not_after, subject = facts
+            source = cred.source.split(" + ")[0] if cred.source else ""
+            out.append(({"listener": listener, "cert": source or "-", "subject": subject}, round(not_after - now, 3)))
+    return out
+
+
+def build_info() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("ironsocket")
+    except PackageNotFoundError:
+        ours = "unknown"
+    return {"version": ours, "python": platform.python_version()}
+
+
+def health(servers: Sequence) -> list[str]:
+    """Why the proxy is unhealthy: one reason per unreachable backend (empty: healthy)."""
+    problems = []
+    for server in servers:
+        checker = getattr(server, "backend_health", None)
+        if checker is None:
+            continue
+        for spec in backend_mod.all_specs(server.config):
+            outcome = checker.check(spec)
+            if not outcome.ok:
+                host, port = spec.address
+                problems.append(f"backend {host}:{port} of listener {_listener_name(server)} unreachable: "
+                                f"{outcome.reason}")
+    return problems
 
 
 def metrics_text(servers: Sequence, tls_stat: Callable[[], dict[str, int]] = ktls.tls_stat) -> str:
     m = _Metrics()
     conns, ktls_sessions, bytes_total, handshakes, failures = [], [], [], [], []
+    backend_failures: list[tuple[dict[str, object], float]] = []
+    durations: list[tuple[dict[str, object], list[tuple[str, int]], float, int]] = []
     for server in servers:
         listener = _listener_name(server)
         with server._lock:
@@ -142,6 +232,14 @@ def metrics_text(servers: Sequence, tls_stat: Callable[[], dict[str, int]] = ktl
         handshakes.append(({"listener": listener}, server.handshakes_ok))
         for alert, n in sorted(getattr(server, "handshake_failures", {}).items()):
             failures.append(({"listener": listener, "alert": alert}, n))
+        checker = getattr(server, "backend_health", None)
+        if checker is not None:
+            for reason, n in sorted(checker.failure_counts().items()):
+                backend_failures.append(({"listener": listener, "reason": reason}, n))
+        hist = getattr(server, "handshake_seconds", None)
+        if hist is not None:
+            buckets, total, count = hist.cumulative()
+            durations.append(({"listener": listener}, buckets, total, count))
     m.family("ironsocket_listeners", "gauge", "Listeners served by this process.", [({}, len(servers))])
     m.family("ironsocket_connections", "gauge", "Live connections by record layer (handshake: not yet relaying).", conns)
     m.family("ironsocket_bytes_total", "counter",
@@ -149,11 +247,33 @@ def metrics_text(servers: Sequence, tls_stat: Callable[[], dict[str, int]] = ktl
     m.family("ironsocket_handshakes_total", "counter", "Completed TLS handshakes.", handshakes)
     m.family("ironsocket_handshake_failures_total", "counter",
              "Failed TLS handshakes by the alert sent (received_X: the client's alert; none: timeout/EOF).", failures)
+    m.histogram("ironsocket_handshake_duration_seconds",
+                "Completed TLS handshakes' duration, from the connection's accept to the client Finished.", durations)
+    m.family("ironsocket_backend_connect_failures_total", "counter",
+             "Failed backend connects of clients' connections, by reason (the errno name).", backend_failures)
     m.family("ironsocket_ktls_sessions", "gauge", "Live connections whose record layer is in the kernel.", ktls_sessions)
+    upgrades = PROCESS.to_doc()
+    m.family("ironsocket_upgrades_total", "counter",
+             "Exec upgrades (and reloads) completed by this process (same PID, across execs).",
+             [({}, upgrades["done"])])
+    m.family("ironsocket_upgrade_rollbacks_total", "counter",
+             "Upgrades whose new program failed to start: the previous program was exec'd back.",
+             [({}, upgrades["rolled_back"])])
+    m.family("ironsocket_upgrades_refused_total", "counter",
+             "Upgrades not done before the exec (start-up check, pause): the running program kept serving.",
+             [({}, upgrades["refused"])])
+    m.family("ironsocket_certificate_expiry_seconds", "gauge",
+             "Seconds until each certificate (leaf) expires; negative once expired.", certificate_expiry(servers))
+    m.family("ironsocket_build_info", "gauge", "The ironsocket and Python versions running.", [(build_info(), 1)])
     stats = tls_stat()
     if stats:
-        m.family("ironsocket_kernel_tls_stat", "gauge", "Counters of /proc/net/tls_stat (host-wide).",
-                 [({"counter": k}, v) for k, v in sorted(stats.items())])
+        # TlsCurr* are the sessions open now (gauges); the other fields only ever grow (counters).
+        current = [({"stat": k}, v) for k, v in sorted(stats.items()) if k.startswith("TlsCurr")]
+        totals = [({"stat": k}, v) for k, v in sorted(stats.items()) if not k.startswith("TlsCurr")]
+        m.family("ironsocket_kernel_tls_total", "counter",
+                 "Cumulative counters of /proc/net/tls_stat (host-wide: every process's kTLS sockets).", totals)
+        m.family("ironsocket_kernel_tls_current", "gauge",
+                 "The TlsCurr* fields of /proc/net/tls_stat: kTLS sessions open now, host-wide.", current)
     return m.text()
 
 
@@ -178,7 +298,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path = self.path.split("?", 1)[0]
         if path == "/healthz":
-            self._reply(200, "text/plain; charset=utf-8", f"ok\nlisteners {len(self.servers)}\n")
+            problems = health(self.servers)
+            if problems:
+                self._reply(503, "text/plain; charset=utf-8", f"unhealthy: {'; '.join(problems)}\n"
+                            f"listeners {len(self.servers)}\n")
+            else:
+                self._reply(200, "text/plain; charset=utf-8", f"ok\nlisteners {len(self.servers)}\n")
         elif path == "/connections":
             self._reply(200, "application/json", json.dumps(connections_json(self.servers), indent=1) + "\n")
         elif path == "/metrics":
@@ -384,7 +509,7 @@ class AdminServer:
         self._reaper = threading.Thread(target=self._httpd.reap, name="is-admin-reaper", daemon=True)
         self._thread.start()
         self._reaper.start()
-        log.info("admin endpoint on %s", self.address)
+        announce.info("admin endpoint on %s", self.address)
 
     def pause(self, timeout: float) -> None:
         """Before an exec upgrade: accept nothing new (the listening socket stays open: a probe

@@ -10,6 +10,15 @@
 - `Routes` maps TLS server names (SNI) to backends: exact names first, then ``*.suffix``
   wildcards (the longest suffix wins; a wildcard matches any number of leading labels, unlike a
   certificate wildcard), then the default.
+- `BackendHealth` is the failure accounting of one listener: connect failures by reason (an
+  errno name: ``ECONNREFUSED``, ``ETIMEDOUT``, ...; for the admin ``/metrics``) and, per backend
+  address, whether the last attempt to reach it worked. ``/healthz`` asks `BackendHealth.check`,
+  which trusts an outcome younger than ``PROBE_INTERVAL`` seconds (a real client's connect or an
+  earlier probe) and otherwise *probes*: a TCP connect with a ``PROBE_TIMEOUT`` timeout, which
+  sends the PROXY protocol's own health-check header (v1 ``PROXY UNKNOWN``, v2 ``LOCAL``) to a
+  backend that expects one, then closes. So a backend that went down is seen within a second by
+  a load balancer polling ``/healthz``, even with no client traffic, and one that came back too;
+  and polling ``/healthz`` often costs at most one backend connect per second per backend.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ import errno
 import ipaddress
 import socket
 import struct
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -116,31 +127,152 @@ class Routes:
         object.__setattr__(self, "_wild", tuple(wild))
 
     def lookup(self, server_name: str | None) -> BackendSpec | None:
+        found = self.match(server_name)
+        return found[1] if found is not None else None
+
+    def match(self, server_name: str | None) -> tuple[str, BackendSpec] | None:
+        """(the route that matched: the exact name, ``*.suffix`` or ``default``; its backend)."""
         if server_name:
             name = normalize_name(server_name)
             spec = self._exact.get(name)  # type: ignore[attr-defined]
             if spec is not None:
-                return spec
+                return name, spec
             for suffix, spec in self._wild:  # type: ignore[attr-defined]
                 if name.endswith(suffix) and len(name) > len(suffix):
-                    return spec
-        return self.default
+                    return "*" + suffix, spec
+        return ("default", self.default) if self.default is not None else None
+
+    def specs(self) -> list[BackendSpec]:
+        """Every backend of the table (and the default), once each."""
+        out = list(self._exact.values()) + [spec for _, spec in self._wild]  # type: ignore[attr-defined]
+        if self.default is not None:
+            out.append(self.default)
+        return list(dict.fromkeys(out))
 
 
 def select(config: object, server_name: str | None) -> BackendSpec:
     """The backend for one connection of a `server.ProxyConfig`: its routes by SNI, else the
     listener's own backend (with its proxy_protocol/transparent/connect_timeout)."""
-    routes: Routes | None = getattr(config, "routes", None)
-    if routes is not None:
-        spec = routes.lookup(server_name)
-        if spec is not None:
-            return spec
+    return select_route(config, server_name)[1]
+
+
+def _listener_spec(config: object) -> BackendSpec:
     return BackendSpec(
         address=config.backend,  # type: ignore[attr-defined]
         connect_timeout=getattr(config, "connect_timeout", 5.0),
         proxy_protocol=getattr(config, "proxy_protocol", None),
         transparent=getattr(config, "transparent", False),
     )
+
+
+def select_route(config: object, server_name: str | None) -> tuple[str, BackendSpec]:
+    """`select`, with the route's name for the logs: the SNI route that matched (exact name or
+    ``*.suffix``), ``default`` (the routes' default), or ``listener`` (the listener's backend)."""
+    routes: Routes | None = getattr(config, "routes", None)
+    if routes is not None:
+        found = routes.match(server_name)
+        if found is not None:
+            return found
+    return "listener", _listener_spec(config)
+
+
+def all_specs(config: object) -> list[BackendSpec]:
+    """Every backend a listener may connect to (its routes', and its own unless every name
+    routes elsewhere): what ``/healthz`` checks."""
+    routes: Routes | None = getattr(config, "routes", None)
+    specs = routes.specs() if routes is not None else []
+    if routes is None or routes.default is None:
+        specs.append(_listener_spec(config))
+    return list(dict.fromkeys(specs))
+
+
+# -- failure accounting and health (admin /metrics, /healthz) ------------------------------------
+PROBE_INTERVAL = 1.0  # seconds an outcome (a real connect or a probe) is trusted by /healthz
+PROBE_TIMEOUT = 1.0  # seconds a /healthz probe may take to connect
+
+
+def failure_reason(exc: OSError) -> str:
+    """The label of a failed connect: the errno's name (``ECONNREFUSED``, ``ETIMEDOUT``), else
+    ``timeout`` / ``error``."""
+    if exc.errno:
+        return errno.errorcode.get(exc.errno, f"errno{exc.errno}")
+    return "timeout" if isinstance(exc, TimeoutError) else "error"
+
+
+def describe_error(exc: OSError) -> str:
+    """The message of a `BackendError` (or any OSError) without Python's ``[Errno N]`` prefix."""
+    return exc.strerror or str(exc) if isinstance(exc, BackendError) else str(exc)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The last attempt to reach one backend address."""
+
+    ok: bool
+    at: float  # time.monotonic()
+    reason: str = ""  # why it failed, for a human (empty when ok)
+
+
+class BackendHealth:
+    """One listener's backend connects: failures counted by reason, the last outcome per
+    address, and the probe `check` runs for ``/healthz``. Thread-safe."""
+
+    def __init__(self, failures: dict[str, int] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._probe_lock = threading.Lock()  # one probe at a time; others use the last outcome
+        self.failures: dict[str, int] = dict(failures or {})  # reason -> count (carried over exec)
+        self._last: dict[tuple[str, int], Outcome] = {}
+
+    def failed(self, address: tuple[str, int], exc: OSError) -> None:
+        reason = failure_reason(exc)
+        with self._lock:
+            self.failures[reason] = self.failures.get(reason, 0) + 1
+            self._last[address] = Outcome(False, time.monotonic(), describe_error(exc))
+
+    def succeeded(self, address: tuple[str, int]) -> None:
+        with self._lock:
+            self._last[address] = Outcome(True, time.monotonic())
+
+    def failure_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.failures)
+
+    def check(self, spec: BackendSpec, *, max_age: float = PROBE_INTERVAL,
+              timeout: float = PROBE_TIMEOUT) -> Outcome:
+        """The backend's health: the last outcome if younger than ``max_age``, else a probe's.
+        A probe's failure is not counted in `failures` (that counts clients' connects)."""
+        with self._lock:
+            last = self._last.get(spec.address)
+        if last is not None and time.monotonic() - last.at < max_age:
+            return last
+        if not self._probe_lock.acquire(timeout=timeout + 1.0):
+            return last if last is not None else Outcome(False, time.monotonic(), "probe busy")
+        try:
+            with self._lock:  # another thread may have probed while we waited
+                last = self._last.get(spec.address)
+            if last is not None and time.monotonic() - last.at < max_age:
+                return last
+            outcome = probe(spec, timeout)
+            with self._lock:
+                self._last[spec.address] = outcome
+            return outcome
+        finally:
+            self._probe_lock.release()
+
+
+def probe(spec: BackendSpec, timeout: float = PROBE_TIMEOUT) -> Outcome:
+    """Connect to ``spec.address`` (never transparently: the probe is the proxy's own), send the
+    PROXY protocol's health-check header if the backend expects one, close."""
+    host, port = spec.address
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            if spec.proxy_protocol == "v1":
+                sock.sendall(proxy_v1_header(None, None))  # "PROXY UNKNOWN": a health check (§2.1)
+            elif spec.proxy_protocol == "v2":
+                sock.sendall(proxy_v2_header(None, None, local=True))  # LOCAL: a health check (§2.2)
+    except OSError as exc:
+        return Outcome(False, time.monotonic(), f"connect to {_fmt_hostport(host, port)}: {exc.strerror or exc}")
+    return Outcome(True, time.monotonic())
 
 
 # -- PROXY protocol headers -----------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 from pathlib import Path
 from typing import Annotated, Optional
@@ -151,6 +150,7 @@ def serve(
     ticket_psk_ke: Annotated[bool, typer.Option("--ticket-psk-ke", help="Also accept psk_ke resumptions (no fresh ECDHE: cheaper, but such a session is only as safe as the ticket key). psk_dhe_ke is preferred when a client offers both; without this flag it is the only mode.")] = False,
     keylog: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write TLS secrets in NSS key log format to this file (created 0600; a symlink, or a file of another user or readable by others, is refused). Only for debugging.")] = None,
     log_level: Annotated[str, typer.Option(metavar="LEVEL", help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[Optional[str], typer.Option(metavar="text|logfmt|json", help="Log line format: text (for people; the default), logfmt or json (one object per line). Timestamps are ISO 8601 UTC. With --config, overrides its log_format.")] = None,
     # -- config file and admin endpoint (ironsocket.launch / ironsocket.admin) --
     config_file: Annotated[Optional[Path], typer.Option("--config", metavar="FILE", help=CONFIG_HELP)] = None,
     admin: Annotated[Optional[str], typer.Option(metavar="HOST:PORT|PATH", help="Admin HTTP endpoint (/healthz, /connections, /metrics): HOST:PORT on loopback, or a unix socket path. Off by default.")] = None,
@@ -168,11 +168,13 @@ def serve(
     kept), SIGUSR2 upgrade, SIGTERM/SIGINT graceful stop (--drain-timeout), SIGQUIT fast stop."""
     if log_level.lower() not in LOG_LEVELS:
         _fail(f"--log-level {log_level!r}: not a log level; choose from {', '.join(LOG_LEVELS)}")
-    from .connection import WORKER
+    from . import logs
 
-    where = f" worker={WORKER} pid=%(process)d" if WORKER else ""  # --workers: whose line it is
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s")
+    try:
+        fmt = logs.parse_format(log_format) if log_format is not None else logs.LogFormat.TEXT
+    except ValueError as exc:
+        _fail(f"--log-format {exc}")
+    logs.setup(log_level, fmt)  # every line from here on goes through logging, in this format
     from .admin import AdminError
 
     if upgrade_state_dump is not None:  # written at each upgrade: refuse a bad path now, not then
@@ -206,8 +208,9 @@ def serve(
                              keylog=_open_keylog(keylog) if keylog else None)
         except (ConfigError, AdminError) as exc:
             _fail(str(exc))
-        if _defaulted(ctx, "log_level"):
-            logging.getLogger().setLevel(getattr(logging, run.log_level.upper(), logging.INFO))
+        if _defaulted(ctx, "log_level") or log_format is None:  # the file's, unless given on the command line
+            logs.setup(run.log_level if _defaulted(ctx, "log_level") else log_level,
+                       fmt if log_format is not None else run.log_format)
         for warning in run.warnings:  # expiring certificates, key files readable by others
             log.warning("%s", warning)
         configs = run.listeners
@@ -241,7 +244,7 @@ def serve(
         from .workers import main_argv, supervise, worker_argv
 
         where = ", ".join(f"{c.listen[0]}:{c.listen[1]}" for c in configs)
-        typer.echo(f"ironsocket: {workers} workers on {where} (SO_REUSEPORT)", err=True)
+        log.info("%d workers on %s (SO_REUSEPORT)", workers, where)
         raise typer.Exit(supervise(workers, worker_argv(main_argv())))
     from .control import ControlError
 
@@ -255,14 +258,15 @@ def serve(
 
         _fail(explain_startup_error(str(exc)))
     assert runtime.control is not None
-    typer.echo(f"ironsocket: control socket {runtime.control.path} (ironsocket inspect-keys / upgrade --pid {os.getpid()})", err=True)
+    log.info("control socket %s (ironsocket inspect-keys / upgrade --pid %d)", runtime.control.path, os.getpid())
     for i, server in enumerate(runtime.servers):
         host, port = server.address
         label = f" ({server.config.name or f'listeners[{i}]'})" if config_file is not None else ""
-        typer.echo(f"ironsocket: serving TLS 1.3 on {host}:{port}{label}, record layer: {server.record_layer}", err=True)
+        log.info("serving TLS 1.3 on %s:%d%s, record layer: %s, backend %s:%d", host, port, label,
+                 server.record_layer, *server.config.backend)
     if runtime.demo:
         host, port = runtime.servers[0].address
-        typer.echo(f"ironsocket: try: curl -k https://{host}:{port}/", err=True)
+        log.info("try: curl -k https://%s:%d/", host, port)
     runtime.run()
 
 
@@ -287,7 +291,7 @@ def _flag_listener(listen: str, backend: str | None, cert: list[Path] | None, ke
 
     for key_file in key:
         if (warning := key_file_warning(key_file)) is not None:
-            typer.echo(f"ironsocket: warning: {warning}", err=True)
+            log.warning("%s", warning)
     try:
         if cert:
             credentials = tuple(load_credential(c, k) for c, k in zip(cert, key))
@@ -295,7 +299,7 @@ def _flag_listener(listen: str, backend: str | None, cert: list[Path] | None, ke
             from .selfsigned import self_signed_credential
 
             credentials = (self_signed_credential(),)
-            typer.echo("ironsocket: no --cert given: using a generated self-signed certificate for localhost", err=True)
+            log.info("no --cert given: using a generated self-signed certificate for localhost")
         store = CertificateStore(credentials)
     except CredentialError as exc:
         _fail(str(exc))

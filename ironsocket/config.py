@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .backend import BackendSpec, Routes
+from .logs import LogFormat, parse_format
 from .secretfile import key_file_warning
 from .server import KtlsMode, ProxyConfig, parse_hostport
 from .tls13.constants import CipherSuite, Group
@@ -35,7 +36,7 @@ GROUP_NAMES = {"x25519": Group.X25519, "p256": Group.SECP256R1, "secp256r1": Gro
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # The schema: allowed keys per table (unknown keys are errors, with a "did you mean").
-TOP_KEYS = {"log_level", "admin", "listeners"}
+TOP_KEYS = {"log_level", "log_format", "admin", "listeners"}
 ADMIN_KEYS = {"listen", "unix", "allow_remote"}
 LISTENER_KEYS = {"name", "listen", "backend", "certs", "routes", "alpn", "ciphers", "groups", "proxy_protocol",
                  "transparent", "ktls", "handshake_timeout", "idle_timeout", "connect_timeout", "max_connections",
@@ -159,6 +160,7 @@ class FileConfig:
     path: Path
     listeners: list[ProxyConfig]
     log_level: str = "info"
+    log_format: LogFormat = LogFormat.TEXT  # text, logfmt or json (ironsocket.logs)
     admin: AdminConfig | None = None
     # For `ironsocket check`: per listener, the credentials loaded and the routes as written.
     details: list[dict[str, Any]] = field(default_factory=list)
@@ -324,6 +326,11 @@ class _Loader:
         log_level = self.get(doc, "log_level", str, (), "info")
         if log_level.lower() not in LOG_LEVELS:
             raise self.error(("log_level",), f"must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
+        log_format_text = self.get(doc, "log_format", str, (), "text")
+        try:
+            log_format = parse_format(log_format_text)
+        except ValueError:
+            raise self.error(("log_format",), f"must be one of text, logfmt, json, not {log_format_text!r}") from None
         admin = self.admin(doc)
         raw = self.get(doc, "listeners", list, ())
         if not raw:
@@ -354,7 +361,8 @@ class _Loader:
             listeners.append(config)
             details.append(detail)
         warnings = [w for detail in details for w in expiry_warnings(detail["credentials"])]
-        return FileConfig(path=self.path, listeners=listeners, log_level=log_level.lower(), admin=admin,
+        return FileConfig(path=self.path, listeners=listeners, log_level=log_level.lower(), log_format=log_format,
+                          admin=admin,
                           details=details, warnings=[*self.warnings, *warnings])
 
     def admin(self, doc: dict) -> AdminConfig | None:
@@ -541,6 +549,7 @@ def summary(fc: FileConfig) -> Iterator[str]:
     for warning in fc.warnings:
         yield f"  warning: {warning}"
     yield f"  log_level: {fc.log_level}"
+    yield f"  log_format: {fc.log_format.value}"
     if fc.admin:
         where = f"{fc.admin.listen[0]}:{fc.admin.listen[1]}" if fc.admin.listen else f"unix:{fc.admin.unix}"
         yield f"  admin: {where}" + (" (remote allowed)" if fc.admin.allow_remote else "")

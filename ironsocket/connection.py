@@ -21,11 +21,11 @@ ENV_WORKER = "IRONSOCKET_WORKER"  # set by the --workers supervisor: this worker
 WORKER = os.environ.get(ENV_WORKER) or None
 
 
-def conn_ref(conn_id: int) -> str:
+def conn_ref(conn_id: int) -> int | str:
     """How logs and the control socket name a connection: its id, or ``<worker>.<id>`` in a
     worker of ``--workers`` (ids count per process: the worker index makes them unique per
     machine, across upgrades too: the index survives the exec in the environment)."""
-    return f"{WORKER}.{conn_id}" if WORKER else str(conn_id)
+    return f"{WORKER}.{conn_id}" if WORKER else conn_id
 
 
 @dataclass
@@ -44,9 +44,10 @@ class ConnectionInfo:
     relay: Relay | None = None
     backend_addr: tuple[str, int] | None = None  # the backend chosen for this connection (admin)
     closed: bool = False  # relay done, bytes counted in ProxyServer.bytes_closed (admin)
+    route: str | None = None  # the route that chose the backend (backend.select_route), for the logs
     resumed: bool = False  # the handshake resumed a session ticket's PSK (RFC 8446 §4.2.11)
 
     @property
-    def ref(self) -> str:
+    def ref(self) -> int | str:
         """The connection's name in logs and on the control socket (`conn_ref`)."""
         return conn_ref(self.conn_id)

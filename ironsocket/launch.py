@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import typer
 
 from .admin import AdminServer, parse_admin
+from .logs import LogFormat
 from .config import load_file
 from .server import ProxyConfig, ProxyServer
 
@@ -52,8 +52,7 @@ def start_admin(spec: str | None, servers: Sequence[ProxyServer], allow_remote: 
     if listen is None and unix is None:
         return None
     admin = AdminServer(servers, listen=listen, unix=unix, allow_remote=allow_remote, fd=fd)
-    admin.start()
-    typer.echo(f"ironsocket: admin endpoint on {admin.address}", err=True)
+    admin.start()  # it logs "admin endpoint on ..."
     return admin
 
 
@@ -107,6 +106,7 @@ class ConfigRun:
     admin_unix: str | None
     admin_allow_remote: bool
     log_level: str
+    log_format: LogFormat
     warnings: list[str]
 
 
@@ -128,4 +128,5 @@ def config_run(path: Path, *, admin: str | None, admin_allow_remote: bool, drain
         admin_listen = admin_unix = None
         remote = admin_allow_remote
     return ConfigRun(listeners=listeners, admin_listen=admin_listen, admin_unix=admin_unix,
-                     admin_allow_remote=remote, log_level=fc.log_level, warnings=list(fc.warnings))
+                     admin_allow_remote=remote, log_level=fc.log_level, log_format=fc.log_format,
+                     warnings=list(fc.warnings))

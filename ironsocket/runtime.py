@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from . import sdnotify, upgrade
+from .counters import PROCESS
 from .server import ProxyConfig, ProxyServer
 
 log = logging.getLogger("ironsocket")
@@ -281,7 +282,7 @@ class Runtime:
         self.demo.start()
         self.configs[0] = dataclasses.replace(self.configs[0], backend=self.demo.address)
         if doc is None:
-            self.say(f"ironsocket: no --backend given: built-in demo backend on {self.demo.address[0]}:{self.demo.address[1]}")
+            log.info("no --backend given: built-in demo backend on %s:%d", *self.demo.address)
 
     def _start_proxy(self, doc: dict[str, Any] | None) -> None:
         from .server import StartupError
@@ -389,6 +390,7 @@ class Runtime:
         if self.bridge is not None and self.bridge.longest_wait is not None:  # handed over in batches
             pause_ms = self.bridge.longest_wait * 1000
         failed = os.environ.pop(upgrade.ENV_FAILED, None)
+        PROCESS.count("rolled_back" if failed else "done")  # admin /metrics (carried in the document)
         n = sum(server.carried for server in self.servers)
         for owner in self.owners:  # an early-resumed listener nobody took (gone, without connections)
             if not isinstance(owner, (ProxyServer, upgrade.Carried)) and not owner.claimed:
@@ -454,6 +456,7 @@ class Runtime:
             if not isinstance(exc, upgrade.UpgradeError):
                 log.debug("upgrade: unexpected error", exc_info=True)  # the traceback at --log-level debug
                 exc = upgrade.UpgradeError(f"{type(exc).__name__}: {exc}")
+            PROCESS.count("refused")  # admin /metrics
             if reason == "reload":
                 log.error("reload refused: %s; still serving with the current program and certificates", exc)
             else:
@@ -573,7 +576,6 @@ class Runtime:
     def shutdown(self, *, fast: bool = False, why: str = "") -> None:
         """Graceful (drain, logging progress every second) or fast (close_notify now) stop.
         A SIGQUIT while draining turns a graceful stop into a fast one."""
-        self.say("ironsocket: stopping")
         servers = list(self.servers)
         drain = 0.0 if fast or not servers else max(server.config.drain_timeout for server in servers)
         n = self.connection_count()

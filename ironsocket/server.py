@@ -22,6 +22,7 @@ import enum
 import itertools
 import logging
 import os
+import re
 import select
 import socket
 import threading
@@ -31,8 +32,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import backend as backend_mod
-from .backend import Routes
+from .backend import BackendHealth, Routes
 from . import ktls
+from .counters import PROCESS, Histogram
+from .logs import fields
 from .engine import Engine
 from .connection import ENV_WORKER, WORKER, ConnectionInfo, conn_ref  # noqa: F401 - re-exported
 from .relay import ClientChannel, KtlsChannel, Relay, UserspaceChannel
@@ -53,6 +56,10 @@ def _alert_label(exc: RemoteProtocolError) -> str:
     if exc.received is not None:
         return "received_" + getattr(exc.received, "name", str(exc.received))
     return "none"
+
+PLAIN_HTTP = "plain HTTP request on the TLS port"
+# A TLS record starts with a content type byte (20-24); an HTTP/1 request with a method in capitals.
+_HTTP_REQUEST = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH|CONNECT|TRACE|PRI) ")
 
 THREAD_STACK_SIZE = 256 * 1024  # relay threads hold a few frames; the default 8 MiB is waste
 
@@ -210,12 +217,15 @@ class ProxyServer:
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
+        self._listener_label: str | None = None  # listener_name, once the socket is bound
         self._accept_thread: threading.Thread | None = None
         self._threads: set[threading.Thread] = set()
         self.handshakes_ok = 0
         self.handshakes_failed = 0
         self.handshake_failures: dict[str, int] = {}  # by alert name (admin /metrics)
         self.bytes_closed = [0, 0]  # [from client, to client] of closed connections (admin /metrics)
+        self.backend_health = BackendHealth()  # connect failures by reason, /healthz (admin)
+        self.handshake_seconds = Histogram()  # completed handshakes' durations (admin /metrics)
         self.control = PauseControl()  # the accept loop's safe points
         self.engine = Engine(config.relay_loops)  # every relay's pumps
         self._handshaking = 0
@@ -233,6 +243,19 @@ class ProxyServer:
     def address(self) -> tuple[str, int]:
         assert self._listener is not None
         return self._listener.getsockname()[:2]
+
+    @property
+    def listener_name(self) -> str:
+        """The listener's name (config), else its HOST:PORT (for the logs and the admin endpoint)."""
+        if self.config.name:
+            return self.config.name
+        if self._listener_label is None:
+            if self._listener is None:  # not started: the configured address (port 0 stays 0)
+                host, port = self.config.listen
+                return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            host, port = self._listener.getsockname()[:2]  # once: the socket is closed at stop
+            self._listener_label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return self._listener_label
 
     @property
     def record_layer(self) -> str:
@@ -270,6 +293,7 @@ class ProxyServer:
         self.bind()
         assert self._listener is not None
         self._listener.setblocking(False)
+        _ = self.listener_name  # fixed now (bound): a closed listener has no name
         threading.stack_size(THREAD_STACK_SIZE)
         self.engine.start()
         for info, relay in self._adopted:  # no thread per connection: a registration each
@@ -278,8 +302,7 @@ class ProxyServer:
         self.control.enter()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="is-accept", daemon=True)
         self._accept_thread.start()
-        log.info("listening on %s:%d → backend %s:%d; record layer: %s",
-                 *self.address, *self.config.backend, self.record_layer)
+        log.debug("accepting on %s:%d", *self.address)  # the caller logs "serving TLS 1.3 on ..."
 
     def stop(self, deadline: float = 5.0, drain: float | None = None) -> None:
         """Graceful stop: close the listener, let connections finish on their own for ``drain``
@@ -326,7 +349,7 @@ class ProxyServer:
             done = self._handshake_cond.wait_for(lambda: self._handshaking == 0, handshake_deadline)
             cut = [] if done else list(self._in_handshake.items())
         for conn_id, sock in cut:
-            log.info("conn=%s handshake cut: not finished when the upgrade began", conn_ref(conn_id))
+            log.info("handshake cut: not finished when the upgrade began", extra=fields(conn=conn_ref(conn_id), pid=os.getpid()))
             _shutdown_quietly(sock)  # its thread sees EOF/an error and ends
         if cut:
             with self._lock:
@@ -373,7 +396,10 @@ class ProxyServer:
             "connections": ([connection_doc(info) for info, _ in live] if connections else []) + self.unstarted,
             "bridged": 0 if connections else len(live),
             "counters": {"handshakes_ok": self.handshakes_ok, "handshakes_failed": self.handshakes_failed,
-                         "handshake_failures": self.handshake_failures, "bytes_closed": self.bytes_closed},
+                         "handshake_failures": self.handshake_failures, "bytes_closed": self.bytes_closed,
+                         "backend_failures": self.backend_health.failure_counts(),
+                         "handshake_seconds": self.handshake_seconds.to_doc(),
+                         "upgrades": PROCESS.to_doc()},
             # The session ticket keys (tls13/tickets.py): tickets issued before the upgrade resume
             # after it. Only in this sealed memfd, never on disk (unless --upgrade-state-dump).
             "ticket_keys": self.config.tls.tickets.keyring.export() if self.config.tls.tickets else [],
@@ -387,8 +413,8 @@ class ProxyServer:
 
         self.unstarted.append(conn)
         info, relay = restore_connection(conn, self.engine, self.config.idle_timeout)
+        self._register(info, relay)  # from here a rollback describes it from the relay, as it is
         self.unstarted.remove(conn)
-        self._register(info, relay)
         self._start_relay(info, relay)
         self.carried += 1
 
@@ -453,6 +479,9 @@ class ProxyServer:
         self.bytes_closed = list(counters.get("bytes_closed", [0, 0]))
         if self.config.tls.tickets is not None and isinstance(doc.get("ticket_keys"), list):
             self.config.tls.tickets.keyring.load(doc["ticket_keys"])  # a key file's ring keeps its keys
+        self.backend_health = BackendHealth(counters.get("backend_failures"))
+        self.handshake_seconds.restore(counters.get("handshake_seconds"))
+        PROCESS.restore(counters.get("upgrades"))
         self.adopted = True
 
     def _adopt_running(self, early: Any) -> None:
@@ -474,6 +503,9 @@ class ProxyServer:
 
     def _register(self, info: ConnectionInfo, relay: Relay) -> None:
         self._slots.acquire(blocking=False)
+        if info.route is None:  # carried over exec: the route by this program's configuration,
+            route, spec = backend_mod.select_route(self.config, info.server_name)
+            info.route = route if spec.address == info.backend_addr else "carried"  # unless a reload moved it
         info.relay = relay
         info.backend_local_addr = relay.backend.getsockname()[:2]
         with self._lock:
@@ -528,7 +560,7 @@ class ProxyServer:
                     self._slots.release()
                     if self._stopping.is_set():
                         return
-                    log.warning("accept failed: %s", exc)
+                    log.warning("accept failed: %s", exc, extra=fields(listener=self.listener_name))
                     time.sleep(0.05)
                     continue
                 sock.setblocking(True)
@@ -557,31 +589,38 @@ class ProxyServer:
             if not self._handshake(sock, engine, info):
                 return
             handoff = engine.handoff(drain=not self.use_ktls)
+            # -- backend connect: ironsocket.backend (SNI routes, PROXY protocol, transparent) --
+            info.route, spec = backend_mod.select_route(self.config, info.server_name)
+            info.backend_addr = spec.address
             try:
-                # -- backend connect: ironsocket.backend (SNI routes, PROXY protocol, transparent) --
-                spec = backend_mod.select(self.config, info.server_name)
-                info.backend_addr = spec.address
                 backend = backend_mod.connect(spec, client_addr=info.client_addr, local_addr=sock.getsockname()[:2],
                                               server_name=info.server_name, alpn=info.alpn_protocol,
                                               cipher=info.cipher_suite)
             except OSError as exc:
-                log.warning("conn=%s backend %s:%d unreachable: %s", info.ref, *spec.address, exc)
+                self.backend_health.failed(spec.address, exc)
+                log.warning("backend unreachable", extra=fields(
+                    conn=info.ref, pid=os.getpid(), listener=self.listener_name, route=info.route,
+                    client=info.client_addr, sni=info.server_name, backend=spec.address,
+                    reason=backend_mod.failure_reason(exc), error=backend_mod.describe_error(exc)))
                 self._alert_after_handshake(sock, handoff, AlertDescription.internal_error)
                 return
+            self.backend_health.succeeded(spec.address)
             backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             info.backend_local_addr = backend.getsockname()[:2]
             channel = self._client_channel(sock, handoff, info)
             info.mode = channel.mode
-            log.info("conn=%s open client=%s:%d sni=%s alpn=%s suite=%s group=%s mode=%s%s",
-                     info.ref, *info.client_addr, info.server_name, info.alpn_protocol,
-                     info.cipher_suite, info.group, info.mode.value, " resumed" if info.resumed else "")
+            log.info("open", extra=fields(
+                conn=info.ref, pid=os.getpid(), listener=self.listener_name, route=info.route,
+                client=info.client_addr, sni=info.server_name, alpn=info.alpn_protocol, suite=info.cipher_suite,
+                group=info.group, mode=info.mode, backend=spec.address,
+                resumed=True if info.resumed else None))
             relay = Relay(info.conn_id, channel, backend, engine=self.engine,
                           idle_timeout=self.config.idle_timeout)
             info.relay = relay
             relay_started = True
             self._start_relay(info, relay)  # from here the relay owns the sockets and the slot
         except Exception:  # noqa: BLE001 - a bug must cost one connection, not the server
-            log.exception("conn=%s internal error", info.ref)
+            log.exception("internal error", extra=fields(conn=info.ref, pid=os.getpid()))
         finally:
             with self._lock:
                 if not relay_started:
@@ -597,8 +636,10 @@ class ProxyServer:
                 self._slots.release()
 
     def _handshake(self, sock: socket.socket, engine: TLSServer, info: ConnectionInfo) -> bool:
-        deadline = time.monotonic() + self.config.handshake_timeout
+        began = time.monotonic()
+        deadline = began + self.config.handshake_timeout
         exact_reads = self.use_ktls
+        first: bytes | None = None  # the client's first bytes: a plain HTTP request is named as such
         buf = bytearray(16 * 1024)
         view = memoryview(buf)
         while True:
@@ -612,6 +653,8 @@ class ProxyServer:
                 return self._handshake_failed(info, f"handshake timeout ({self.config.handshake_timeout:g}s)")
             except OSError as exc:
                 return self._handshake_failed(info, f"client socket error: {exc}")
+            if first is None:
+                first = bytes(view[:n])
             engine.receive_data(bytes(view[:n]))
             try:
                 while (event := engine.next_event()) is not NEED_DATA:
@@ -624,10 +667,12 @@ class ProxyServer:
                         info.resumed = event.resumed
                         self._send(sock, engine.data_to_send())
                         self.handshakes_ok += 1
+                        self.handshake_seconds.observe(time.monotonic() - began)
                         return True
             except RemoteProtocolError as exc:
                 self._send(sock, engine.data_to_send())
-                return self._handshake_failed(info, str(exc), alert=_alert_label(exc))
+                reason = PLAIN_HTTP if first is not None and _HTTP_REQUEST.match(first) else str(exc)
+                return self._handshake_failed(info, reason, alert=_alert_label(exc))
             if not self._send(sock, engine.data_to_send()):
                 return self._handshake_failed(info, "client went away")
 
@@ -644,7 +689,9 @@ class ProxyServer:
     def _handshake_failed(self, info: ConnectionInfo, reason: str, alert: str = "none") -> bool:
         self.handshakes_failed += 1
         self.handshake_failures[alert] = self.handshake_failures.get(alert, 0) + 1
-        log.info("conn=%s handshake failed client=%s:%d: %s", info.ref, *info.client_addr, reason)
+        log.info("handshake failed", extra=fields(conn=info.ref, pid=os.getpid(), listener=self.listener_name,
+                                                  client=info.client_addr, sni=info.server_name, alert=alert,
+                                                  reason=reason))
         return False
 
     def _client_channel(self, sock: socket.socket, handoff: Handoff, info: ConnectionInfo) -> ClientChannel:
@@ -662,7 +709,8 @@ class ProxyServer:
                     raise  # TX is in the kernel already; we cannot go back to userspace
                 if self.config.ktls is KtlsMode.REQUIRE:
                     raise
-                log.warning("conn=%s kTLS install failed (%s); staying in userspace", info.ref, exc)
+                log.warning("kTLS install failed; staying in userspace",
+                            extra=fields(conn=info.ref, pid=os.getpid(), error=str(exc)))
         return UserspaceChannel(sock, Session(handoff))
 
     def _alert_after_handshake(self, sock: socket.socket, handoff: Handoff, description: AlertDescription) -> None:
@@ -676,9 +724,12 @@ class ProxyServer:
             self.bytes_closed[0] += s.bytes_from_client
             self.bytes_closed[1] += s.bytes_to_client
             info.closed = True
-        log.info("conn=%s close client=%s:%d bytes_in=%d bytes_out=%d duration=%.3fs reason=%s",
-                 info.ref, *info.client_addr, s.bytes_from_client, s.bytes_to_client,
-                 time.time() - s.started, s.close_reason)
+        # The access-log line: one per connection that reached the relay, in the chosen format.
+        log.info("close", extra=fields(
+            conn=info.ref, pid=os.getpid(), listener=self.listener_name, route=info.route,
+            client=info.client_addr, sni=info.server_name, backend=info.backend_addr,
+            bytes_in=s.bytes_from_client, bytes_out=s.bytes_to_client,
+            duration=round(time.time() - s.started, 3), reason=s.close_reason))
 
     def connection_for_backend_peer(self, addr: tuple[str, int]) -> ConnectionInfo | None:
         """The connection whose backend socket has local address ``addr`` (for the demo page)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -123,11 +124,23 @@ def test_healthz_connections_metrics(proxy_with_admin) -> None:
         assert pick(m, "ironsocket_bytes_total", direction="out") == 5000
         ktls_live = pick(m, "ironsocket_ktls_sessions")
         assert ktls_live == (0 if c["mode"] == "userspace" else 1)
-        kernel = [k for k in m if k[0] == "ironsocket_kernel_tls_stat"]
+        kernel = [k for k in m if k[0] in ("ironsocket_kernel_tls_total", "ironsocket_kernel_tls_current")]
         if Path("/proc/net/tls_stat").exists():
-            assert any(dict(labels).get("counter") == "TlsTxSw" for _, labels in kernel), kernel
+            assert ("ironsocket_kernel_tls_total", (("stat", "TlsTxSw"),)) in kernel, kernel
         else:
             assert kernel == []
+        # the completed handshake is in the duration histogram; the certificate's expiry; the build
+        assert pick(m, "ironsocket_handshake_duration_seconds_count") == 1
+        assert pick(m, "ironsocket_handshake_duration_seconds_bucket", le="+Inf") == 1
+        assert 0 < pick(m, "ironsocket_handshake_duration_seconds_sum") < 3  # below the --handshake-timeout
+        from cryptography import x509
+
+        leaf = x509.load_pem_x509_certificate((CERTS / "ecdsa-p256.pem").read_bytes())
+        left = pick(m, "ironsocket_certificate_expiry_seconds", cert=str(CERTS / "ecdsa-p256.pem"),
+                    subject=leaf.subject.rfc4514_string())
+        assert abs(left - (leaf.not_valid_after_utc.timestamp() - time.time())) < 600, left
+        [(_, build)] = [k for k in m if k[0] == "ironsocket_build_info"]
+        assert dict(build)["python"] == sys.version.split()[0] and dict(build)["version"]
     finally:
         tls.close()
 
@@ -204,12 +217,65 @@ key = "{CERTS}/rsa2048.key"
 
 
 def test_metrics_text_kernel_counters() -> None:
-    """Every /proc/net/tls_stat counter becomes one sample; none when the file is absent."""
-    text = metrics_text([], tls_stat=lambda: {"TlsTxSw": 3, "TlsRxSw": 2, "TlsDecryptError": 0})
+    """Every /proc/net/tls_stat field becomes one sample: the cumulative ones typed counter, the
+    TlsCurr* ones (sessions open now) gauge; none when the file is absent. (The host has no
+    kTLS: the real file is read in the VM, test_healthz_connections_metrics.)"""
+    text = metrics_text([], tls_stat=lambda: {"TlsTxSw": 3, "TlsRxSw": 2, "TlsDecryptError": 0, "TlsCurrTxSw": 1})
     fams = {f.name: f for f in text_string_to_metric_families(text)}
-    samples = {s.labels["counter"]: s.value for s in fams["ironsocket_kernel_tls_stat"].samples}
+    assert fams["ironsocket_kernel_tls"].type == "counter"
+    samples = {s.labels["stat"]: s.value for s in fams["ironsocket_kernel_tls"].samples}
     assert samples == {"TlsTxSw": 3, "TlsRxSw": 2, "TlsDecryptError": 0}
-    assert "ironsocket_kernel_tls_stat" not in metrics_text([], tls_stat=dict)
+    assert fams["ironsocket_kernel_tls_current"].type == "gauge"
+    assert {s.labels["stat"]: s.value for s in fams["ironsocket_kernel_tls_current"].samples} == {"TlsCurrTxSw": 1}
+    assert "ironsocket_kernel_tls" not in metrics_text([], tls_stat=dict)
+
+
+def test_metrics_text_help_and_type_lines() -> None:
+    """Each family: one # HELP and one # TYPE line, before its samples, and the sample names
+    of its type (counter: _total; histogram: _bucket/_sum/_count)."""
+    from ironsocket.counters import Histogram
+
+    class Listener:  # what metrics_text reads of a server, with a real Histogram and BackendHealth
+        def __init__(self) -> None:
+            from ironsocket.backend import BackendHealth
+            from ironsocket.server import ProxyConfig
+            from tests.helpers import config as tls_config
+
+            self.config = ProxyConfig(listen=("127.0.0.1", 1), backend=("127.0.0.1", 9), tls=tls_config(), name="x")
+            self._lock = threading.Lock()
+            self.connections: dict = {}
+            self.handshakes_ok, self.handshake_failures = 2, {}
+            self.handshake_seconds = Histogram()
+            self.handshake_seconds.observe(0.003)
+            self.handshake_seconds.observe(20.0)
+            self.backend_health = BackendHealth({"ECONNREFUSED": 4})
+
+    text = metrics_text([Listener()], tls_stat=lambda: {"TlsTxSw": 3, "TlsCurrTxSw": 1})
+    lines = text.splitlines()
+    declared: dict[str, str] = {}
+    for i, line in enumerate(lines):
+        if line.startswith("# HELP "):
+            name = line.split()[2]
+            assert lines[i + 1].startswith(f"# TYPE {name} "), lines[i:i + 2]
+            assert name not in declared, name
+            declared[name] = lines[i + 1].split()[3]
+        elif not line.startswith("#"):
+            sample = re.match(r"[a-z_]+", line).group()
+            family = max((n for n in declared if sample.startswith(n)), key=len)
+            kind = declared[family]
+            assert sample == family or (kind == "histogram" and sample in (family + "_bucket", family + "_sum",
+                                                                          family + "_count")), line
+            if kind == "counter":
+                assert family.endswith("_total"), family
+    assert declared["ironsocket_handshake_duration_seconds"] == "histogram"
+    assert declared["ironsocket_backend_connect_failures_total"] == "counter"
+    assert 'ironsocket_handshake_duration_seconds_bucket{listener="x",le="0.005"} 1' in lines
+    assert 'ironsocket_handshake_duration_seconds_bucket{listener="x",le="10.0"} 1' in lines
+    assert 'ironsocket_handshake_duration_seconds_bucket{listener="x",le="+Inf"} 2' in lines
+    assert 'ironsocket_handshake_duration_seconds_count{listener="x"} 2' in lines
+    assert 'ironsocket_backend_connect_failures_total{listener="x",reason="ECONNREFUSED"} 4' in lines
+    fams = {f.name: f for f in text_string_to_metric_families(text)}  # and the real parser agrees
+    assert fams["ironsocket_handshake_duration_seconds"].type == "histogram"
 
 
 # -- limits: half-sent requests cannot pin the endpoint ---------------------------------------------
@@ -381,3 +447,71 @@ def test_healthz_never_refuses_through_upgrades(tmp_path: Path, echo_backend) ->
         assert len(re.findall(r"admin endpoint on", server.text())) >= 1
     finally:
         server.close()
+
+
+def healthz(port: int) -> tuple[int, str]:
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=TIMEOUT) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode()
+
+
+def test_backend_down_healthz_and_metrics_through_upgrades(tmp_path: Path) -> None:
+    """A backend that refuses connections: /healthz 503 with the reason, a client's connect
+    failure counted by reason; the counters survive a real upgrade (`ironsocket upgrade
+    --socket CTL`), a rollback and a refused upgrade, each counted; the backend comes up:
+    /healthz 200 again, with no client traffic (the probe)."""
+    from tests.test_upgrade import Server, checked_then_different
+
+    gate = socket.socket()  # bound but not listening: every connect to it is refused
+    gate.bind(("127.0.0.1", 0))
+    backend_port = gate.getsockname()[1]
+    server = Server(tmp_path, backend_port, "--admin", "127.0.0.1:0")
+    try:
+        admin_port = int(server.wait_for(r"admin endpoint on http://127\.0\.0\.1:(\d+)/").group(1))
+        base = f"http://127.0.0.1:{admin_port}/"
+        status, body = healthz(admin_port)
+        assert status == 503, body
+        [reason] = body.splitlines()[:1]
+        assert reason.startswith(f"unhealthy: backend 127.0.0.1:{backend_port} ") and "refused" in reason, body
+        assert not [k for k in metrics(base) if k[0] == "ironsocket_backend_connect_failures_total"]  # probes: not counted
+
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+        with client_context().wrap_socket(raw, server_hostname="localhost") as tls:  # the handshake completes
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                tls.recv(100)  # then internal_error: no backend
+        server.wait_for(r"backend unreachable")
+
+        def counters() -> tuple[float, ...]:
+            m = metrics(base)
+            return (pick(m, "ironsocket_backend_connect_failures_total", reason="ECONNREFUSED"),
+                    pick(m, "ironsocket_handshake_duration_seconds_count"), pick(m, "ironsocket_upgrades_total"),
+                    pick(m, "ironsocket_upgrade_rollbacks_total"), pick(m, "ironsocket_upgrades_refused_total"))
+
+        assert counters() == (1, 1, 0, 0, 0)
+        result = server.upgrade()
+        assert result.returncode == 0, result.stderr
+        server.wait_for(r"upgrade: restored (\d+) connections", count=1)
+        assert counters() == (1, 1, 1, 0, 0)
+        lying = checked_then_different(tmp_path, "lying-ironsocket", "--cert /nonexistent/c.pem --key /nonexistent/k.pem")
+        result = server.upgrade("--exec", str(lying))
+        assert result.returncode != 0 and "rolled back" in result.stderr, result.stderr
+        server.wait_for(r"upgrade: restored (\d+) connections", count=2)
+        assert counters() == (1, 1, 1, 1, 0)
+        result = server.upgrade("--exec", str(tmp_path / "no-such-program"))
+        assert result.returncode != 0
+        assert counters() == (1, 1, 1, 1, 1)
+
+        gate.listen(8)  # the backend is up: /healthz follows without a client's connect
+        deadline = time.monotonic() + TIMEOUT
+        while (answer := healthz(admin_port))[0] != 200:
+            assert time.monotonic() < deadline, answer
+            time.sleep(0.1)
+        assert answer[1] == "ok\nlisteners 1\n"
+    finally:
+        server.close()
+        gate.close()

@@ -71,7 +71,7 @@ def test_cpython_resumes_and_echoes(start_proxy) -> None:
     second = echo(proxy, ctx, session)
     assert second.session_reused
     close(second)
-    proxy.wait_for_line(rf"conn=\d+ open .* mode={MODE} resumed$")
+    proxy.wait_for_line(rf"conn=\S+ open .* mode={MODE} .*resumed=true$")
 
 
 def test_tickets_zero_sends_none(start_proxy) -> None:
@@ -189,7 +189,7 @@ def test_ticket_from_before_an_upgrade_resumes_after_it(start_proxy, tmp_path: P
         got += carried.recv(len(data) - len(got))
     assert got == data
     close(carried)
-    count = len(re.findall(rf"conn=\d+ open .* mode={MODE} resumed$", proxy.output, re.MULTILINE))
+    count = len(re.findall(rf"conn=\S+ open .* mode={MODE} .*resumed=true$", proxy.output, re.MULTILINE))
     assert count == 1
 
 

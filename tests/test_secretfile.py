@@ -149,8 +149,8 @@ def key_copies(tmp_path: Path) -> tuple[Path, Path, Path]:
 def test_serve_warns_about_a_key_file_others_can_read(tmp_path: Path, start_proxy) -> None:
     cert, loose, tight = key_copies(tmp_path)
     proxy = start_proxy("--cert", str(cert), "--key", str(loose), certs=())
-    warnings = [l for l in proxy.output.splitlines() if "UNPROTECTED PRIVATE KEY FILE" in l]
-    assert warnings == [f"ironsocket: warning: UNPROTECTED PRIVATE KEY FILE {loose}: permissions 0644 are too open "
+    warnings = [l.split(" ", 1)[1] for l in proxy.output.splitlines() if "UNPROTECTED PRIVATE KEY FILE" in l]
+    assert warnings == [f"WARNING ironsocket: UNPROTECTED PRIVATE KEY FILE {loose}: permissions 0644 are too open "
                         f"(group/others can read the key); chmod 600 {loose}"], proxy.output
     proxy = start_proxy("--cert", str(cert), "--key", str(tight), certs=())
     assert "UNPROTECTED" not in proxy.output, proxy.output

@@ -100,7 +100,7 @@ def test_sigterm_drains_then_closes_with_close_notify(tmp_path: Path, echo_backe
             assert c.recv(2) == b"hi"
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        wait_until(lambda: "stopping" in log.read_text(), what="stopping")
+        wait_until(lambda: "graceful stop (SIGTERM)" in log.read_text(), what="graceful stop")
         wait_until(lambda: refused(port), timeout=5, what="the listener closed (new clients refused)")
         busy.sendall(b"still relayed while draining")
         assert busy.recv(64) == b"still relayed while draining"
