@@ -282,6 +282,7 @@ class KernelPeer:
     def __init__(self, address: tuple[str, int], *, suite: CipherSuite = SUITE,
                  record_size_limit: int | None = None) -> None:
         self.sock = socket.create_connection(address, timeout=TIMEOUT)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # lock-step small writes
         self.suite = suite
         hs = Client(suites=(suite,))
         exts = hs.extensions()
