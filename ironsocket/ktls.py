@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .tls13.constants import CipherSuite, ContentType
+from .tls13.constants import CipherSuite, ContentType, HandshakeType
 from .tls13.handoff import Handoff, TrafficKeys
 
 __all__ = [
@@ -618,16 +618,29 @@ def _probe(release: str) -> KtlsProbe:
             max_payload = True
         except KtlsError:
             pass
+        # A real KeyUpdate: sent under the first keys, read (the kernel then pauses RX), then
+        # both directions set again with new keys, and one record through them.
+        b.settimeout(5)
+        send_record(a, ContentType.HANDSHAKE, bytes((HandshakeType.KEY_UPDATE, 0, 0, 1, 0)))
+        recv_record(b, 16)
+        lay = _LAYOUTS[suite]
+        info2 = build_crypto_info(suite, TrafficKeys(traffic_secret=b"", key=b"\x01" * lay.key_len,
+                                                     iv=b"\x02" * 12, rec_seq=0))
         try:
-            a.setsockopt(SOL_TLS, TLS_TX, info)
+            a.setsockopt(SOL_TLS, TLS_TX, info2)
             rekey_tx = True
         except OSError as e:
             detail.append(f"TLS_TX {_errname(e.errno)}")
         try:
-            b.setsockopt(SOL_TLS, TLS_RX, info)
+            b.setsockopt(SOL_TLS, TLS_RX, info2)
             rekey_rx = True
         except OSError as e:
             detail.append(f"TLS_RX {_errname(e.errno)}")
+        if rekey_tx and rekey_rx:
+            a.sendall(b"rekeyed")
+            if recv_record(b, 16) != (ContentType.APPLICATION_DATA, b"rekeyed"):
+                rekey_tx = rekey_rx = False
+                detail.append("a record under the new keys did not arrive intact")
     finally:
         a.close()
         b.close()
