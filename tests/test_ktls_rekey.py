@@ -438,7 +438,8 @@ def _chunks(seed: int, count: int, largest: int) -> list[bytes]:
 @pytest.mark.ktls7
 @pytest.mark.parametrize(("suite", "count"), [(CipherSuite.TLS_AES_128_GCM_SHA256, 1000),
                                               (CipherSuite.TLS_AES_256_GCM_SHA384, 20),
-                                              (CipherSuite.TLS_CHACHA20_POLY1305_SHA256, 20)], ids=lambda v: str(v))
+                                              (CipherSuite.TLS_CHACHA20_POLY1305_SHA256, 20)],
+                         ids=lambda v: v.name if isinstance(v, CipherSuite) else str(v))
 @pytest.mark.parametrize("requested", [False, True], ids=["update_not_requested", "update_requested"])
 def test_key_updates_on_one_streaming_connection(kernel7, echo_backend, make_proxy, suite: CipherSuite,  # noqa: F811
                                                  count: int, requested: bool) -> None:
