@@ -531,3 +531,47 @@ def test_record_size_limit_stays_in_ktls(kernel7, echo_backend, make_proxy) -> N
     assert max(client.record_lengths) == limit + tag  # full records, none larger
     assert client.server_key_updates == 1
     client.close()
+
+
+@pytest.mark.ktls7
+def test_key_updates_across_an_exec_upgrade(tmp_path, echo_backend) -> None:  # noqa: F811
+    """KeyUpdates both ways, an exec upgrade of the real ``serve`` process, then more: the
+    upgrade carries the current generation (inspect-keys' fingerprints are those of the keys
+    the client now uses) and the new program derives the next keys from the carried secrets.
+    kTLS on the 7.x kernel; on the host the userspace record layer (same assertions)."""
+    from ironsocket.inspect import fingerprint
+    from tests.test_upgrade import Server, inspect
+
+    if ktls.probe().available:
+        _kernel_or_skip(rekey=True)
+    server = Server(tmp_path, echo_backend[1])
+    try:
+        client = KernelPeer(("127.0.0.1", server.port))
+        chunks = iter(_chunks(11, 41, 2000))
+
+        def rekeys(n: int) -> None:
+            for _ in range(n):
+                chunk = next(chunks)
+                client.send(chunk)
+                client.key_update(requested=True)
+                client.wait_server_key_updates(client.server_key_updates + 1)
+                assert client.recv_exact(len(chunk)) == chunk
+
+        rekeys(20)
+        (before,) = inspect(server)
+        assert before["mode"] == ("ktls-sw" if ktls.probe().available else "userspace")
+        assert before["rx"]["fingerprint"] == fingerprint(client.write.key, client.write.iv)
+        assert before["tx"]["fingerprint"] == fingerprint(client.read.key, client.read.iv)
+        assert (before["rx"]["rec_seq"], before["tx"]["rec_seq"]) == (client.write.rec_seq, client.read.rec_seq)
+        result = server.upgrade()
+        assert result.returncode == 0, result.stderr + server.text()[-3000:]
+        (after,) = inspect(server)
+        assert (after["id"], after["tx"], after["rx"]) == (before["id"], before["tx"], before["rx"])
+        rekeys(20)
+        last = next(chunks)
+        client.send(last)
+        assert client.recv_exact(len(last)) == last
+        assert client.server_key_updates == 40
+        client.close()
+    finally:
+        server.close()
