@@ -7,10 +7,22 @@ Layout:
 - pure, host-testable: constants, :func:`build_crypto_info` / :func:`parse_crypto_info` (the
   ``struct tls12_crypto_info_*`` bytes), :func:`parse_tls_stat`;
 - thin socket wrappers: :func:`install` / :func:`install_tx` / :func:`install_rx`,
-  :func:`update_tx` / :func:`update_rx` (rekey), :func:`read_back`, :func:`send_record` /
-  :func:`recv_record` (control records through cmsg), :func:`set_zerocopy_ro`,
-  :func:`set_rx_expect_no_pad`, :func:`session_mode`;
+  :func:`update_tx` / :func:`update_rx` (rekey), :func:`read_back`, :func:`tx_rec_seq`,
+  :func:`send_record` / :func:`recv_record` (control records through cmsg),
+  :func:`set_zerocopy_ro`, :func:`set_rx_expect_no_pad`, :func:`set_tx_max_payload_len`,
+  :func:`session_mode`;
 - :func:`probe`: what this kernel accepts, found by trying on a loopback TCP pair; never raises.
+
+TLS 1.3 KeyUpdate (tls.rst "TLS 1.3 Key Updates", Linux >= 6.14): TLS_TX / TLS_RX may be set
+again with the next traffic keys and rec_seq 0. After the kernel hands a KeyUpdate record to
+``recvmsg`` it pauses RX (reads fail with EKEYEXPIRED, poll reports nothing) until TLS_RX is
+set again; TX is never paused, so the caller sends its KeyUpdate under the old key, then sets
+TLS_TX. The kernel does not check for nonce reuse: rec_seq 0 with a new key is the caller's
+promise. Older kernels (6.1, 6.12) refuse the second setsockopt (EBUSY).
+
+Record size (tls.rst "TLS_TX_MAX_PAYLOAD_LEN", Linux >= 6.19): a u16 limit on the plaintext of
+every record the kernel seals; for TLS 1.3 the peer's record_size_limit minus one (RFC 8449
+counts the inner content type byte). Set after TLS_TX, before anything is sent.
 
 Errors are :class:`KtlsError` (``.errno`` is the kernel's errno when there is one). Key material
 never appears in a repr, an exception message or a log line.
@@ -28,19 +40,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .tls13.constants import CipherSuite, ContentType
+from .tls13.constants import CipherSuite, ContentType, HandshakeType
 from .tls13.handoff import Handoff, TrafficKeys
 
 __all__ = [
     "SOL_TLS", "TCP_ULP", "TLS_TX", "TLS_RX", "TLS_TX_ZEROCOPY_RO", "TLS_RX_EXPECT_NO_PAD",
-    "TLS_SET_RECORD_TYPE", "TLS_GET_RECORD_TYPE", "TLS_1_3_VERSION",
+    "TLS_TX_MAX_PAYLOAD_LEN", "TLS_SET_RECORD_TYPE", "TLS_GET_RECORD_TYPE", "TLS_1_3_VERSION",
     "TLS_CIPHER_AES_GCM_128", "TLS_CIPHER_AES_GCM_256", "TLS_CIPHER_CHACHA20_POLY1305",
-    "KtlsError", "KtlsUnavailable", "KtlsUnsupported", "KtlsRekeyUnsupported",
+    "KtlsError", "KtlsUnavailable", "KtlsUnsupported", "KtlsRekeyUnsupported", "KtlsPartlyInstalled",
     "KtlsRecordError", "KtlsDecryptError", "KtlsKeyExpired",
     "KtlsProbe", "KtlsState", "DirectionState",
     "build_crypto_info", "parse_crypto_info", "crypto_info_size",
-    "probe", "install", "install_tx", "install_rx", "update_tx", "update_rx", "read_back",
-    "send_record", "recv_record", "set_zerocopy_ro", "set_rx_expect_no_pad",
+    "probe", "install", "install_tx", "install_rx", "update_tx", "update_rx", "read_back", "tx_rec_seq",
+    "send_record", "recv_record", "set_zerocopy_ro", "set_rx_expect_no_pad", "set_tx_max_payload_len",
+    "tx_max_payload_len", "max_payload_for", "MAX_PAYLOAD",
     "tls_stat", "parse_tls_stat", "session_mode",
 ]  # fmt: skip
 
@@ -51,6 +64,7 @@ TLS_TX = 1
 TLS_RX = 2
 TLS_TX_ZEROCOPY_RO = 3
 TLS_RX_EXPECT_NO_PAD = 4
+TLS_TX_MAX_PAYLOAD_LEN = 5  # Linux 6.19+
 TLS_SET_RECORD_TYPE = 1  # cmsg type on sendmsg
 TLS_GET_RECORD_TYPE = 2  # cmsg type on recvmsg
 TLS_1_3_VERSION = 0x0304
@@ -58,6 +72,7 @@ TLS_CIPHER_AES_GCM_128 = 51
 TLS_CIPHER_AES_GCM_256 = 52
 TLS_CIPHER_CHACHA20_POLY1305 = 54
 
+MAX_PAYLOAD = 1 << 14  # what the kernel fills records to (TLS_MAX_PAYLOAD_SIZE)
 _HEADER = struct.Struct("=HH")  # u16 version, u16 cipher_type, native byte order
 _SEQ_LEN = 8
 
@@ -105,6 +120,11 @@ class KtlsUnsupported(KtlsError):
 
 class KtlsRekeyUnsupported(KtlsError):
     """A second TLS_TX/TLS_RX (TLS 1.3 KeyUpdate) was refused (tls.rst "TLS 1.3 Key Updates")."""
+
+
+class KtlsPartlyInstalled(KtlsError):
+    """TLS_TX is in the kernel but a later step of :func:`install` failed: the socket can no
+    longer carry a userspace record layer (the connection must be closed)."""
 
 
 class KtlsRecordError(KtlsError):
@@ -236,10 +256,45 @@ def install(sock: socket.socket, handoff: Handoff, *, tx: bool = True, rx: bool 
             "handshake and the kernel cannot see them (finish them in userspace first)"
         )
     _layout(handoff.cipher_suite)
+    payload = max_payload_for(handoff.record_size_limit)
     if tx:
         install_tx(sock, handoff.cipher_suite, handoff.write)
-    if rx:
-        install_rx(sock, handoff.cipher_suite, handoff.read)
+    try:
+        if tx and payload < MAX_PAYLOAD:
+            set_tx_max_payload_len(sock, payload)
+        if rx:
+            install_rx(sock, handoff.cipher_suite, handoff.read)
+    except KtlsError as exc:
+        if not tx:
+            raise
+        raise KtlsPartlyInstalled(f"TLS_TX installed, then: {exc}", exc.errno) from None
+
+
+def max_payload_for(record_size_limit: int | None) -> int:
+    """The TLS_TX_MAX_PAYLOAD_LEN a TLS 1.3 peer's RFC 8449 record_size_limit asks for (the limit
+    counts the inner content type byte); :data:`MAX_PAYLOAD` when it asks for nothing less."""
+    if record_size_limit is None:
+        return MAX_PAYLOAD
+    return min(MAX_PAYLOAD, record_size_limit - 1)
+
+
+def set_tx_max_payload_len(sock: socket.socket, payload_len: int) -> None:
+    """TLS_TX_MAX_PAYLOAD_LEN (6.19+): no record the kernel seals carries more than
+    ``payload_len`` bytes of content. Raises :class:`KtlsUnsupported` when refused (older
+    kernels: ENOPROTOOPT; EBUSY once a record is open)."""
+    try:
+        sock.setsockopt(SOL_TLS, TLS_TX_MAX_PAYLOAD_LEN, struct.pack("=H", payload_len))
+    except OSError as e:
+        raise KtlsUnsupported(f"kernel rejected TLS_TX_MAX_PAYLOAD_LEN {payload_len}", e.errno) from None
+
+
+def tx_max_payload_len(sock: socket.socket) -> int | None:
+    """The kernel's TLS_TX_MAX_PAYLOAD_LEN for this socket, as getsockopt reports it; None where
+    the option does not exist."""
+    try:
+        return int(struct.unpack("=H", sock.getsockopt(SOL_TLS, TLS_TX_MAX_PAYLOAD_LEN, 2))[0])
+    except OSError:
+        return None
 
 
 def _update(sock: socket.socket, optname: int, suite: CipherSuite, keys: TrafficKeys) -> None:
@@ -251,12 +306,14 @@ def _update(sock: socket.socket, optname: int, suite: CipherSuite, keys: Traffic
 
 
 def update_tx(sock: socket.socket, cipher_suite: CipherSuite, keys: TrafficKeys) -> None:
-    """Rekey TX after sending a KeyUpdate: set TLS_TX again (tls.rst "TLS 1.3 Key Updates")."""
+    """Rekey TX after sending a KeyUpdate: set TLS_TX again (tls.rst "TLS 1.3 Key Updates").
+    Every record sealed before (the KeyUpdate included) used the old key."""
     _update(sock, TLS_TX, cipher_suite, keys)
 
 
 def update_rx(sock: socket.socket, cipher_suite: CipherSuite, keys: TrafficKeys) -> None:
-    """Rekey RX after receiving a KeyUpdate: set TLS_RX again (tls.rst "TLS 1.3 Key Updates")."""
+    """Rekey RX after receiving a KeyUpdate: set TLS_RX again (tls.rst "TLS 1.3 Key Updates").
+    The kernel paused RX at the KeyUpdate, so the next record is the first under ``keys``."""
     _update(sock, TLS_RX, cipher_suite, keys)
 
 
@@ -304,6 +361,18 @@ def _read_direction(sock: socket.socket, optname: int) -> tuple[CipherSuite, Dir
         raise KtlsError("getsockopt(SOL_TLS) failed", e.errno) from None
     _, key, iv, seq = parse_crypto_info(data)
     return suite, DirectionState(rec_seq=seq, key=key, iv=iv)
+
+
+def tx_rec_seq(sock: socket.socket, cipher_suite: CipherSuite) -> int | None:
+    """TX's next record sequence number as the kernel holds it, in one getsockopt (the relay
+    asks before each write); None: TX not installed."""
+    try:
+        data = sock.getsockopt(SOL_TLS, TLS_TX, _layout(cipher_suite).size)
+    except OSError as e:
+        if e.errno in (_errno.EBUSY, _errno.ENOPROTOOPT):
+            return None
+        raise KtlsError("getsockopt(SOL_TLS, TLS_TX) failed", e.errno) from None
+    return int.from_bytes(data[-_SEQ_LEN:], "big")
 
 
 def read_back(sock: socket.socket) -> KtlsState:
@@ -437,6 +506,7 @@ class KtlsProbe:
     rekey_tx: bool = False
     rekey_rx: bool = False
     rekey_detail: str = ""  # errno names seen when the second TLS_TX / TLS_RX was refused
+    tx_max_payload_len: bool = False  # TLS_TX_MAX_PAYLOAD_LEN (a client record_size_limit < 2^14 + 1)
     tls_stat_present: bool = False
 
     def describe(self) -> str:
@@ -453,6 +523,7 @@ class KtlsProbe:
             f"TLS_RX_EXPECT_NO_PAD: {yes[self.rx_expect_no_pad]}",
             f"rekey TX (second TLS_TX): {yes[self.rekey_tx]}",
             f"rekey RX (second TLS_RX): {yes[self.rekey_rx]}",
+            f"TLS_TX_MAX_PAYLOAD_LEN: {yes[self.tx_max_payload_len]}",
         ]
         if self.rekey_detail:
             lines.append(f"rekey refused with: {self.rekey_detail}")
@@ -532,7 +603,7 @@ def _probe(release: str) -> KtlsProbe:
     suite = suites[0]
     keys = _dummy_keys(suite)
     info = build_crypto_info(suite, keys)
-    zc = no_pad = rekey_tx = rekey_rx = False
+    zc = no_pad = rekey_tx = rekey_rx = max_payload = False
     detail: list[str] = []
     a, b = _tcp_pair()
     try:
@@ -542,16 +613,34 @@ def _probe(release: str) -> KtlsProbe:
         b.setsockopt(SOL_TLS, TLS_RX, info)
         zc = set_zerocopy_ro(a)
         no_pad = set_rx_expect_no_pad(b)
+        try:  # the smallest TLS 1.3 value (record_size_limit 64), as a client may ask
+            set_tx_max_payload_len(a, 63)
+            max_payload = True
+        except KtlsError:
+            pass
+        # A real KeyUpdate: sent under the first keys, read (the kernel then pauses RX), then
+        # both directions set again with new keys, and one record through them.
+        b.settimeout(5)
+        send_record(a, ContentType.HANDSHAKE, bytes((HandshakeType.KEY_UPDATE, 0, 0, 1, 0)))
+        recv_record(b, 16)
+        lay = _LAYOUTS[suite]
+        info2 = build_crypto_info(suite, TrafficKeys(traffic_secret=b"", key=b"\x01" * lay.key_len,
+                                                     iv=b"\x02" * 12, rec_seq=0))
         try:
-            a.setsockopt(SOL_TLS, TLS_TX, info)
+            a.setsockopt(SOL_TLS, TLS_TX, info2)
             rekey_tx = True
         except OSError as e:
             detail.append(f"TLS_TX {_errname(e.errno)}")
         try:
-            b.setsockopt(SOL_TLS, TLS_RX, info)
+            b.setsockopt(SOL_TLS, TLS_RX, info2)
             rekey_rx = True
         except OSError as e:
             detail.append(f"TLS_RX {_errname(e.errno)}")
+        if rekey_tx and rekey_rx:
+            a.sendall(b"rekeyed")
+            if recv_record(b, 16) != (ContentType.APPLICATION_DATA, b"rekeyed"):
+                rekey_tx = rekey_rx = False
+                detail.append("a record under the new keys did not arrive intact")
     finally:
         a.close()
         b.close()
@@ -565,6 +654,7 @@ def _probe(release: str) -> KtlsProbe:
         rekey_tx=rekey_tx,
         rekey_rx=rekey_rx,
         rekey_detail=", ".join(detail),
+        tx_max_payload_len=max_payload,
         tls_stat_present=TLS_STAT_PATH.exists(),
     )
 

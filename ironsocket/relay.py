@@ -28,8 +28,9 @@ flowing. The connection ends when both directions have ended, or at once on an e
 
 Control records on a kTLS socket (tls.rst "Receive TLS control messages"): splice stops at a
 non-data record (EINVAL/EIO); the pump then reads it with ``recvmsg`` and its record-type cmsg.
-close_notify → half-close; another alert → close both; KeyUpdate → rekey the kernel if it can,
-else close cleanly with the reason logged (Linux 6.1 and 6.12 cannot rekey an installed RX).
+close_notify → half-close; another alert → close both; KeyUpdate → rekey the kernel if it can
+(`KtlsChannel`: RX at once, TX with our own KeyUpdate before our next record), else close
+cleanly with the reason logged (Linux 6.1 and 6.12 cannot rekey an installed RX).
 
 Guarantees:
 - every socket and pipe belongs to one `Relay`, which closes each exactly once (``close()``);
@@ -59,12 +60,14 @@ from typing import NoReturn
 
 from . import ktls
 from .engine import Engine, Loop, WaitFor
-from .tls13.alerts import RemoteProtocolError
-from .tls13.constants import AlertDescription, AlertLevel, CipherSuite, ContentType, HandshakeType
+from .tls13.alerts import Alert, RemoteProtocolError
+from .tls13.constants import AlertDescription, AlertLevel, CipherSuite, ContentType
 from .tls13.events import NEED_DATA, ApplicationData, ConnectionClosed, KeyUpdateReceived
 from .tls13.handoff import Handoff, TrafficKeys
 from .tls13.keyschedule import derive_traffic_keys, next_traffic_secret
-from .tls13.session import Session
+from .tls13.limits import WRITE_KEY_UPDATE_MARGIN
+from .tls13.records import record_limit
+from .tls13.session import KEY_UPDATE_NOT_REQUESTED, Session, check_key_updates_without_data, parse_key_update
 
 log = logging.getLogger("ironsocket.relay")
 
@@ -177,11 +180,25 @@ class UserspaceChannel(ClientChannel):
 
 
 class KtlsChannel(ClientChannel):
-    """A socket whose records the kernel seals and opens (tls.rst "Kernel TLS")."""
+    """A socket whose records the kernel seals and opens (tls.rst "Kernel TLS").
+
+    KeyUpdate (RFC 8446 §4.6.3; tls.rst "TLS 1.3 Key Updates", Linux >= 6.14). The client's
+    KeyUpdate reaches us as a handshake record (`control_record`); the kernel has then paused RX
+    until we set TLS_RX with the next client secret (rec_seq 0), which `_post_handshake` does at
+    once. If it asked for update_requested, we owe a KeyUpdate of ours before our next record
+    (``tx_update_owed``). We also owe one when our TX key nears its §5.5 usage limit
+    (``tx_rekey_at``, checked by the backend→client pump before each write). `send_key_update`
+    pays it: the KeyUpdate under the old key, then TLS_TX with the next server secret. A kernel
+    that refuses the second TLS_RX (6.1, 6.12) makes a client KeyUpdate a clean close.
+
+    ``read_secret``/``write_secret`` are always the secrets of the keys the kernel holds: an
+    upgrade carries them (`traffic_keys`) and checks that the kernel's keys derive from them.
+    """
 
     mode = RecordMode.KTLS_SW
 
-    def __init__(self, sock: socket.socket, cipher_suite: CipherSuite, read_secret: bytes, write_secret: bytes) -> None:
+    def __init__(self, sock: socket.socket, cipher_suite: CipherSuite, read_secret: bytes, write_secret: bytes,
+                 *, tx_update_owed: bool = False) -> None:
         self.sock = sock
         self.cipher_suite = cipher_suite
         self.read_secret = read_secret
@@ -189,6 +206,14 @@ class KtlsChannel(ClientChannel):
         self.send_lock = threading.Lock()
         self.write_closed = False
         self.truncated = False
+        self.tx_update_owed = tx_update_owed  # a KeyUpdate of ours is due before our next record
+        # §5.5: our own KeyUpdate once TX's rec_seq reaches this (limits.WRITE_KEY_UPDATE_MARGIN
+        # records before the AEAD limit); the kernel's rec_seq counts every record, so this
+        # holds across an upgrade too. Public so a test can bring the limit near.
+        self.tx_rekey_at = record_limit(cipher_suite) - WRITE_KEY_UPDATE_MARGIN
+        self.key_updates_without_data = 0  # client KeyUpdates since its last data (limits.py)
+        self.rekeys_rx = 0
+        self.rekeys_tx = 0
 
     @classmethod
     def from_handoff(cls, sock: socket.socket, handoff: Handoff) -> KtlsChannel:
@@ -198,6 +223,9 @@ class KtlsChannel(ClientChannel):
         state = ktls.read_back(self.sock)
         if state.tx is None or state.rx is None:
             raise ktls.KtlsError("kTLS is not installed in both directions on this socket")
+        for secret, held in ((self.write_secret, state.tx), (self.read_secret, state.rx)):
+            if derive_traffic_keys(self.cipher_suite, secret) != (held.key, held.iv):
+                raise ktls.KtlsError("the kernel's keys do not derive from the traffic secrets we hold")
         return (
             TrafficKeys(traffic_secret=self.write_secret, key=state.tx.key, iv=state.tx.iv, rec_seq=state.tx.rec_seq),
             TrafficKeys(traffic_secret=self.read_secret, key=state.rx.key, iv=state.rx.iv, rec_seq=state.rx.rec_seq),
@@ -259,10 +287,14 @@ class KtlsChannel(ClientChannel):
         raise RemoteProtocolError(f"record type {content_type} after the handshake", alert=AlertDescription.unexpected_message)
 
     def _post_handshake(self, data: bytes) -> None:
-        if len(data) != 5 or data[0] != HandshakeType.KEY_UPDATE or data[1:4] != b"\x00\x00\x01" or data[4] > 1:
-            self.send_fatal_alert(AlertDescription.unexpected_message)
-            raise RemoteProtocolError("unexpected post-handshake message", alert=AlertDescription.unexpected_message)
-        update_requested = bool(data[4])
+        """One handshake record from the client: only a KeyUpdate, alone in its record (§5.1)."""
+        try:
+            update_requested = parse_key_update(data)
+            self.key_updates_without_data += 1
+            check_key_updates_without_data(self.key_updates_without_data)
+        except Alert as exc:
+            self.send_fatal_alert(exc.description)
+            raise RemoteProtocolError(str(exc), alert=exc.description) from None
         new_read = next_traffic_secret(self.cipher_suite, self.read_secret)
         try:
             ktls.update_rx(self.sock, self.cipher_suite, _keys(self.cipher_suite, new_read))
@@ -270,12 +302,39 @@ class KtlsChannel(ClientChannel):
             # Every later record would fail to decrypt: close cleanly instead of corrupting.
             raise RelayClosed(f"client KeyUpdate but {exc}; closing the connection cleanly") from None
         self.read_secret = new_read
+        self.rekeys_rx += 1
         if update_requested:
-            with self.send_lock:
-                self._send_control(ContentType.HANDSHAKE, bytes((HandshakeType.KEY_UPDATE, 0, 0, 1, 0)))
-                new_write = next_traffic_secret(self.cipher_suite, self.write_secret)
+            self.tx_update_owed = True  # several requests before we answer: one answer (§4.6.3)
+            with contextlib.suppress(BlockingIOError):  # socket full: the b2c pump pays it
+                self.send_key_update()
+
+    def key_update_due(self) -> bool:
+        """Whether a KeyUpdate of ours must go out before our next record (owed to the client,
+        or TX's rec_seq has reached ``tx_rekey_at``)."""
+        if not self.tx_update_owed and not self.write_closed:
+            seq = ktls.tx_rec_seq(self.sock, self.cipher_suite)
+            self.tx_update_owed = seq is not None and seq >= self.tx_rekey_at
+        return self.tx_update_owed and not self.write_closed
+
+    def send_key_update(self) -> None:
+        """Pay the KeyUpdate we owe: send it (update_not_requested) under the current TX key,
+        then set TLS_TX with the next server secret, rec_seq 0. BlockingIOError (socket full):
+        nothing was sent, still owed. A kernel that then refuses TLS_TX leaves a client that
+        already switched keys: we stop writing and the error ends the connection."""
+        with self.send_lock:
+            if not self.tx_update_owed or self.write_closed:
+                self.tx_update_owed = False
+                return
+            self._send_control(ContentType.HANDSHAKE, KEY_UPDATE_NOT_REQUESTED)
+            new_write = next_traffic_secret(self.cipher_suite, self.write_secret)
+            try:
                 ktls.update_tx(self.sock, self.cipher_suite, _keys(self.cipher_suite, new_write))
-                self.write_secret = new_write
+            except ktls.KtlsError:
+                self.write_closed = True
+                raise
+            self.write_secret = new_write
+            self.tx_update_owed = False
+            self.rekeys_tx += 1
 
 
 def _keys(cipher_suite: CipherSuite, secret: bytes) -> TrafficKeys:
@@ -535,6 +594,7 @@ class Relay:
                     channel.truncated = True
                     return self._client_eof()
                 assert state.pipe is not None
+                channel.key_updates_without_data = 0
                 self._count_from_client(n + self._fill_pipe_more(channel.sock, state.pipe[1], n, state))
                 return False
 
@@ -665,6 +725,11 @@ class Relay:
             assert isinstance(channel, KtlsChannel)
 
             def step() -> bool:
+                if state.pipe is not None and channel.key_update_due():  # before our next record
+                    try:
+                        channel.send_key_update()
+                    except BlockingIOError:
+                        self._wait(channel.sock.fileno(), select.POLLOUT)
                 if self._drain_pipe(state, channel.sock, channel.send_lock):
                     return False
                 n = self._fill_pipe(state, self.backend)

@@ -695,8 +695,9 @@ class ProxyServer:
         return False
 
     def _client_channel(self, sock: socket.socket, handoff: Handoff, info: ConnectionInfo) -> ClientChannel:
+        # A client record_size_limit below 2^14 + 1 needs TLS_TX_MAX_PAYLOAD_LEN (Linux 6.19+).
         if self.use_ktls and not handoff.unprocessed and (
-            handoff.record_size_limit is None or handoff.record_size_limit > 1 << 14
+            ktls.max_payload_for(handoff.record_size_limit) == ktls.MAX_PAYLOAD or self.ktls_probe.tx_max_payload_len
         ):
             try:
                 ktls.install(sock, handoff)
@@ -705,7 +706,7 @@ class ProxyServer:
                 ktls.set_rx_expect_no_pad(sock)
                 return KtlsChannel.from_handoff(sock, handoff)
             except ktls.KtlsError as exc:
-                if exc.errno is not None and "TLS_RX" in str(exc):
+                if isinstance(exc, ktls.KtlsPartlyInstalled):
                     raise  # TX is in the kernel already; we cannot go back to userspace
                 if self.config.ktls is KtlsMode.REQUIRE:
                     raise

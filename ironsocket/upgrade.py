@@ -74,6 +74,7 @@ from .engine import Engine
 from .relay import KtlsChannel, PumpState, RecordMode, Relay, RelayStats, UserspaceChannel
 from .tls13.constants import CipherSuite, Group
 from .tls13.handoff import Handoff, TrafficKeys
+from .tls13.keyschedule import derive_traffic_keys
 from .tls13.session import Session
 
 if TYPE_CHECKING:
@@ -198,7 +199,7 @@ def connection_doc(info: ConnectionInfo) -> dict[str, Any]:
         }
     else:
         assert isinstance(channel, KtlsChannel)
-        doc["ktls"] = {"write_closed": channel.write_closed}
+        doc["ktls"] = {"write_closed": channel.write_closed, "tx_update_owed": channel.tx_update_owed}
     return doc
 
 
@@ -365,7 +366,11 @@ def _restore_connection(conn: dict[str, Any], client: socket.socket, backend: so
                              f"document {tx.rec_seq}/{rx.rec_seq}")
         if (state.tx.key, state.rx.key) != (tx.key, rx.key):
             raise StateError(f"connection {conn['id']}: kernel keys differ from the document")
-        channel = KtlsChannel(client, suite, rx.traffic_secret, tx.traffic_secret)
+        if (derive_traffic_keys(suite, tx.traffic_secret), derive_traffic_keys(suite, rx.traffic_secret)) != (
+                (tx.key, tx.iv), (rx.key, rx.iv)):
+            raise StateError(f"connection {conn['id']}: the document's traffic secrets are not those of its keys")
+        channel = KtlsChannel(client, suite, rx.traffic_secret, tx.traffic_secret,
+                              tx_update_owed=bool(conn["ktls"].get("tx_update_owed", False)))
         channel.write_closed = bool(conn["ktls"]["write_closed"])
     info = ConnectionInfo(conn_id=conn["id"], client_addr=tuple(conn["client"]), started=conn["started"],
                           server_name=conn["sni"], alpn_protocol=conn["alpn"], cipher_suite=suite.name,

@@ -16,6 +16,8 @@ import pytest
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "ktls: needs a kernel with kTLS; runs in the VM (tools/vm/ktls-vm)")
+    config.addinivalue_line("markers", "ktls7: needs kTLS rekey and TLS_TX_MAX_PAYLOAD_LEN (Linux 6.19+); runs in the VM "
+                            "with --kernel 7 (tools/vm/ktls-vm run --kernel 7), not in the 6.1 run")
 
 
 # ---------------------------------------------------------------------------------------------

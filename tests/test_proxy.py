@@ -465,8 +465,9 @@ def test_openssl_s_client(suite: CipherSuite, record_mode, echo_backend, make_pr
 
 
 def test_openssl_key_update(record_mode, echo_backend, make_proxy) -> None:
-    """s_client's ``k`` sends a KeyUpdate (update_requested). Userspace: rekey and carry on.
-    kTLS on a kernel that cannot rekey RX (6.1, 6.12): close cleanly, with the reason logged."""
+    """s_client's ``k`` sends a KeyUpdate (update_requested). Userspace, or kTLS on a kernel
+    that can rekey (6.14+): rekey and carry on. kTLS on a kernel that cannot rekey RX (6.1,
+    6.12): close cleanly, with the reason logged."""
     server = make_proxy(echo_backend)
     client = SClient(server.address[1])
     client.send("before\n")
@@ -474,7 +475,7 @@ def test_openssl_key_update(record_mode, echo_backend, make_proxy) -> None:
     info = only_connection(server)
     client.send("k\n")
     client.expect("KEYUPDATE")
-    if record_mode is RecordMode.USERSPACE:
+    if record_mode is RecordMode.USERSPACE or ktls.probe().rekey_rx:
         client.send("after\n")
         client.expect("after")
         status, _ = client.close()

@@ -39,6 +39,32 @@ from .limits import (
 from .records import HEADER_SIZE, MAX_PLAINTEXT, RecordProtection, SequenceExhausted, split_record
 
 
+# -- KeyUpdate (§4.6.3), shared with the kTLS record layer (relay.KtlsChannel) -------------------
+KEY_UPDATE_NOT_REQUESTED = bytes((HandshakeType.KEY_UPDATE, 0, 0, 1, 0))
+KEY_UPDATE_REQUESTED = bytes((HandshakeType.KEY_UPDATE, 0, 0, 1, 1))
+
+
+def parse_key_update(message: bytes) -> bool:
+    """One whole post-handshake message (4-byte header included) that must be a KeyUpdate:
+    return its request_update (True: update_requested). Raises the `Alert` §4.6.3 names."""
+    if len(message) < 4 or message[0] != HandshakeType.KEY_UPDATE:
+        kind = message[0] if message else None
+        raise AlertUnexpectedMessage(f"post-handshake message type {kind} not expected")
+    if int.from_bytes(message[1:4], "big") != 1 or len(message) != 5:
+        raise AlertDecodeError("KeyUpdate body must be one byte")
+    if message[4] not in (0, 1):
+        # §4.6.3: any request_update other than 0 or 1 MUST be illegal_parameter.
+        raise AlertIllegalParameter(f"KeyUpdate request_update {message[4]} is neither 0 nor 1")
+    return bool(message[4])
+
+
+def check_key_updates_without_data(count: int) -> None:
+    """limits.MAX_KEY_UPDATES_WITHOUT_DATA: ``count`` KeyUpdates since the peer's last record
+    with data is one too many → unexpected_message."""
+    if count > MAX_KEY_UPDATES_WITHOUT_DATA:
+        raise AlertUnexpectedMessage(f"more than {MAX_KEY_UPDATES_WITHOUT_DATA} KeyUpdates without application data")
+
+
 class Session:
     """Application data both ways over userspace AEAD, with close_notify and KeyUpdate."""
 
@@ -149,21 +175,12 @@ class Session:
             return None
         msg = bytes(self._handshake_buffer[: 4 + length])
         del self._handshake_buffer[: 4 + length]
-        if msg[0] != HandshakeType.KEY_UPDATE:
-            raise AlertUnexpectedMessage(f"post-handshake message type {msg[0]} not expected")
-        if length != 1:
-            raise AlertDecodeError("KeyUpdate body must be one byte")
-        if msg[4] not in (0, 1):
-            # §4.6.3: any request_update other than 0 or 1 MUST be illegal_parameter.
-            raise AlertIllegalParameter(f"KeyUpdate request_update {msg[4]} is neither 0 nor 1")
+        update_requested = parse_key_update(msg)
         if self._handshake_buffer:
             raise AlertUnexpectedMessage("KeyUpdate must end its record (§5.1)")
         self._key_updates_without_data += 1
-        if self._key_updates_without_data > MAX_KEY_UPDATES_WITHOUT_DATA:
-            raise AlertUnexpectedMessage(
-                f"more than {MAX_KEY_UPDATES_WITHOUT_DATA} KeyUpdates without application data"
-            )
-        return self.apply_key_update(bool(msg[4]))
+        check_key_updates_without_data(self._key_updates_without_data)
+        return self.apply_key_update(update_requested)
 
     def apply_key_update(self, update_requested: bool) -> KeyUpdateReceived:
         """§4.6.3: the peer's next records use the next read secret; answer if asked."""
@@ -186,8 +203,7 @@ class Session:
     def _key_update_locked(self, request_peer_update: bool) -> None:
         # §4.6.3 KeyUpdate, built here: the record layer needs no message parser (tlslite-ng is
         # not imported on the restore path of an exec upgrade).
-        key_update = bytes((HandshakeType.KEY_UPDATE, 0, 0, 1, int(request_peer_update)))
-        self._seal_locked(ContentType.HANDSHAKE, key_update)
+        self._seal_locked(ContentType.HANDSHAKE, KEY_UPDATE_REQUESTED if request_peer_update else KEY_UPDATE_NOT_REQUESTED)
         secret = next_traffic_secret(self.cipher_suite, self._write.traffic_secret)
         self._write = RecordProtection.from_secret(self.cipher_suite, secret)
 
