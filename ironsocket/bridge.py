@@ -40,6 +40,7 @@ end (they have lost only the listener).
 from __future__ import annotations
 
 import array
+import collections
 import json
 import logging
 import os
@@ -178,7 +179,8 @@ class _Bridge:
 
     def __init__(self, sock: socket.socket, engines: Sequence[Any], connections: list[tuple[Any, Any, int]],
                  totals: Callable[[], list[int]]) -> None:
-        self.sock, self.engines, self.live, self.totals = sock, list(engines), list(connections), totals
+        self.sock, self.engines, self.totals = sock, list(engines), totals
+        self.live = collections.deque(connections)
         self.base = list(totals())
 
     def run(self) -> int:
@@ -222,25 +224,25 @@ class _Bridge:
             send_frame(self.sock, {"error": "the bridge's relay loops did not reach a safe point in 5s"})
             return
         paused_at = time.monotonic()
-        try:
-            keep = []
-            for info, relay, listener in self.live:
+        try:  # from the front, only as far as the batch goes (a scan of all made it O(N²))
+            while self.live:
+                info, relay, listener = self.live[0]
                 if relay.done.is_set():
+                    self.live.popleft()
                     continue
                 n = len(relay.fds())
                 if count + n > max_fds:
-                    keep.append((info, relay, listener))
-                    continue
+                    break
+                self.live.popleft()
                 relay.engine.release(relay)
                 chosen.append((info, relay, listener))
                 count += n
-            self.live = keep
         finally:
             for engine in self.engines:
                 engine.resume()
         docs = [{**connection_doc(info), "listener": listener} for info, _, listener in chosen]
         fds = [fd for doc in docs for fd in connection_fds(doc)]
-        left = sum(1 for _, relay, _ in self.live if not relay.done.is_set())
+        left = len(self.live)  # some may have ended meanwhile: the next answer skips them
         message: dict[str, Any] = {"connections": docs, "left": left, "paused_at": paused_at}
         if resumed_at is not None:
             message["resumed_at"] = resumed_at

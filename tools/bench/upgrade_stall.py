@@ -251,9 +251,12 @@ class Clients:
 
 # ------------------------------------------------------------------ one N
 def log_time(line_prefix: str) -> float:
-    """asctime of a log line ("YYYY-mm-dd HH:MM:SS,mmm") as epoch seconds."""
-    dt = datetime.datetime.strptime(line_prefix, "%Y-%m-%d %H:%M:%S,%f")
-    return dt.timestamp()
+    """A log line's timestamp as epoch seconds: ISO 8601 UTC ("2026-12-02T04:53:39.123Z", today's
+    logs) or asctime ("YYYY-mm-dd HH:MM:SS,mmm", local time, the logs before)."""
+    if line_prefix.endswith("Z"):
+        dt = datetime.datetime.strptime(line_prefix, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc)
+        return dt.timestamp()
+    return datetime.datetime.strptime(line_prefix, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def threads_of(pid: int) -> int:
@@ -273,7 +276,7 @@ def free_port() -> int:
 def run_one(n: int, a, tmp: Path, backend_port: int) -> dict:
     """N connections through ``a.servers`` server processes sharing one port (SO_REUSEPORT, as
     `serve --workers` does), each upgraded in turn (a rolling upgrade) --upgrades times."""
-    k_servers = max(1, a.servers)
+    k_servers = max(1, a.servers) if n >= a.servers_from else 1
     listen = "127.0.0.1:0" if k_servers == 1 else f"127.0.0.1:{free_port()}"
     servers, slogs, ctls = [], [], []
     for i in range(k_servers):
@@ -338,7 +341,7 @@ def run_one(n: int, a, tmp: Path, backend_port: int) -> dict:
             time.sleep(a.settle)
         res["threads"].append(sum(threads_of(pid) for pid in pids))  # after the upgrades, same connections
         res["paused_ms"], res["resumed_ms"], res["restored"], res["phases"] = [], [], [], []
-        stamps = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ \S+: "
+        stamps = r"(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[,.]\d{3}Z?) \S+ \S+: "
         for slog in slogs:
             text = slog.read_text(errors="replace")
             res["paused_ms"] += [float(x) for x in re.findall(r"upgrade: \d+ connections paused in ([\d.]+) ms", text)]
@@ -485,6 +488,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--servers", type=int, default=1,
                    help="server processes on one port (SO_REUSEPORT, as serve --workers), upgraded one after another "
                         "(default 1; 2 for 10,000 connections under a 20,000-fd limit)")
+    p.add_argument("--servers-from", type=int, default=0, metavar="N",
+                   help="use --servers only for runs of at least N connections (default: every run)")
     p.add_argument("--interval", type=float, default=0.0, help="think time between pings, seconds (default 0)")
     p.add_argument("--timeout", type=float, default=60.0, help="per-step timeout, seconds")
     p.add_argument("--no-startup", action="store_true", help="skip timing a fresh interpreter's start-up")
