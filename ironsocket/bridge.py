@@ -44,6 +44,7 @@ import collections
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -193,14 +194,15 @@ class _Bridge:
         for engine in self.engines:
             engine.resume()
         resumed_at = time.monotonic()
-        self.sock.settimeout(1.0)
+        self.sock.settimeout(TIMEOUT)  # once a request has begun, all of it comes at once
         first = True
         while True:
+            # The new program asks when it is ready: seconds here, minutes under emulation.
+            if not select.select([self.sock], [], [], 1.0)[0]:
+                continue
             try:
                 request, fds = recv_frame(self.sock)
-            except TimeoutError:
-                continue
-            except (BridgeError, OSError) as exc:
+            except (BridgeError, OSError) as exc:  # EOF: the new program is gone
                 return self._orphaned(exc)
             _close_all(fds)
             op = request.get("op")

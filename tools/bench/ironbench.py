@@ -20,7 +20,8 @@ in front of the SAME plain backend, started fresh per contender:
 Tests (--quick shortens all of them):
   1 bulk MiB/s, 1 and 16 streams, download (backend→client) and upload (client→backend);
     for every contender the CPU seconds its processes spent per GB relayed (utime+stime)
-  2 full handshakes/s with N concurrent client processes (tools/bench/handshakes.py's client)
+  2 full and resumed handshakes/s with N concurrent client processes (tools/bench/handshakes.py's client;
+    every contender with its default session tickets)
   3 64-byte echo ping-pong latency p50/p99 on kept-alive connections (1 and 16 connections)
   4 RSS per idle connection at 1,000 and 10,000 connections (whole process group of the proxy)
   5 the limit (only where the kernel has kTLS): a loopback TCP pair with kTLS TX on one end and
@@ -518,21 +519,18 @@ def start_peer(name: str, backend_port: int, s: Settings) -> Contender:
     d = s.tmp / name
     d.mkdir(exist_ok=True)
     if name == "ironsocket":
-        argv = [sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0",
+        from ironsocket import ktls
+
+        c.port = free_port()
+        # Every contender with its default session tickets (ironsocket: 2, as OpenSSL's).
+        argv = [sys.executable, "-m", "ironsocket", "serve", "--listen", f"127.0.0.1:{c.port}",
                 "--backend", f"127.0.0.1:{backend_port}", "--cert", str(CERT), "--key", str(KEY),
                 "--ciphers", SUITE, "--groups", "x25519", "--log-level", "warning",
-                "--max-connections", "30000", "--idle-timeout", "0", "--handshake-timeout", "60",
-                "--tickets", "0"]  # the peers are configured without tickets too (no-tls-tickets, off)
+                "--max-connections", "30000", "--idle-timeout", "0", "--handshake-timeout", "60"]
         c.proc = spawn(argv, logf)
-        deadline = time.monotonic() + s.startup_timeout
-        while True:
-            if m := re.search(r"serving TLS 1\.3 on [\d.]+:(\d+), record layer: (\S+)", tail(logf, 50)):
-                c.port, c.note = int(m.group(1)), f"record layer: {m.group(2)}"
-                c.label = f"ironsocket ({m.group(2)})"
-                break
-            if c.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ironsocket did not start: {tail(logf)}")
-            time.sleep(0.1)
+        wait_port(c.port, c.proc, logf, s.startup_timeout)  # at --log-level warning it says nothing
+        layer = "kTLS" if ktls.probe().available else "userspace"
+        c.note, c.label = f"record layer: {layer}", f"ironsocket ({layer})"
         return c
     c.port = free_port()
     if name == "stunnel":
@@ -567,7 +565,7 @@ defaults
     timeout client 3600s
     timeout server 3600s
 frontend tls_in
-    bind 127.0.0.1:{c.port} ssl crt {combined_pem(s)} curves {GROUP} ciphersuites {SUITE} ssl-min-ver TLSv1.3 no-tls-tickets
+    bind 127.0.0.1:{c.port} ssl crt {combined_pem(s)} curves {GROUP} ciphersuites {SUITE} ssl-min-ver TLSv1.3
     default_backend plain
 backend plain
     server b1 127.0.0.1:{backend_port}
@@ -596,7 +594,6 @@ stream {{
         ssl_protocols TLSv1.3;
         ssl_conf_command Ciphersuites {SUITE};
         ssl_ecdh_curve {GROUP};
-        ssl_session_tickets off;
         {ktls_line}
         proxy_timeout 3600s;
     }}
@@ -793,8 +790,16 @@ def measure_idle(c: Contender, s: Settings) -> dict:
 
 
 def measure_handshakes(c: Contender, s: Settings) -> dict:
+    """Full handshakes (a client without a session), then resumed ones (every client resumes the
+    session of one first handshake: the contender's default tickets, psk_dhe_ke)."""
     r = hs.measure(c.port, s.hs_workers, s.hs_dur)
-    return {"rate": r["rate"], "p50_ms": r["p50"], "p99_ms": r["p99"], "errors": r["errors"]}
+    out = {"rate": r["rate"], "p50_ms": r["p50"], "p99_ms": r["p99"], "errors": r["errors"]}
+    try:
+        res = hs.measure(c.port, s.hs_workers, s.hs_dur, resume=True)
+        out |= {"resumed_rate": res["rate"], "resumed_p99_ms": res["p99"], "not_resumed": res["full"]}
+    except SystemExit as exc:  # no resumption at all (no tickets)
+        out["resumed_error"] = str(exc)
+    return out
 
 
 def ktls_limit(s: Settings) -> dict:
@@ -1008,13 +1013,14 @@ def render(contenders: list[Contender], limit: dict | None, crypto: dict, s: Set
         L.append(f"| {c.label} | {mb('down1')} | {mb('down16')} | {mb('up1')} | {mb('up16')} | "
                  f"{fmt(r.get('down1', {}).get('cpu_s_per_GB'), '.2f')} | {fmt(r.get('up1', {}).get('cpu_s_per_GB'), '.2f')} | {kt} |")
     L += ["", f"Handshakes: {s.hs_workers} client processes × {s.hs_dur:g} s, new connection and full handshake each "
-          "(tools/bench/handshakes.py's client). Latency: 64-byte echo ping-pong over kept-alive connections, "
+          "(tools/bench/handshakes.py's client); then the same with every client resuming one session (each "
+          "contender with its default session tickets, psk_dhe_ke). Latency: 64-byte echo ping-pong over kept-alive connections, "
           f"{s.lat_dur:g} s. Idle memory: RSS of the contender's process group after opening N TLS connections "
           "(handshake done, backend connected), minus RSS before, / N.", ""]
     idle_cols = [f"KiB/idle conn @{n}" for n in s.idle_counts]
-    L.append("| contender | handshakes/s | hs p50 ms | hs p99 ms | echo p50 µs (1) | echo p99 µs (1) | "
-             "echo p50 µs (16) | echo p99 µs (16) | " + " | ".join(idle_cols) + " |")
-    L.append("|---|" + "---:|" * (7 + len(idle_cols)))
+    L.append("| contender | handshakes/s | hs p50 ms | hs p99 ms | resumed hs/s | resumed p99 ms | echo p50 µs (1) | "
+             "echo p99 µs (1) | echo p50 µs (16) | echo p99 µs (16) | " + " | ".join(idle_cols) + " |")
+    L.append("|---|" + "---:|" * (9 + len(idle_cols)))
     for c in contenders:
         r = c.results
         h = r.get("hs", {})
@@ -1029,7 +1035,9 @@ def render(contenders: list[Contender], limit: dict | None, crypto: dict, s: Set
                 if v["opened"] < n:
                     cell += f" (only {v['opened']})"
                 cells.append(cell)
+        resumed = fmt(h.get("resumed_rate")) + (f" ({h['not_resumed']} not resumed)" if h.get("not_resumed") else "")
         L.append(f"| {c.label} | {fmt(h.get('rate'))} | {fmt(h.get('p50_ms'), '.1f')} | {fmt(h.get('p99_ms'), '.1f')} | "
+                 f"{resumed} | {fmt(h.get('resumed_p99_ms'), '.1f')} | "
                  f"{fmt(r.get('lat1', {}).get('p50_us'))} | {fmt(r.get('lat1', {}).get('p99_us'))} | "
                  f"{fmt(r.get('lat16', {}).get('p50_us'))} | {fmt(r.get('lat16', {}).get('p99_us'))} | " + " | ".join(cells) + " |")
     if limit:
