@@ -217,11 +217,6 @@ def inherited_fds(doc: dict[str, Any]) -> list[int]:
     return fds
 
 
-def connection_count(doc: dict[str, Any]) -> int:
-    """The connections a document carries, over every listener (and its bridge holds)."""
-    return sum(len(entry["connections"]) + entry.get("bridged", 0) for entry in doc["listeners"])
-
-
 def write_memfd(doc: dict[str, Any]) -> int:
     """The document in a sealed memfd (RAM only; F_SEAL_WRITE: nobody can change it)."""
     fd = os.memfd_create("ironsocket-upgrade", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
