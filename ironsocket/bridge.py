@@ -253,10 +253,7 @@ class _Bridge:
             message["closed_bytes"] = [now[0] - self.base[0], now[1] - self.base[1]]
         send_frame(self.sock, message, fds)
         for _, relay, _ in chosen:  # in flight now: the receiver holds its own references
-            held = list(relay.fds())
-            relay.client.sock.detach()
-            relay.backend.detach()
-            _close_all(held)
+            relay.let_go()
 
     def _orphaned(self, exc: BaseException) -> int:
         """The new program is gone: keep what we hold moving until it ends."""

@@ -789,6 +789,19 @@ class Relay:
         for s in (self.client.sock, self.backend):
             _shutdown(s, socket.SHUT_RDWR)
 
+    def let_go(self) -> None:
+        """(not on any loop: released, or never started) Close this process's copies of the
+        fds without a byte or a shutdown: another process holds the connection now (the exec
+        upgrade's bridge and the programs on either side of it)."""
+        held = self.fds()
+        self.client.sock.detach()
+        self.backend.detach()
+        for fd in held:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def abort(self, reason: str) -> None:
         """Close from outside (server stop): close_notify to the client, both sockets down."""
         self._abort(reason, graceful=True)

@@ -423,14 +423,7 @@ class ProxyServer:
         let them go without a byte or a shutdown (the bridge gives the connections back)."""
         for info, relay in self.live_connections():
             self.engine.release(relay)
-            held = list(relay.fds())
-            relay.client.sock.detach()
-            relay.backend.detach()
-            for fd in held:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            relay.let_go()
             with self._lock:
                 self.connections.pop(info.conn_id, None)
             self._slots.release()

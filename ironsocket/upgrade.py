@@ -211,9 +211,7 @@ def inherited_fds(doc: dict[str, Any]) -> list[int]:
     for entry in doc["listeners"] if "listeners" in doc else [doc]:
         fds.append(entry["listener_fd"])
         for conn in entry["connections"]:
-            fds += [conn["client_fd"], conn["backend_fd"]]
-            for direction in ("c2b", "b2c"):
-                fds += conn[direction]["pipe"] or []
+            fds += bridge.connection_fds(conn)
     return fds
 
 
@@ -426,9 +424,7 @@ def perform(servers: Sequence[ProxyServer], target: list[str], reply: socket.soc
             dumped = {**doc, "listeners": [dict(entry, connections=[connection_doc(i) for i, _ in server.live_connections()])
                                            for entry, server in zip(doc["listeners"], servers)]}
             dump_state(dumped, dump_path)
-        own = [fd for key in ("control_fd", "demo_fd", "admin_fd", "reply_fd") if (fd := doc.get(key)) is not None]
-        own += [entry["listener_fd"] for entry in doc["listeners"]]
-        pid, sock = bridge.fork([server.engine for server in servers], live, own,
+        pid, sock = bridge.fork([server.engine for server in servers], live, inherited_fds(doc),
                                 lambda: [sum(s.bytes_closed[0] for s in servers), sum(s.bytes_closed[1] for s in servers)])
         bridged = bridge.BridgeClient(sock.detach(), pid)
         doc["bridge"] = bridged.document()
