@@ -248,8 +248,7 @@ def serve(
         raise typer.Exit(supervise(workers, worker_argv(main_argv())))
     from .control import ControlError
 
-    runtime = Runtime(configs, demo=demo, control_socket=control_socket, state_dump=upgrade_state_dump,
-                      say=lambda text: typer.echo(text, err=True), **admin_kw)
+    runtime = Runtime(configs, demo=demo, control_socket=control_socket, state_dump=upgrade_state_dump, **admin_kw)
     runtime.install_signals()  # before start: a signal during a restore must not be the default (death)
     try:
         runtime.start()  # stops what it started on failure (a restore keeps it for the rollback)

@@ -205,7 +205,6 @@ class Runtime:
         admin_allow_remote: bool = False,
         control_socket: Path | None = None,
         state_dump: Path | None = None,
-        say: Callable[[str], None] = print,
     ) -> None:
         self.configs = [configs] if isinstance(configs, ProxyConfig) else list(configs)
         if not self.configs:
@@ -222,7 +221,6 @@ class Runtime:
         self.admin_allow_remote = admin_allow_remote
         self.control_socket = control_socket
         self.state_dump = state_dump
-        self.say = say
         self.servers: list[ProxyServer] = []
         self.owners: list[Any] = []  # during a restore: who holds each listener entry (rollback)
         self.bridge: Any = None  # bridge.BridgeClient: the previous program's fork holds connections
