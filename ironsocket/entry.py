@@ -1,7 +1,8 @@
 """The program's entry point (``ironsocket`` and ``python -m ironsocket``).
 
-In a process exec'd by an upgrade, the inherited connections move again first
-(`resume.start_early`: record layer only), and only then is the command line imported and parsed.
+In a process exec'd with connections in its state document (a rollback's; an upgrade's are in
+the bridge, `ironsocket.bridge`), they move again first (`resume.start_early`: record layer
+only), and only then is the command line imported and parsed.
 """
 
 from __future__ import annotations

@@ -1,9 +1,13 @@
-"""The first thing a program exec'd by an upgrade does: move its connections' bytes again.
+"""The first thing a program exec'd with connections in its state document does: move their
+bytes again.
 
 Theory of operation
 -------------------
-The previous program paused every connection, wrote the state document and exec'd us; until
-the pumps run again, every client waits. Most of a start-up is not needed to relay: the
+An upgrade hands its connections over through the bridge (`ironsocket.bridge`): they keep
+moving there while this program loads, and its document carries none. A rollback document
+does (`upgrade.roll_back_live`: the failed program paused them and wrote them down as they
+were), and so does a document from a version-1 program; until their pumps run again, every
+such client waits. Most of a start-up is not needed to relay: the
 command-line framework, the configuration, certificates and their x509 parsing, the handshake
 message parser. So `start_early()` runs from the entry point (`ironsocket.entry`) before any of
 that is imported: it reads the document, rebuilds every connection (kTLS state verified by
