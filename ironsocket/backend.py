@@ -3,8 +3,10 @@
 - `BackendSpec` says where and how: address, connect timeout, PROXY protocol version (None, "v1",
   "v2") and whether to connect *transparently* (IP_TRANSPARENT + bind to the client's address,
   so the backend sees the client, not the proxy; docs/transparent.md has the routing it needs).
-- `connect()` opens the connection and, with a PROXY protocol, writes the header as the very
-  first bytes before returning, so the relay never races it.
+- `start_connect()` begins the connection without blocking (a `Connecting`, which the handshake
+  pump drives on the relay loop) and, with a PROXY protocol, writes the header as the very first
+  bytes before the socket is handed on, so the relay never races it; `connect()` is the same,
+  blocking.
 - `proxy_v1_header()` / `proxy_v2_header()` are pure functions, byte-exact to
   haproxy.org/download/2.9/doc/proxy-protocol.txt.
 - `Routes` maps TLS server names (SNI) to backends: exact names first, then ``*.suffix``
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
+from select import POLLOUT, poll
 import socket
 import struct
 import threading
@@ -365,6 +369,32 @@ def proxy_v2_header(
 
 
 # -- connecting -----------------------------------------------------------------------------------
+def start_connect(
+    spec: BackendSpec,
+    *,
+    client_addr: tuple[str, int],
+    local_addr: tuple[str, int] | None,
+    server_name: str | None = None,
+    alpn: str | None = None,
+    cipher: str | None = None,
+    tls_version: str = "TLSv1.3",
+) -> Connecting:
+    """Begin connecting to ``spec.address`` without blocking (see `Connecting`).
+
+    ``client_addr`` is the TLS client's (address, port); ``local_addr`` is the address the
+    client connected to (the PROXY header's destination). With ``spec.transparent`` the
+    connection's source address is the client's IP (port chosen by the kernel). A host name is
+    resolved here, with ``getaddrinfo`` (blocking: a name in the configuration should resolve
+    from /etc/hosts or be an address). Raises BackendError if the connect cannot even begin."""
+    header = b""
+    if spec.proxy_protocol == "v1":
+        header = proxy_v1_header(client_addr, local_addr)
+    elif spec.proxy_protocol == "v2":
+        header = proxy_v2_header(client_addr, local_addr, alpn=alpn, authority=server_name,
+                                 ssl_version=tls_version, ssl_cipher=cipher)
+    return Connecting(spec, client_addr, header)
+
+
 def connect(
     spec: BackendSpec,
     *,
@@ -375,45 +405,89 @@ def connect(
     cipher: str | None = None,
     tls_version: str = "TLSv1.3",
 ) -> socket.socket:
-    """Connect to ``spec.address`` and return the connected socket (blocking, no timeout).
-
-    ``client_addr`` is the TLS client's (address, port); ``local_addr`` is the address the
-    client connected to (the PROXY header's destination). With ``spec.transparent`` the
-    connection's source address is the client's IP (port chosen by the kernel)."""
-    host, port = spec.address
-    if not spec.transparent:
-        try:
-            sock = socket.create_connection((host, port), timeout=spec.connect_timeout)
-        except OSError as exc:
-            raise BackendError(exc.errno or 0, f"connect to {_fmt_hostport(host, port)}: {exc.strerror or exc}") from None
-    else:
-        sock = _connect_transparent(spec, client_addr)
+    """`start_connect`, then wait (at most ``spec.connect_timeout``) until the connection is made
+    and the PROXY header written: the connected socket, blocking. Raises BackendError."""
+    pending = start_connect(spec, client_addr=client_addr, local_addr=local_addr, server_name=server_name,
+                            alpn=alpn, cipher=cipher, tls_version=tls_version)
     try:
-        sock.settimeout(None)
-        if spec.proxy_protocol == "v1":
-            sock.sendall(proxy_v1_header(client_addr, local_addr))
-        elif spec.proxy_protocol == "v2":
-            sock.sendall(proxy_v2_header(client_addr, local_addr, alpn=alpn, authority=server_name,
-                                         ssl_version=tls_version, ssl_cipher=cipher))
-    except OSError as exc:
-        sock.close()
-        raise BackendError(exc.errno or 0, f"sending the PROXY header to {_fmt_hostport(host, port)}: {exc.strerror or exc}") from None
+        poller = poll()
+        while not pending.progress():
+            poller.register(pending.fileno(), POLLOUT)
+            if not poller.poll(max(0.0, pending.deadline - time.monotonic()) * 1000):
+                if time.monotonic() >= pending.deadline:
+                    raise pending.timed_out()
+            poller.unregister(pending.fileno())
+        sock = pending.take()
+    except BaseException:
+        pending.close()
+        raise
+    sock.setblocking(True)
     return sock
 
 
-def _connect_transparent(spec: BackendSpec, client_addr: tuple[str, int]) -> socket.socket:
-    host, port = spec.address
-    client_ip = str(_ip(client_addr[0]))
-    v6 = ":" in client_ip
-    try:
-        infos = socket.getaddrinfo(host, port, socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise BackendError(errno.EADDRNOTAVAIL,
-                           f"transparent connect: backend {host} has no IPv{6 if v6 else 4} address for client "
-                           f"{client_ip} ({exc.strerror})") from None
-    target = infos[0][4]
-    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
-    try:
+class Connecting:
+    """One backend connect in flight, non-blocking (the handshake pump's, ironsocket.handshake).
+
+    Call `progress()` whenever `fileno()` is writable: True once connected and the PROXY header
+    (if any) written, then `take()` the socket; False means wait for POLLOUT again. It raises
+    BackendError, with a message for a human, when the connect failed. `timed_out()` is the
+    error to give once ``deadline`` (monotonic) has passed. A host name with several addresses
+    is tried address by address, like ``socket.create_connection``."""
+
+    def __init__(self, spec: BackendSpec, client_addr: tuple[str, int], header: bytes) -> None:
+        self.spec = spec
+        self.deadline = time.monotonic() + spec.connect_timeout
+        self._header = header
+        self._connected = False
+        self._sock: socket.socket | None = None
+        host, port = spec.address
+        self._where = _fmt_hostport(host, port)
+        self._client_ip: str | None = None
+        if spec.transparent:
+            self._client_ip = str(_ip(client_addr[0]))
+            v6 = ":" in self._client_ip
+            try:
+                infos = socket.getaddrinfo(host, port, socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                raise BackendError(errno.EADDRNOTAVAIL,
+                                   f"transparent connect: backend {host} has no IPv{6 if v6 else 4} address for "
+                                   f"client {self._client_ip} ({exc.strerror})") from None
+            self._targets = infos[:1]
+        else:
+            try:
+                self._targets = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                raise BackendError(errno.EHOSTUNREACH, f"connect to {self._where}: {exc.strerror}") from None
+        self._begin_next()
+
+    def fileno(self) -> int:
+        """The socket to wait on (-1 once taken or closed)."""
+        return self._sock.fileno() if self._sock is not None else -1
+
+    def _begin_next(self) -> None:
+        """connect() to the next address (non-blocking); raises BackendError if none is left."""
+        family, type_, proto, _, target = self._targets.pop(0)
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setblocking(False)
+            if self._client_ip is not None:
+                self._bind_transparent(sock, family == socket.AF_INET6)
+            code = sock.connect_ex(target)
+            if code not in (0, errno.EINPROGRESS):
+                raise OSError(code, os.strerror(code))
+        except BackendError:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            if self._targets:
+                self._begin_next()
+                return
+            raise self._failed(exc) from None
+        self._sock = sock
+
+    def _bind_transparent(self, sock: socket.socket, v6: bool) -> None:
+        assert self._client_ip is not None
         try:
             if v6:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
@@ -427,27 +501,72 @@ def _connect_transparent(spec: BackendSpec, client_addr: tuple[str, int]) -> soc
                                    "AmbientCapabilities=CAP_NET_ADMIN in the systemd unit)") from None
             raise BackendError(exc.errno or 0, f"transparent mode: setsockopt(IP_TRANSPARENT): {exc.strerror}") from None
         try:
-            sock.bind((client_ip, 0))
+            sock.bind((self._client_ip, 0))
         except OSError as exc:
             raise BackendError(exc.errno or 0,
-                               f"transparent mode: cannot bind to the client's address {client_ip}: {exc.strerror}") from None
-        sock.settimeout(spec.connect_timeout)
-        try:
-            sock.connect(target)
-        except TimeoutError:
-            raise BackendError(errno.ETIMEDOUT,
-                               f"transparent connect from {client_ip} to {_fmt_hostport(host, port)} timed out after "
-                               f"{spec.connect_timeout:g}s: the backend's replies to {client_ip} probably do not "
-                               "route back to this host (see docs/transparent.md: the backend's route to clients must "
-                               "go via the proxy, and the proxy needs 'ip rule add fwmark 1 lookup 100' + "
-                               "'ip route add local 0.0.0.0/0 dev lo table 100' + a mangle rule marking the replies)") from None
-        except OSError as exc:
-            hint = ""
-            if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL, errno.EINVAL):
-                hint = " (unroutable: see docs/transparent.md for the routing the operator must set up)"
-            raise BackendError(exc.errno or 0,
-                               f"transparent connect from {client_ip} to {_fmt_hostport(host, port)}: {exc.strerror}{hint}") from None
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+                               f"transparent mode: cannot bind to the client's address {self._client_ip}: "
+                               f"{exc.strerror}") from None
+
+    def _failed(self, exc: OSError) -> BackendError:
+        if self._client_ip is None:
+            return BackendError(exc.errno or 0, f"connect to {self._where}: {exc.strerror or exc}")
+        hint = ""
+        if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL, errno.EINVAL):
+            hint = " (unroutable: see docs/transparent.md for the routing the operator must set up)"
+        return BackendError(exc.errno or 0,
+                            f"transparent connect from {self._client_ip} to {self._where}: {exc.strerror}{hint}")
+
+    def timed_out(self) -> BackendError:
+        """The error once ``deadline`` has passed (the caller closes this connect)."""
+        timeout = self.spec.connect_timeout
+        if self._client_ip is None:
+            return BackendError(errno.ETIMEDOUT, f"connect to {self._where}: timed out after {timeout:g}s")
+        ip = self._client_ip
+        return BackendError(errno.ETIMEDOUT,
+                            f"transparent connect from {ip} to {self._where} timed out after "
+                            f"{timeout:g}s: the backend's replies to {ip} probably do not "
+                            "route back to this host (see docs/transparent.md: the backend's route to clients must "
+                            "go via the proxy, and the proxy needs 'ip rule add fwmark 1 lookup 100' + "
+                            "'ip route add local 0.0.0.0/0 dev lo table 100' + a mangle rule marking the replies)")
+
+    def progress(self) -> bool:
+        """Go on without blocking: True once connected and the header written."""
+        assert self._sock is not None
+        if not self._connected:
+            code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code == 0:
+                try:
+                    self._sock.getpeername()
+                except OSError:  # not connected yet (a spurious wake-up)
+                    return False
+                self._connected = True
+            elif code == errno.EINPROGRESS:
+                return False
+            else:
+                self._sock.close()
+                self._sock = None
+                if self._targets:
+                    self._begin_next()
+                    return False
+                raise self._failed(OSError(code, os.strerror(code)))
+        while self._header:
+            try:
+                sent = self._sock.send(self._header)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                raise BackendError(exc.errno or 0, f"sending the PROXY header to {self._where}: "
+                                                   f"{exc.strerror or exc}") from None
+            self._header = self._header[sent:]
+        return True
+
+    def take(self) -> socket.socket:
+        """The connected socket (non-blocking), which the caller owns from now on."""
+        assert self._sock is not None and self._connected and not self._header
+        sock, self._sock = self._sock, None
+        return sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

@@ -320,9 +320,13 @@ class Engine:
             for loop in self.loops:
                 loop.start()
 
+    def next_loop(self) -> Loop:
+        """The loop the next relay (or handshake) goes to: round robin. Thread-safe."""
+        return next(self._next)
+
     def add(self, relay: RelayLike, idle_timeout: float | None) -> Loop:
         """Give ``relay`` to a loop (round robin); its pumps start there. Thread-safe."""
-        loop = next(self._next)
+        loop = self.next_loop()
         if idle_timeout:
             loop.set_idle_scan(idle_timeout / 4)
         loop.call_soon(lambda: loop.add(relay))

@@ -1,28 +1,28 @@
 """The proxy: listener, accept loop, per-connection handshake, hand-over to the relay.
 
-Each accepted connection gets a thread for its handshake only: it runs the TLS 1.3 handshake
-(bounded by ``handshake_timeout``), connects to the backend, hands the record layer to the
-kernel (kTLS) or keeps it in userspace, gives its `relay.Relay` to the `engine.Engine` (a few
-epoll loops that move every connection's bytes) and ends. Threads: the accept loop, the relay
-loops and the handshakes in flight — never one per established connection.
+Each accepted connection becomes a `handshake.Handshake`: a pump on one of the relay loops of
+the `engine.Engine` (no thread of its own) that runs the TLS 1.3 handshake (bounded by
+``handshake_timeout``) and the backend connect (bounded by the backend's connect timeout),
+non-blocking. Then, on that loop thread, the record layer goes to the kernel (kTLS) or stays in
+userspace, and the connection's `relay.Relay` goes to the engine. Threads: the accept loop and
+the relay loops, whatever the number of connections or handshakes.
 
 The accept loop waits in ``poll``, and a wait is a safe point (`PauseControl`); the relay
 loops park between two steps (`Engine.pause`); so `pause()` can bring the whole process to a
 safe point for an exec upgrade (`upgrade.py`), and `adopt()` takes over the listener and
 connections a previous program left in the state.
 
-While the handshake runs on a connection that may get kTLS, the thread reads exactly one record
-at a time (``TLSServer.bytes_wanted()``): nothing past the client Finished leaves the kernel's
-receive queue, so TLS_RX starts at the right byte with read rec_seq 0 (DESIGN.md "Danger").
+While the handshake runs on a connection that may get kTLS, it reads exactly one record at a
+time (ironsocket.handshake): nothing past the client Finished leaves the kernel's receive queue.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import logging
 import os
-import re
 import select
 import socket
 import threading
@@ -38,28 +38,15 @@ from .counters import PROCESS, Histogram
 from .logs import fields
 from .engine import Engine
 from .connection import ENV_WORKER, WORKER, ConnectionInfo, conn_ref  # noqa: F401 - re-exported
+from .handshake import PLAIN_HTTP, Failed, Handshake, Ready, Stage  # noqa: F401 - PLAIN_HTTP re-exported
 from .relay import ClientChannel, KtlsChannel, Relay, UserspaceChannel
-from .tls13.alerts import RemoteProtocolError
 from .tls13.constants import AlertDescription
-from .tls13.events import NEED_DATA, ClientHelloReceived, HandshakeComplete
 from .tls13.handoff import Handoff
-from .tls13.server import ServerConfig, TLSServer
+from .tls13.server import ServerConfig
 from .tls13.session import Session
 
 log = logging.getLogger("ironsocket")
 
-
-# -- admin /metrics: the label of a failed handshake (ironsocket.admin) --
-def _alert_label(exc: RemoteProtocolError) -> str:
-    if exc.alert is not None:
-        return getattr(exc.alert, "name", str(exc.alert))
-    if exc.received is not None:
-        return "received_" + getattr(exc.received, "name", str(exc.received))
-    return "none"
-
-PLAIN_HTTP = "plain HTTP request on the TLS port"
-# A TLS record starts with a content type byte (20-24); an HTTP/1 request with a method in capitals.
-_HTTP_REQUEST = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH|CONNECT|TRACE|PRI) ")
 
 THREAD_STACK_SIZE = 256 * 1024  # relay threads hold a few frames; the default 8 MiB is waste
 
@@ -142,13 +129,6 @@ class PauseControl:
 
 
 
-def _shutdown_quietly(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
 class KtlsMode(enum.Enum):
     AUTO = "auto"
     REQUIRE = "require"
@@ -219,7 +199,6 @@ class ProxyServer:
         self._listener: socket.socket | None = None
         self._listener_label: str | None = None  # listener_name, once the socket is bound
         self._accept_thread: threading.Thread | None = None
-        self._threads: set[threading.Thread] = set()
         self.handshakes_ok = 0
         self.handshakes_failed = 0
         self.handshake_failures: dict[str, int] = {}  # by alert name (admin /metrics)
@@ -236,7 +215,10 @@ class ProxyServer:
         self.carried = 0  # connections carried over the exec that started this program
         self.passed_listener = False  # listening on a socket systemd passed, not on config.listen
         self._hold_accept = False  # pause(): no new connections while handshakes finish
-        self._in_handshake: dict[int, socket.socket] = {}  # conn_id → client socket, until relayed
+        self._in_handshake: dict[int, Handshake] = {}  # conn_id → its handshake, until relayed
+        # How often a loop looks for a handshake past its deadline: a quarter of the shortest.
+        self._deadline_scan = min([config.handshake_timeout, config.connect_timeout]
+                                  + [spec.connect_timeout for spec in backend_mod.all_specs(config)]) / 4
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -320,8 +302,12 @@ class ProxyServer:
         while self.connections and time.monotonic() < drain_end:
             time.sleep(0.05)
         end = time.monotonic() + deadline
-        for t in list(self._threads):
-            t.join(max(0.0, end - time.monotonic()))
+        with self._lock:
+            handshakes = list(self._in_handshake.values())
+        for hs in handshakes:
+            hs.call_soon(functools.partial(hs.cut, "server stopping"))
+        with self._lock:
+            self._handshake_cond.wait_for(lambda: self._handshaking == 0, max(0.0, end - time.monotonic()))
         with self._lock:
             infos = list(self.connections.values())
         for info in infos:
@@ -348,9 +334,9 @@ class ProxyServer:
         with self._lock:
             done = self._handshake_cond.wait_for(lambda: self._handshaking == 0, handshake_deadline)
             cut = [] if done else list(self._in_handshake.items())
-        for conn_id, sock in cut:
+        for conn_id, hs in cut:
             log.info("handshake cut: not finished when the upgrade began", extra=fields(conn=conn_ref(conn_id), pid=os.getpid()))
-            _shutdown_quietly(sock)  # its thread sees EOF/an error and ends
+            hs.call_soon(functools.partial(hs.cut, "cut by an upgrade"))
         if cut:
             with self._lock:
                 done = self._handshake_cond.wait_for(lambda: self._handshaking == 0, park_deadline)
@@ -564,128 +550,92 @@ class ProxyServer:
     def _spawn(self, sock: socket.socket, addr: tuple) -> None:
         conn_id = next(self._ids)
         info = ConnectionInfo(conn_id=conn_id, client_addr=addr[:2])
-        thread = threading.Thread(target=self._serve_connection, args=(sock, info), name=f"is-{conn_id}-hs", daemon=True)
-        with self._lock:
-            self.connections[conn_id] = info
-            self._threads.add(thread)
-            self._handshaking += 1
-            self._in_handshake[conn_id] = sock
-        thread.start()
-
-    # -- one connection --------------------------------------------------------------------------
-    def _serve_connection(self, sock: socket.socket, info: ConnectionInfo) -> None:
-        backend: socket.socket | None = None
-        relay_started = False
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            engine = TLSServer(self.config.tls)
-            if not self._handshake(sock, engine, info):
-                return
-            handoff = engine.handoff(drain=not self.use_ktls)
-            # -- backend connect: ironsocket.backend (SNI routes, PROXY protocol, transparent) --
-            info.route, spec = backend_mod.select_route(self.config, info.server_name)
-            info.backend_addr = spec.address
-            try:
-                backend = backend_mod.connect(spec, client_addr=info.client_addr, local_addr=sock.getsockname()[:2],
-                                              server_name=info.server_name, alpn=info.alpn_protocol,
-                                              cipher=info.cipher_suite)
-            except OSError as exc:
-                self.backend_health.failed(spec.address, exc)
-                log.warning("backend unreachable", extra=fields(
-                    conn=info.ref, pid=os.getpid(), listener=self.listener_name, route=info.route,
-                    client=info.client_addr, sni=info.server_name, backend=spec.address,
-                    reason=backend_mod.failure_reason(exc), error=backend_mod.describe_error(exc)))
-                self._alert_after_handshake(sock, handoff, AlertDescription.internal_error)
-                return
-            self.backend_health.succeeded(spec.address)
-            backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            info.backend_local_addr = backend.getsockname()[:2]
-            channel = self._client_channel(sock, handoff, info)
-            info.mode = channel.mode
-            log.info("open", extra=fields(
-                conn=info.ref, pid=os.getpid(), listener=self.listener_name, route=info.route,
-                client=info.client_addr, sni=info.server_name, alpn=info.alpn_protocol, suite=info.cipher_suite,
-                group=info.group, mode=info.mode, backend=spec.address,
-                resumed=True if info.resumed else None))
-            relay = Relay(info.conn_id, channel, backend, engine=self.engine,
-                          idle_timeout=self.config.idle_timeout)
-            info.relay = relay
-            relay_started = True
-            self._start_relay(info, relay)  # from here the relay owns the sockets and the slot
+        except OSError:
+            pass  # the client is gone already: the handshake finds out
+        hs = Handshake(sock, info, tls=self.config.tls, exact_reads=self.use_ktls,
+                       timeout=self.config.handshake_timeout, route=self._route,
+                       on_complete=self._handshake_complete, on_end=self._handshake_end)
+        with self._lock:
+            self.connections[conn_id] = info
+            self._handshaking += 1
+            self._in_handshake[conn_id] = hs
+        hs.start(self.engine, scan=self._deadline_scan)
+
+    # -- one connection: its handshake (ironsocket.handshake, on a relay loop), then its relay ---
+    def _route(self, server_name: str | None) -> tuple[str, backend_mod.BackendSpec]:
+        return backend_mod.select_route(self.config, server_name)
+
+    def _handshake_complete(self, hs: Handshake) -> None:
+        self.handshakes_ok += 1
+        self.handshake_seconds.observe(time.monotonic() - hs.began)
+
+    def _handshake_end(self, hs: Handshake, result: Ready | Failed) -> None:
+        """(loop thread) The handshake's end: start its relay, or count and log the failure."""
+        info = hs.info
+        relayed = False
+        try:
+            if isinstance(result, Ready):
+                self._relay(info, result)
+                relayed = True
+            elif result.stage is Stage.HANDSHAKE:
+                self._handshake_failed(info, result.reason, alert=result.alert)
+            else:
+                self._backend_failed(hs, info, result)
         except Exception:  # noqa: BLE001 - a bug must cost one connection, not the server
             log.exception("internal error", extra=fields(conn=info.ref, pid=os.getpid()))
         finally:
             with self._lock:
-                if not relay_started:
+                if not relayed:
                     self.connections.pop(info.conn_id, None)
-                self._threads.discard(threading.current_thread())
                 self._in_handshake.pop(info.conn_id, None)
                 self._handshaking -= 1
                 self._handshake_cond.notify_all()
-            if not relay_started:
-                sock.close()
-                if backend is not None:
-                    backend.close()
+            if not relayed:
+                if isinstance(result, Ready):
+                    result.backend.close()
+                    result.sock.close()
                 self._slots.release()
 
-    def _handshake(self, sock: socket.socket, engine: TLSServer, info: ConnectionInfo) -> bool:
-        began = time.monotonic()
-        deadline = began + self.config.handshake_timeout
-        exact_reads = self.use_ktls
-        first: bytes | None = None  # the client's first bytes: a plain HTTP request is named as such
-        buf = bytearray(16 * 1024)
-        view = memoryview(buf)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return self._handshake_failed(info, "handshake timeout")
-            sock.settimeout(remaining)
-            try:
-                n = sock.recv_into(view[: engine.bytes_wanted()] if exact_reads else view)
-            except TimeoutError:
-                return self._handshake_failed(info, f"handshake timeout ({self.config.handshake_timeout:g}s)")
-            except OSError as exc:
-                return self._handshake_failed(info, f"client socket error: {exc}")
-            if first is None:
-                first = bytes(view[:n])
-            engine.receive_data(bytes(view[:n]))
-            try:
-                while (event := engine.next_event()) is not NEED_DATA:
-                    if isinstance(event, ClientHelloReceived):
-                        info.server_name = event.server_name
-                    elif isinstance(event, HandshakeComplete):
-                        info.cipher_suite = event.cipher_suite.name
-                        info.group = event.group.name if event.group is not None else None
-                        info.alpn_protocol = event.alpn_protocol
-                        info.resumed = event.resumed
-                        self._send(sock, engine.data_to_send())
-                        self.handshakes_ok += 1
-                        self.handshake_seconds.observe(time.monotonic() - began)
-                        return True
-            except RemoteProtocolError as exc:
-                self._send(sock, engine.data_to_send())
-                reason = PLAIN_HTTP if first is not None and _HTTP_REQUEST.match(first) else str(exc)
-                return self._handshake_failed(info, reason, alert=_alert_label(exc))
-            if not self._send(sock, engine.data_to_send()):
-                return self._handshake_failed(info, "client went away")
+    def _relay(self, info: ConnectionInfo, ready: Ready) -> None:
+        """Hand the connection to its relay, which owns the sockets and the slot from here."""
+        self.backend_health.succeeded(ready.spec.address)
+        ready.backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        info.backend_local_addr = ready.backend.getsockname()[:2]
+        channel = self._client_channel(ready.sock, ready.handoff, info)
+        info.mode = channel.mode
+        log.info("open", extra=fields(
+            conn=info.ref, pid=os.getpid(), listener=self.listener_name, route=info.route,
+            client=info.client_addr, sni=info.server_name, alpn=info.alpn_protocol, suite=info.cipher_suite,
+            group=info.group, mode=info.mode, backend=ready.spec.address,
+            resumed=True if info.resumed else None))
+        relay = Relay(info.conn_id, channel, ready.backend, engine=self.engine,
+                      idle_timeout=self.config.idle_timeout)
+        info.relay = relay
+        self._start_relay(info, relay)
 
-    @staticmethod
-    def _send(sock: socket.socket, data: bytes) -> bool:
-        if not data:
-            return True
-        try:
-            sock.sendall(data)
-            return True
-        except OSError:
-            return False
+    def _backend_failed(self, hs: Handshake, info: ConnectionInfo, failed: Failed) -> None:
+        assert failed.spec is not None and failed.error is not None
+        self.backend_health.failed(failed.spec.address, failed.error)
+        log.warning("backend unreachable", extra=fields(
+            conn=info.ref, pid=os.getpid(), listener=self.listener_name, route=info.route,
+            client=info.client_addr, sni=info.server_name, backend=failed.spec.address,
+            reason=backend_mod.failure_reason(failed.error), error=failed.reason))
+        if failed.handoff is not None:  # the client gets internal_error, not a silent close
+            session = Session(failed.handoff)
+            session.send_alert(AlertDescription.internal_error)
+            try:
+                hs.sock.send(session.data_to_send())  # a few bytes into an empty buffer
+            except OSError:
+                pass
 
-    def _handshake_failed(self, info: ConnectionInfo, reason: str, alert: str = "none") -> bool:
+    def _handshake_failed(self, info: ConnectionInfo, reason: str, alert: str = "none") -> None:
         self.handshakes_failed += 1
         self.handshake_failures[alert] = self.handshake_failures.get(alert, 0) + 1
         log.info("handshake failed", extra=fields(conn=info.ref, pid=os.getpid(), listener=self.listener_name,
                                                   client=info.client_addr, sni=info.server_name, alert=alert,
                                                   reason=reason))
-        return False
 
     def _client_channel(self, sock: socket.socket, handoff: Handoff, info: ConnectionInfo) -> ClientChannel:
         # A client record_size_limit below 2^14 + 1 needs TLS_TX_MAX_PAYLOAD_LEN (Linux 6.19+).
@@ -706,11 +656,6 @@ class ProxyServer:
                 log.warning("kTLS install failed; staying in userspace",
                             extra=fields(conn=info.ref, pid=os.getpid(), error=str(exc)))
         return UserspaceChannel(sock, Session(handoff))
-
-    def _alert_after_handshake(self, sock: socket.socket, handoff: Handoff, description: AlertDescription) -> None:
-        session = Session(handoff)
-        session.send_alert(description)
-        self._send(sock, session.data_to_send())
 
     def _log_close(self, info: ConnectionInfo, relay: Relay) -> None:
         s = relay.stats

@@ -12,8 +12,9 @@ counted apart ("full"). A handshake counts when the client's do_handshake() retu
 Finished and has sent its own); its latency is connect() + do_handshake().
 
 Notes for reading the numbers: clients and servers share the machine's CPUs; openssl s_server
-serves one connection at a time (single-threaded C); ironsocket runs one Python thread per
-connection and also opens a backend connection (to a small sink process here) per handshake.
+serves one connection at a time (single-threaded C); ironsocket runs every handshake as a step on
+its relay loops (Python, one GIL) and also opens a backend connection (to a small sink process
+here) per handshake.
 
     .venv/bin/python tools/bench/handshakes.py [--workers 2] [--duration 5] [--resume] [--markdown-out FILE]
 """
