@@ -67,7 +67,8 @@ from .tls13.handoff import Handoff, TrafficKeys
 from .tls13.keyschedule import derive_traffic_keys, next_traffic_secret
 from .tls13.limits import WRITE_KEY_UPDATE_MARGIN
 from .tls13.records import record_limit
-from .tls13.session import KEY_UPDATE_NOT_REQUESTED, Session, check_key_updates_without_data, parse_key_update
+from .tls13.post_handshake import KEY_UPDATE_NOT_REQUESTED, PeerRecords
+from .tls13.session import Session
 
 log = logging.getLogger("ironsocket.relay")
 
@@ -183,9 +184,10 @@ class KtlsChannel(ClientChannel):
     """A socket whose records the kernel seals and opens (tls.rst "Kernel TLS").
 
     KeyUpdate (RFC 8446 §4.6.3; tls.rst "TLS 1.3 Key Updates", Linux >= 6.14). The client's
-    KeyUpdate reaches us as a handshake record (`control_record`); the kernel has then paused RX
-    until we set TLS_RX with the next client secret (rec_seq 0), which `_post_handshake` does at
-    once. If it asked for update_requested, we owe a KeyUpdate of ours before our next record
+    KeyUpdate reaches us as a handshake record (`control_record`, read by the one post-handshake
+    reader of both record layers, `tls13.post_handshake.PeerRecords`); the kernel has then paused
+    RX until we set TLS_RX with the next client secret (rec_seq 0), which `_key_update_received`
+    does at once. If it asked for update_requested, we owe a KeyUpdate of ours before our next record
     (``tx_update_owed``). We also owe one when our TX key nears its §5.5 usage limit
     (``tx_rekey_at``, checked by the backend→client pump before each write). `send_key_update`
     pays it: the KeyUpdate under the old key, then TLS_TX with the next server secret. A kernel
@@ -211,7 +213,7 @@ class KtlsChannel(ClientChannel):
         # records before the AEAD limit); the kernel's rec_seq counts every record, so this
         # holds across an upgrade too. Public so a test can bring the limit near.
         self.tx_rekey_at = record_limit(cipher_suite) - WRITE_KEY_UPDATE_MARGIN
-        self.key_updates_without_data = 0  # client KeyUpdates since its last data (limits.py)
+        self.peer = PeerRecords()  # what the client sends besides data (tls13.post_handshake)
         self.rekeys_rx = 0
         self.rekeys_tx = 0
 
@@ -268,33 +270,28 @@ class KtlsChannel(ClientChannel):
                                   alert=alert) from None
 
     def control_record(self) -> bool:
-        """Read and act on one non-data record. Returns True at close_notify (client EOF)."""
+        """Read and act on one non-data record (`tls13.post_handshake` says what it is).
+        Returns True at close_notify (client EOF)."""
         content_type, data = ktls.recv_record(self.sock, READ_SIZE)
-        if content_type == ContentType.ALERT:
-            if len(data) == 2 and data[1] == AlertDescription.close_notify:
-                return True
-            if len(data) == 2 and data[1] == AlertDescription.user_canceled:
-                return False
-            code = data[1] if len(data) == 2 else None
-            name = AlertDescription(code).name if code in AlertDescription._value2member_map_ else data.hex()
-            raise RemoteProtocolError(f"client sent alert {name}", received=code)
-        if content_type == ContentType.HANDSHAKE:
-            self._post_handshake(data)
-            return False
         if content_type == ContentType.APPLICATION_DATA:
             raise ktls.KtlsRecordError("splice refused an application-data record")
-        self.send_fatal_alert(AlertDescription.unexpected_message)
-        raise RemoteProtocolError(f"record type {content_type} after the handshake", alert=AlertDescription.unexpected_message)
-
-    def _post_handshake(self, data: bytes) -> None:
-        """One handshake record from the client: only a KeyUpdate, alone in its record (§5.1)."""
         try:
-            update_requested = parse_key_update(data)
-            self.key_updates_without_data += 1
-            check_key_updates_without_data(self.key_updates_without_data)
+            event = self.peer.record(content_type, data)
         except Alert as exc:
             self.send_fatal_alert(exc.description)
             raise RemoteProtocolError(str(exc), alert=exc.description) from None
+        if isinstance(event, ConnectionClosed):
+            return True
+        if isinstance(event, KeyUpdateReceived):
+            self._key_update_received(event.update_requested)
+        return False  # user_canceled, or a message not whole yet
+
+    def data_seen(self) -> None:
+        """The pump spliced application data from the client (the limits' counts restart)."""
+        self.peer.data_seen()
+
+    def _key_update_received(self, update_requested: bool) -> None:
+        """The kernel paused RX at the client's KeyUpdate: the next read key, at once."""
         new_read = next_traffic_secret(self.cipher_suite, self.read_secret)
         try:
             ktls.update_rx(self.sock, self.cipher_suite, _keys(self.cipher_suite, new_read))
@@ -594,7 +591,7 @@ class Relay:
                     channel.truncated = True
                     return self._client_eof()
                 assert state.pipe is not None
-                channel.key_updates_without_data = 0
+                channel.data_seen()
                 self._count_from_client(n + self._fill_pipe_more(channel.sock, state.pipe[1], n, state))
                 return False
 

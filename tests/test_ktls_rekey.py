@@ -38,7 +38,8 @@ from ironsocket.tls13.handoff import Handoff, TrafficKeys
 from ironsocket.tls13.keyschedule import derive_traffic_keys, next_traffic_secret
 from ironsocket.tls13.limits import MAX_KEY_UPDATES_WITHOUT_DATA, WRITE_KEY_UPDATE_MARGIN
 from ironsocket.tls13.records import AES_GCM_RECORD_LIMIT, RecordProtection
-from ironsocket.tls13.session import KEY_UPDATE_NOT_REQUESTED, KEY_UPDATE_REQUESTED, Session, parse_key_update
+from ironsocket.tls13.post_handshake import KEY_UPDATE_NOT_REQUESTED, KEY_UPDATE_REQUESTED, parse_key_update
+from ironsocket.tls13.session import Session
 from tests.test_proxy import TIMEOUT, echo_backend, make_proxy, only_connection, wait_until  # noqa: F401
 from tests.tls13.test_server import Client
 
@@ -158,7 +159,7 @@ def test_secrets_after_n_client_key_updates(channel: tuple[KtlsChannel, FakeKern
     requested = [i % 3 == 0 for i in range(60)]
     for i, req in enumerate(requested):
         client_key_update(ch, kernel, req)
-        ch.key_updates_without_data = 0  # the relay does this when client data moves
+        ch.data_seen()  # the relay does this when client data moves
         answered = sum(requested[: i + 1])
         assert ch.read_secret == ladder(SUITE, read0, i + 1) and kernel.rx.traffic_secret == ch.read_secret
         assert ch.write_secret == ladder(SUITE, write0, answered) and kernel.tx.traffic_secret == ch.write_secret
@@ -189,7 +190,7 @@ def test_same_secrets_as_the_userspace_session(channel: tuple[KtlsChannel, FakeK
         session.next_event()  # KeyUpdateReceived
         session.next_event()  # ApplicationData
         client_key_update(ch, kernel, req)
-        ch.key_updates_without_data = 0
+        ch.data_seen()
     snap = session.snapshot()
     assert snap.read.traffic_secret == ch.read_secret
     assert snap.write.traffic_secret == ch.write_secret

@@ -17,52 +17,14 @@ from __future__ import annotations
 
 import threading
 
-from .alerts import (
-    Alert,
-    AlertDecodeError,
-    AlertIllegalParameter,
-    AlertUnexpectedMessage,
-    LocalProtocolError,
-    RecordLimitReached,
-    RemoteProtocolError,
-)
-from .constants import AlertDescription, AlertLevel, CipherSuite, ContentType, HandshakeType
-from .events import NEED_DATA, AlertReceived, ApplicationData, ConnectionClosed, Event, KeyUpdateReceived
+from .alerts import Alert, AlertUnexpectedMessage, LocalProtocolError, RecordLimitReached, RemoteProtocolError
+from .constants import AlertDescription, AlertLevel, CipherSuite, ContentType
+from .events import NEED_DATA, ApplicationData, ConnectionClosed, Event, KeyUpdateReceived
 from .handoff import Handoff
 from .keyschedule import next_traffic_secret
-from .limits import (
-    MAX_CONSECUTIVE_EMPTY_RECORDS,
-    MAX_KEY_UPDATES_WITHOUT_DATA,
-    MAX_POST_HANDSHAKE_MESSAGE_SIZE,
-    WRITE_KEY_UPDATE_MARGIN,
-)
+from .limits import WRITE_KEY_UPDATE_MARGIN
+from .post_handshake import KEY_UPDATE_NOT_REQUESTED, KEY_UPDATE_REQUESTED, PeerRecords
 from .records import HEADER_SIZE, MAX_PLAINTEXT, RecordProtection, SequenceExhausted, split_record
-
-
-# -- KeyUpdate (§4.6.3), shared with the kTLS record layer (relay.KtlsChannel) -------------------
-KEY_UPDATE_NOT_REQUESTED = bytes((HandshakeType.KEY_UPDATE, 0, 0, 1, 0))
-KEY_UPDATE_REQUESTED = bytes((HandshakeType.KEY_UPDATE, 0, 0, 1, 1))
-
-
-def parse_key_update(message: bytes) -> bool:
-    """One whole post-handshake message (4-byte header included) that must be a KeyUpdate:
-    return its request_update (True: update_requested). Raises the `Alert` §4.6.3 names."""
-    if len(message) < 4 or message[0] != HandshakeType.KEY_UPDATE:
-        kind = message[0] if message else None
-        raise AlertUnexpectedMessage(f"post-handshake message type {kind} not expected")
-    if int.from_bytes(message[1:4], "big") != 1 or len(message) != 5:
-        raise AlertDecodeError("KeyUpdate body must be one byte")
-    if message[4] not in (0, 1):
-        # §4.6.3: any request_update other than 0 or 1 MUST be illegal_parameter.
-        raise AlertIllegalParameter(f"KeyUpdate request_update {message[4]} is neither 0 nor 1")
-    return bool(message[4])
-
-
-def check_key_updates_without_data(count: int) -> None:
-    """limits.MAX_KEY_UPDATES_WITHOUT_DATA: ``count`` KeyUpdates since the peer's last record
-    with data is one too many → unexpected_message."""
-    if count > MAX_KEY_UPDATES_WITHOUT_DATA:
-        raise AlertUnexpectedMessage(f"more than {MAX_KEY_UPDATES_WITHOUT_DATA} KeyUpdates without application data")
 
 
 class Session:
@@ -75,16 +37,13 @@ class Session:
         self._buffer = bytearray(handoff.unprocessed)
         self._pending_plaintext = handoff.plaintext
         self._send_buffer = bytearray()
-        self._handshake_buffer = bytearray()
         limit = handoff.record_size_limit
         self.max_fragment = MAX_PLAINTEXT if limit is None else min(MAX_PLAINTEXT, limit - 1)
         self.handoff_template = handoff
         self.read_closed = False
         self.write_closed = False
         self.errored = False
-        # Bounds from limits.py; both counts restart at an application_data record with content.
-        self._empty_records = 0
-        self._key_updates_without_data = 0
+        self._peer = PeerRecords()  # alerts, KeyUpdate, the bounds of limits.py (post_handshake.py)
         # The reading side touches the write state only to answer a KeyUpdate; this lock keeps
         # that from racing a writer thread (sealing and queueing stay in record order).
         self._write_lock = threading.Lock()
@@ -129,58 +88,16 @@ class Session:
             raise RemoteProtocolError(str(exc), alert=exc.description) from exc
 
     def _handle_record(self, inner_type: ContentType, content: bytes) -> Event | None:
-        if inner_type == ContentType.APPLICATION_DATA:
-            if self._handshake_buffer:
-                raise AlertUnexpectedMessage("application data interleaved with a handshake message")
-            if content:
-                self._empty_records = self._key_updates_without_data = 0
-                return ApplicationData(data=content)
-            self._empty_records += 1
-            if self._empty_records > MAX_CONSECUTIVE_EMPTY_RECORDS:
-                raise AlertUnexpectedMessage(f"more than {MAX_CONSECUTIVE_EMPTY_RECORDS} empty records in a row")
-            return None
-        if inner_type == ContentType.ALERT:
-            if not content:
-                # §5.4: Handshake and Alert records MUST NOT have a zero-length
-                # TLSInnerPlaintext.content; receiving one MUST be unexpected_message.
-                raise AlertUnexpectedMessage("alert record with no content (§5.4)")
-            if len(content) != 2:
-                raise AlertDecodeError("alert record must be two bytes")
-            code = content[1]
-            if code == AlertDescription.close_notify:
-                self.read_closed = True
-                return ConnectionClosed()
-            if code == AlertDescription.user_canceled:
-                return AlertReceived(description=AlertDescription.user_canceled)
+        try:
+            event = self._peer.record(inner_type, content)
+        except RemoteProtocolError:  # the client's fatal alert: nothing to answer
             self.errored = True
-            try:
-                received: AlertDescription | int = AlertDescription(code)
-            except ValueError:
-                received = code
-            raise RemoteProtocolError(f"client sent alert {received!r}", received=received)
-        if inner_type == ContentType.HANDSHAKE:
-            return self._handle_handshake(content)
-        raise AlertUnexpectedMessage(f"{inner_type.name} record after the handshake")
-
-    def _handle_handshake(self, content: bytes) -> Event | None:
-        if not content:
-            raise AlertUnexpectedMessage("handshake record with no content (§5.4)")
-        self._handshake_buffer += content
-        if len(self._handshake_buffer) < 4:
-            return None
-        length = int.from_bytes(self._handshake_buffer[1:4], "big")
-        if length > MAX_POST_HANDSHAKE_MESSAGE_SIZE:
-            raise AlertUnexpectedMessage("post-handshake message too large")
-        if len(self._handshake_buffer) < 4 + length:
-            return None
-        msg = bytes(self._handshake_buffer[: 4 + length])
-        del self._handshake_buffer[: 4 + length]
-        update_requested = parse_key_update(msg)
-        if self._handshake_buffer:
-            raise AlertUnexpectedMessage("KeyUpdate must end its record (§5.1)")
-        self._key_updates_without_data += 1
-        check_key_updates_without_data(self._key_updates_without_data)
-        return self.apply_key_update(update_requested)
+            raise
+        if isinstance(event, ConnectionClosed):
+            self.read_closed = True
+        elif isinstance(event, KeyUpdateReceived):
+            return self.apply_key_update(event.update_requested)
+        return event
 
     def apply_key_update(self, update_requested: bool) -> KeyUpdateReceived:
         """§4.6.3: the peer's next records use the next read secret; answer if asked."""
