@@ -64,7 +64,6 @@ STATE_VERSION = 2  # 2: one entry per listener (``listeners``), for `serve --con
 LEGACY_VERSION = 1  # one listener, its keys at the top level: read (converted), and written back
 # to a version-1 program by a rollback, so that an upgrade from a version-1 program works both ways
 _LISTENER_KEYS_V1 = ("listener_fd", "listen", "idle_timeout", "next_conn_id", "connections", "counters")
-_DOC_FDS = ("control_fd", "demo_fd", "admin_fd", "reply_fd")
 
 
 class StateError(Exception):
@@ -427,10 +426,12 @@ class Counters:
                    upgrades=UpgradeCounts.from_obj(o.obj("upgrades")) if o.raw("upgrades", None) else None)
 
 
-def _ticket_keys_from(o: _Obj) -> tuple[TicketKey, ...]:
+def _ticket_keys_from(o: _Obj) -> tuple[TicketKey, ...] | None:
     """Malformed entries are dropped, not an error: the worst case is a full handshake."""
+    if o.raw("ticket_keys", None) is None:
+        return None
     keys = []
-    for entry in o.typed("ticket_keys", list, []):
+    for entry in o.typed("ticket_keys", list):
         try:
             keys.append(TicketKey(bytes.fromhex(entry["id"]), bytes.fromhex(entry["key"]), float(entry["created"])))
         except (KeyError, TypeError, ValueError, AttributeError):
@@ -485,19 +486,22 @@ class ListenerEntry:
     connections: tuple[ConnectionEntry, ...] = ()
     bridged: int = 0  # connections the bridge holds (not in ``connections``)
     counters: Counters = field(default_factory=Counters)
-    ticket_keys: tuple[TicketKey, ...] = field(default=(), repr=False)
+    # The session ticket keys (None: the document has none, as in version 1: the ring keeps its own)
+    ticket_keys: tuple[TicketKey, ...] | None = field(default=None, repr=False)
 
     def view(self) -> ListenerView:
         return ListenerView(name=self.name, listen=self.listen, connections=len(self.connections) + self.bridged,
                             passed=self.passed)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "idle_timeout": self.idle_timeout, "listener_fd": self.listener_fd,
-                "listen": list(self.listen), "passed": self.passed, "next_conn_id": self.next_conn_id,
-                "connections": [conn.to_dict() for conn in self.connections], "bridged": self.bridged,
-                "counters": self.counters.to_dict(),
-                "ticket_keys": [{"id": k.key_id.hex(), "key": k.secret.hex(), "created": k.created}
-                                for k in self.ticket_keys]}
+        out = {"name": self.name, "idle_timeout": self.idle_timeout, "listener_fd": self.listener_fd,
+               "listen": list(self.listen), "passed": self.passed, "next_conn_id": self.next_conn_id,
+               "connections": [conn.to_dict() for conn in self.connections], "bridged": self.bridged,
+               "counters": self.counters.to_dict()}
+        if self.ticket_keys is not None:
+            out["ticket_keys"] = [{"id": k.key_id.hex(), "key": k.secret.hex(), "created": k.created}
+                                  for k in self.ticket_keys]
+        return out
 
     @classmethod
     def from_obj(cls, o: _Obj) -> ListenerEntry:
@@ -520,6 +524,20 @@ class BridgeEntry:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Sockets:
+    """The program's own sockets carried besides the listeners (fd numbers survive the exec)."""
+
+    control_fd: int | None = None
+    demo_fd: int | None = None
+    admin_fd: int | None = None
+    reply_fd: int | None = None  # the `ironsocket upgrade` requester's connection, to answer it
+
+    @property
+    def fds(self) -> list[int]:
+        return [fd for fd in (self.control_fd, self.demo_fd, self.admin_fd, self.reply_fd) if fd is not None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Document:
     """The whole state an upgrade hands over (see the module doc)."""
 
@@ -528,10 +546,7 @@ class Document:
     created: float  # Unix time (the new program's pause is counted from it)
     paused_at_monotonic: float | None = None  # when the connections were paused (the bridge's fork)
     previous_exec: tuple[str, ...] | None = None  # argv of the program to roll back to (None: none)
-    control_fd: int | None = None
-    demo_fd: int | None = None
-    admin_fd: int | None = None
-    reply_fd: int | None = None  # the `ironsocket upgrade` requester's connection, to answer it
+    sockets: Sockets = field(default_factory=Sockets)
     bridge: BridgeEntry | None = None
     from_version: int | None = None  # read from a version-1 document: a rollback writes version 1
 
@@ -546,7 +561,7 @@ class Document:
     @property
     def fds(self) -> list[int]:
         """Every fd the document names (they must survive the exec)."""
-        fds = [fd for fd in (self.control_fd, self.demo_fd, self.admin_fd, self.reply_fd) if fd is not None]
+        fds = self.sockets.fds
         if self.bridge is not None:
             fds.append(self.bridge.fd)
         for entry in self.listeners:
@@ -557,7 +572,8 @@ class Document:
 
     def check_fds(self) -> None:
         """StateError unless every fd the document names is open and of the right kind."""
-        for name, fd in (("control_fd", self.control_fd), ("demo_fd", self.demo_fd), ("admin_fd", self.admin_fd)):
+        sockets = self.sockets
+        for name, fd in (("control_fd", sockets.control_fd), ("demo_fd", sockets.demo_fd), ("admin_fd", sockets.admin_fd)):
             if fd is not None:
                 _expect(fd, FdKind.SOCKET, name)
         if self.bridge is not None:
@@ -574,8 +590,8 @@ class Document:
             "format": STATE_FORMAT, "version": version, "pid": self.pid, "created": self.created,
             "paused_at_monotonic": self.paused_at_monotonic,
             "previous_exec": list(self.previous_exec) if self.previous_exec is not None else None,
-            "control_fd": self.control_fd, "demo_fd": self.demo_fd, "admin_fd": self.admin_fd,
-            "reply_fd": self.reply_fd,
+            "control_fd": self.sockets.control_fd, "demo_fd": self.sockets.demo_fd,
+            "admin_fd": self.sockets.admin_fd, "reply_fd": self.sockets.reply_fd,
             "bridge": {"fd": self.bridge.fd, "pid": self.bridge.pid} if self.bridge is not None else None,
         }
         if version == STATE_VERSION:
@@ -618,12 +634,12 @@ class Document:
         previous = o.optional("previous_exec", list)
         if previous is not None and not all(isinstance(a, str) for a in previous):
             raise StateError("previous_exec: a list of strings expected")
-        fds = {key: o.optional(key, int) for key in _DOC_FDS}
         return cls(listeners=listeners, pid=o.typed("pid", int), created=o.typed("created", float),
                    paused_at_monotonic=o.optional("paused_at_monotonic", float),
                    previous_exec=tuple(previous) if previous is not None else None,
-                   control_fd=fds["control_fd"], demo_fd=fds["demo_fd"], admin_fd=fds["admin_fd"],
-                   reply_fd=fds["reply_fd"], bridge=bridge, from_version=from_version)
+                   sockets=Sockets(control_fd=o.optional("control_fd", int), demo_fd=o.optional("demo_fd", int),
+                                   admin_fd=o.optional("admin_fd", int), reply_fd=o.optional("reply_fd", int)),
+                   bridge=bridge, from_version=from_version)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Document:
@@ -668,3 +684,65 @@ def read_memfd(fd: int, check: Callable[[Document], None] = Document.check_fds) 
     doc = Document.from_json(b"".join(chunks))
     check(doc)
     return doc
+
+
+# -- a post-mortem's view: what `inspect-keys --state FILE` shows ------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeysView:
+    rec_seq: int
+    key: bytes = field(repr=False)
+    iv: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionView:
+    """A connection as `key_views` reads it: whatever the file says, shown as it is."""
+
+    id: Any
+    client: Any
+    backend: Any
+    sni: Any
+    alpn: Any
+    suite: Any
+    mode: Any
+    tx: KeysView | None
+    rx: KeysView | None
+
+
+def key_views(value: object) -> list[ConnectionView]:
+    """The connections and their keys of a state dump (``serve --upgrade-state-dump``), or of the
+    minimal documented shape (version 1: ``connections`` with ``id``, ``client``, ``backend``,
+    ``sni``, ``alpn``, ``suite``, ``mode``, and ``tx``/``rx`` of ``rec_seq``, ``key``, ``iv``).
+    Lenient, unlike `Document.from_json`: a post-mortem file has no fds to check and may be
+    written by hand; other fields are ignored. StateError on anything else."""
+    if not isinstance(value, dict) or value.get("format") != STATE_FORMAT:
+        raise StateError(f'not an upgrade state document (want "format": "{STATE_FORMAT}")')
+    if value.get("version") == STATE_VERSION:  # one entry per listener: every listener's connections
+        listeners = value.get("listeners")
+        if not isinstance(listeners, list) or not all(isinstance(e, dict) and isinstance(e.get("connections"), list)
+                                                      for e in listeners):
+            raise StateError('"listeners" must be a list of objects with a "connections" list')
+        conns: object = [conn for entry in listeners for conn in entry["connections"]]
+    elif value.get("version") == LEGACY_VERSION:
+        conns = value.get("connections")
+    else:
+        raise StateError(f"unsupported upgrade state version {value.get('version')!r} "
+                         f"(this build reads versions {LEGACY_VERSION} and {STATE_VERSION})")
+    if not isinstance(conns, list):
+        raise StateError('"connections" must be a list')
+    out = []
+    for n, conn in enumerate(conns):
+        if not isinstance(conn, dict):
+            raise StateError(f"connections[{n}] is not an object")
+        directions: list[KeysView | None] = []
+        for d in ("tx", "rx"):
+            src = conn.get(d)
+            try:
+                directions.append(None if src is None else KeysView(
+                    rec_seq=int(src["rec_seq"]), key=bytes.fromhex(src["key"]), iv=bytes.fromhex(src["iv"])))
+            except (KeyError, TypeError, ValueError):
+                raise StateError(f"connections[{n}].{d} needs rec_seq (int), key and iv (hex)") from None
+        out.append(ConnectionView(id=conn.get("id"), client=conn.get("client"), backend=conn.get("backend"),
+                                  sni=conn.get("sni"), alpn=conn.get("alpn"), suite=conn.get("suite"),
+                                  mode=conn.get("mode"), tx=directions[0], rx=directions[1]))
+    return out

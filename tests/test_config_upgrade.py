@@ -9,6 +9,7 @@ upgrade of kTLS connections is test_upgrade's, in the VM.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -448,9 +449,11 @@ def test_match_listeners_rules() -> None:
     def cfg(name: str, port: int) -> ProxyConfig:
         return ProxyConfig(name=name, listen=("127.0.0.1", port), backend=("127.0.0.1", 9), tls=tls_config())
 
-    running = [{"name": "web", "listen": ["127.0.0.1", 8443], "connections": 3},
-               {"name": "", "listen": ["127.0.0.1", 9000], "connections": 1},
-               {"name": "", "listen": ["127.0.0.1", 9001], "connections": 0}]
+    from ironsocket.handover import ListenerView
+
+    running = [ListenerView(name="web", listen=("127.0.0.1", 8443), connections=3),
+               ListenerView(name="", listen=("127.0.0.1", 9000), connections=1),
+               ListenerView(name="", listen=("127.0.0.1", 9001), connections=0)]
     assert match_listeners(running, [cfg("", 9000), cfg("new", 7000), cfg("web", 8443), cfg("", 0)]) == [1, None, 0, 2]
     assert match_listeners(running, [cfg("web", 0), cfg("", 9000)]) == [0, 1]  # 9001 gone: no connections
     with pytest.raises(StartupError, match=r"listener web is not in the configuration any more and has 3 connections"):
@@ -458,5 +461,5 @@ def test_match_listeners_rules() -> None:
     with pytest.raises(StartupError, match=r"listener web: listen 127\.0\.0\.1:8444 but the running program listens on "
                                            r"127\.0\.0\.1:8443"):
         match_listeners(running, [cfg("web", 8444), cfg("", 9000)])
-    passed = [{**running[0], "passed": True}]  # socket activation: systemd's address, not ours
+    passed = [dataclasses.replace(running[0], passed=True)]  # socket activation: systemd's address, not ours
     assert match_listeners(passed, [cfg("web", 1)]) == [0]

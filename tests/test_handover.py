@@ -19,7 +19,7 @@ import pytest
 from ironsocket import handover
 from ironsocket.handover import (
     LEGACY_VERSION, STATE_FORMAT, STATE_VERSION, BridgeEntry, ConnectionEntry, Counters, Document, HistogramEntry,
-    KtlsEntry, ListenerEntry, ListenerView, PumpEntry, StateError, UpgradeCounts, UserspaceEntry,
+    KtlsEntry, ListenerEntry, ListenerView, PumpEntry, Sockets, StateError, UpgradeCounts, UserspaceEntry,
 )
 from ironsocket.relay import RecordMode
 from ironsocket.tls13.constants import CipherSuite
@@ -61,10 +61,10 @@ def full_document() -> Document:
                           handshake_seconds=HistogramEntry(buckets=(0.01, 0.1), counts=(1, 1, 0), sum=0.05),
                           upgrades=UpgradeCounts(done=1)),
         ticket_keys=(TicketKey(b"\x01" * 16, b"\x02" * 32, 1700000000.0),))
-    other = ListenerEntry(name="", listener_fd=6, listen=("0.0.0.0", 9000), bridged=5, passed=True)
+    other = ListenerEntry(name="", listener_fd=6, listen=("0.0.0.0", 9000), bridged=5, passed=True, ticket_keys=())
     return Document(listeners=(web, other), pid=4242, created=1700000002.0, paused_at_monotonic=123.5,
-                    previous_exec=("/usr/bin/python3", "-m", "ironsocket", "serve"), control_fd=7, demo_fd=None,
-                    admin_fd=8, reply_fd=9, bridge=BridgeEntry(fd=16, pid=4343))
+                    previous_exec=("/usr/bin/python3", "-m", "ironsocket", "serve"),
+                    sockets=Sockets(control_fd=7, admin_fd=8, reply_fd=9), bridge=BridgeEntry(fd=16, pid=4343))
 
 
 def test_round_trip() -> None:
@@ -159,6 +159,7 @@ def test_version_1_is_read_as_version_2_and_written_back() -> None:
     (entry,) = doc.listeners
     assert entry.name == "" and entry.listener_fd == 5 and entry.connections == (userspace_conn(),)
     assert entry.counters == Counters(handshakes_ok=2, handshakes_failed=1, bytes_closed=(1, 2))
+    assert entry.ticket_keys is None  # not in version 1: the ring keeps its own keys
     assert doc.fds == [7, 9, 5, 10, 11]
     back = json.loads(doc.to_json(version=LEGACY_VERSION))
     assert "listeners" not in back and back["version"] == LEGACY_VERSION
@@ -257,7 +258,7 @@ def real_fds():
     s = [a.fileno() for a, _ in socks]
     entry = ListenerEntry(listener_fd=s[0], listen=("127.0.0.1", 1),
                           connections=(userspace_conn(1, (s[1], s[2])), ktls_conn(2, (s[2], s[3], r, w))))
-    doc = Document(listeners=(entry,), pid=os.getpid(), created=1.0, control_fd=s[3], bridge=BridgeEntry(fd=s[1], pid=1))
+    doc = Document(listeners=(entry,), pid=os.getpid(), created=1.0, sockets=Sockets(control_fd=s[3]), bridge=BridgeEntry(fd=s[1], pid=1))
     yield doc, s, (r, w)
     for a, b in socks:
         a.close()
@@ -279,7 +280,7 @@ def test_check_fds(real_fds) -> None:
     os.close(closed)
     for field_name, what in (("control_fd", "control_fd"), ("demo_fd", "demo_fd"), ("admin_fd", "admin_fd")):
         with pytest.raises(StateError, match=f"{what}: fd {closed} is not open"):
-            Document(listeners=doc.listeners, pid=1, created=1.0, **{field_name: closed}).check_fds()
+            Document(listeners=doc.listeners, pid=1, created=1.0, sockets=Sockets(**{field_name: closed})).check_fds()
     with pytest.raises(StateError, match=f"bridge fd: fd {closed} is not open"):
         Document(listeners=doc.listeners, pid=1, created=1.0, bridge=BridgeEntry(fd=closed, pid=1)).check_fds()
 
