@@ -8,8 +8,8 @@ that program reads it back. Both sides use the frozen dataclasses of this module
 module spells the document's JSON keys:
 
 - `Document`: format and version, the process (``pid``, ``created``, ``previous_exec``), the
-  sockets carried besides the listeners (admin, control, demo, the requester's ``reply_fd``),
-  the bridge (`BridgeEntry`), and one `ListenerEntry` per `ProxyServer`, in order.
+  sockets carried besides the listeners (`Sockets`: admin, control, demo, the requester's
+  ``reply_fd``), the bridge (`BridgeEntry`), and one `ListenerEntry` per `ProxyServer`, in order.
 - `ListenerEntry`: name, listening fd and address, id counter, `Counters`, session ticket keys,
   ``bridged`` (how many connections the bridge holds) and ``connections``: the `ConnectionEntry`
   of each connection the document carries itself (a rollback's, a version-1 program's).

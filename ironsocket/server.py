@@ -38,6 +38,7 @@ from .counters import PROCESS, Histogram
 from .logs import fields
 from .engine import Engine
 from .handover import ConnectionEntry, Counters, ListenerEntry, connection_entry
+from .upgrade import UpgradeError, restore_connection
 from .connection import ENV_WORKER, WORKER, ConnectionInfo, conn_ref  # noqa: F401 - re-exported
 from .relay import ClientChannel, KtlsChannel, Relay, UserspaceChannel
 from .tls13.alerts import RemoteProtocolError
@@ -343,8 +344,6 @@ class ProxyServer:
         (their clients retry): a client that never finishes its handshake must not be able to
         hold every upgrade off. Raises UpgradeError (after resuming) if the pumps do not reach a
         safe point within ``park_deadline``."""
-        from .upgrade import UpgradeError
-
         self._hold_accept = True
         with self._lock:
             done = self._handshake_cond.wait_for(lambda: self._handshaking == 0, handshake_deadline)
@@ -403,8 +402,6 @@ class ProxyServer:
     def take_carried(self, conn: ConnectionEntry) -> None:
         """Rebuild one connection a bridge handed over (its description, naming our fds), and
         start it. On failure its fds stay open (``unstarted``: for the rollback document)."""
-        from .upgrade import restore_connection
-
         self.unstarted.append(conn)
         info, relay = restore_connection(conn, self.engine, self.config.idle_timeout)
         self._register(info, relay)  # from here a rollback describes it from the relay, as it is
@@ -429,8 +426,6 @@ class ProxyServer:
         (``early``: its `resume.Early`, resumed before the configuration was loaded), take over
         that running set. On failure every inherited fd is left open (for the rollback to the
         previous program)."""
-        from .upgrade import restore_connection
-
         listener = socket.socket(fileno=entry.listener_fd)
         if early is not None:
             try:

@@ -65,7 +65,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from . import bridge, ktls
 from .connection import ConnectionInfo
@@ -79,9 +79,6 @@ from .tls13.constants import Group
 from .tls13.handoff import Handoff
 from .tls13.keyschedule import derive_traffic_keys
 from .tls13.session import Session
-
-if TYPE_CHECKING:
-    from .server import ProxyServer
 
 log = logging.getLogger("ironsocket.upgrade")
 
@@ -200,20 +197,37 @@ def _restore_connection(conn: ConnectionEntry, client: socket.socket, backend: s
 
 
 # -- performing one ------------------------------------------------------------------------------
+class Listener(Protocol):
+    """What an upgrade needs of one listener's server (`server.ProxyServer`; this module does
+    not import the server: the server imports it)."""
+
+    engine: Engine
+    connections: dict[int, ConnectionInfo]
+    bytes_closed: list[int]
+
+    def pause(self, handshake_deadline: float, park_deadline: float) -> None: ...
+    def resume(self) -> None: ...
+    def live_connections(self) -> list[tuple[ConnectionInfo, Relay]]: ...
+    def snapshot(self, *, connections: bool = True) -> ListenerEntry: ...
+    def release_stale(self) -> None: ...
+    def take_carried(self, conn: ConnectionEntry) -> None: ...
+
+
 Progress: TypeAlias = Callable[[str, dict[str, Any]], None]
 """``progress(phase, details)``: told as each phase of `perform` begins (``check``, ``quiesce``,
 ``exec``), for `ironsocket upgrade` to print them as they happen."""
 
 
-def perform(servers: Sequence[ProxyServer], target: list[str], reply: socket.socket | None = None,
+def perform(servers: Sequence[Listener], target: list[str], reply: socket.socket | None = None,
             sockets: Sockets = Sockets(), dump_path: str | None = None,
             also_pause: Sequence[Any] = (), progress: Progress | None = None,
             check_env: dict[str, str] | None = None) -> None:
     """Check, quiesce, snapshot and exec. Returns only if the upgrade did not happen (raises
     UpgradeError with the reason after resuming everything). ``servers``: every listener's
-    `ProxyServer`, carried in this order; ``sockets``: the program's other sockets carried. ``also_pause``: other services whose listener is
-    carried (the admin endpoint), paused with the servers (``pause()``: finish what is in
-    progress, take nothing new) and resumed if the exec does not happen. ``check_env``: for the
+    `ProxyServer`, carried in this order; ``sockets``: the program's other sockets carried.
+    ``also_pause``: other services whose listener is carried (the admin endpoint), paused with
+    the servers (``pause()``: finish what is in progress, take nothing new) and resumed if the
+    exec does not happen. ``check_env``: for the
     check child (what it must verify the new configuration against: `runtime.ENV_LISTENERS`)."""
     tell = progress or (lambda phase, details: None)
     identity = _identity(target[0])  # the file the check runs: exec'd only if still the same
@@ -221,7 +235,7 @@ def perform(servers: Sequence[ProxyServer], target: list[str], reply: socket.soc
     report = check_target(target, check_env)
     log.info("upgrade: target checked: %s", report.splitlines()[-1] if report else "")
     paused: list[Any] = []
-    servers_paused: list[ProxyServer] = []
+    servers_paused: list[Listener] = []
     bridged: bridge.BridgeClient | None = None
     try:
         tell("quiesce", {"listeners": len(servers),
@@ -263,7 +277,7 @@ def perform(servers: Sequence[ProxyServer], target: list[str], reply: socket.soc
         raise UpgradeError(f"exec failed: {exc}") from None
 
 
-def _take_back(servers: Sequence[ProxyServer], bridged: bridge.BridgeClient) -> None:
+def _take_back(servers: Sequence[Listener], bridged: bridge.BridgeClient) -> None:
     """After an exec that failed with the bridge forked: take every connection back from it."""
     for server in servers:
         server.release_stale()

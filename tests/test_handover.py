@@ -311,3 +311,15 @@ def test_listener_views_for_the_check_child() -> None:
     assert handover.listener_views_from_json(handover.listener_views_to_json(views)) == views
     with pytest.raises(StateError, match=r"listeners\[0\].connections: missing"):
         handover.listener_views_from_json('[{"name": "a", "listen": ["h", 1]}]')
+
+
+def test_a_leaf_module_and_no_server_upgrade_cycle() -> None:
+    """handover imports neither the server nor the upgrade, and the upgrade not the server (the
+    server imports both at its top)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ironsocket.handover as h; a = {'ironsocket.server', 'ironsocket.upgrade'} & set(sys.modules); "
+            "import ironsocket.upgrade; b = 'ironsocket.server' in sys.modules; print(sorted(a), b)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["[]", "False"], out.stdout + out.stderr
