@@ -173,7 +173,7 @@ class PumpEntry:
     yet written, and the splice pipe holding bytes (kTLS; its fds are carried)."""
 
     done: bool = False
-    pending: bytes = b""
+    pending: bytes = field(default=b"", repr=False)  # application data: never in a log
     pipe: tuple[int, int] | None = None
 
     @classmethod
