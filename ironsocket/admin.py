@@ -252,16 +252,16 @@ def metrics_text(servers: Sequence, tls_stat: Callable[[], dict[str, int]] = ktl
     m.family("ironsocket_backend_connect_failures_total", "counter",
              "Failed backend connects of clients' connections, by reason (the errno name).", backend_failures)
     m.family("ironsocket_ktls_sessions", "gauge", "Live connections whose record layer is in the kernel.", ktls_sessions)
-    upgrades = PROCESS.to_doc()
+    upgrades = PROCESS.to_entry()
     m.family("ironsocket_upgrades_total", "counter",
              "Exec upgrades (and reloads) completed by this process (same PID, across execs).",
-             [({}, upgrades["done"])])
+             [({}, upgrades.done)])
     m.family("ironsocket_upgrade_rollbacks_total", "counter",
              "Upgrades whose new program failed to start: the previous program was exec'd back.",
-             [({}, upgrades["rolled_back"])])
+             [({}, upgrades.rolled_back)])
     m.family("ironsocket_upgrades_refused_total", "counter",
              "Upgrades not done before the exec (start-up check, pause): the running program kept serving.",
-             [({}, upgrades["refused"])])
+             [({}, upgrades.refused)])
     m.family("ironsocket_certificate_expiry_seconds", "gauge",
              "Seconds until each certificate (leaf) expires; negative once expired.", certificate_expiry(servers))
     m.family("ironsocket_build_info", "gauge", "The ironsocket and Python versions running.", [(build_info(), 1)])

@@ -18,7 +18,7 @@ rebuilding N connections in one go added to it. The bridge takes both out of the
    and is at the step where bytes may move (``runtime``'s ``relay`` step), it asks the bridge for
    connections (`BridgeClient.take`). The bridge parks its loops just long enough to release a
    batch (`engine.Loop.release`: no registration, no queued step), lets the others run again,
-   describes the batch (`upgrade.connection_doc`: rec_seq read back from the kernel, userspace
+   describes the batch (`handover.connection_entry`: rec_seq read back from the kernel, userspace
    sessions' counters) and sends the descriptions with the fds (SCM_RIGHTS, at most
    ``BATCH_FDS`` per message), then closes its own copies. The new program rebuilds and starts
    the batch, and asks again, until the bridge has none left; then the bridge exits and is reaped.
@@ -51,6 +51,8 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from .handover import BridgeEntry, ConnectionEntry, StateError, connection_entry
 
 log = logging.getLogger("ironsocket.upgrade")
 
@@ -118,25 +120,20 @@ def _close_all(fds: Sequence[int]) -> None:
             pass
 
 
-# -- where a connection's description names fds -----------------------------------------------------
-def connection_fds(conn: dict[str, Any]) -> list[int]:
-    """The fds one `upgrade.connection_doc` entry names, in a fixed order."""
-    fds = [conn["client_fd"], conn["backend_fd"]]
-    for direction in ("c2b", "b2c"):
-        fds += conn[direction]["pipe"] or []
-    return fds
+# -- a batch: each connection's `handover.ConnectionEntry` and its listener's index ------------------
+_LISTENER = "listener"  # the bridge's own key beside the entry's (the format older programs send)
 
 
-def with_fds(conn: dict[str, Any], fds: Sequence[int]) -> dict[str, Any]:
-    """``conn`` naming ``fds`` (in `connection_fds` order) instead of the sender's numbers."""
-    out = dict(conn, client_fd=fds[0], backend_fd=fds[1])
-    i = 2
-    for direction in ("c2b", "b2c"):
-        pipe = conn[direction]["pipe"]
-        if pipe:
-            out[direction] = dict(conn[direction], pipe=list(fds[i:i + len(pipe)]))
-            i += len(pipe)
-    return out
+def _batch_item(listener: int, entry: ConnectionEntry) -> dict[str, Any]:
+    return {**entry.to_dict(), _LISTENER: listener}
+
+
+def _batch_entry(item: object, n: int) -> tuple[int, ConnectionEntry]:
+    entry = ConnectionEntry.from_dict(item, f"connections[{n}]")
+    listener = item.get(_LISTENER) if isinstance(item, dict) else None
+    if not isinstance(listener, int):
+        raise StateError(f"connections[{n}]: no listener index")
+    return listener, entry
 
 
 # -- the bridge process ---------------------------------------------------------------------------------
@@ -215,8 +212,6 @@ class _Bridge:
                 send_frame(self.sock, {"error": f"unknown request {op!r}"})
 
     def _give(self, max_fds: int, resumed_at: float | None) -> None:
-        from .upgrade import connection_doc
-
         max_fds = max(6, min(max_fds, BATCH_FDS))
         chosen: list[tuple[Any, Any, int]] = []
         count = 0
@@ -242,8 +237,9 @@ class _Bridge:
         finally:
             for engine in self.engines:
                 engine.resume()
-        docs = [{**connection_doc(info), "listener": listener} for info, _, listener in chosen]
-        fds = [fd for doc in docs for fd in connection_fds(doc)]
+        entries = [(listener, connection_entry(info)) for info, _, listener in chosen]
+        docs = [_batch_item(listener, entry) for listener, entry in entries]
+        fds = [fd for _, entry in entries for fd in entry.fds]
         left = len(self.live)  # some may have ended meanwhile: the next answer skips them
         message: dict[str, Any] = {"connections": docs, "left": left, "paused_at": paused_at}
         if resumed_at is not None:
@@ -281,9 +277,9 @@ class BridgeClient:
         self.closed_bytes = [0, 0]
         self.longest_wait: float | None = None  # after `drain`: the longest a connection waited (s)
 
-    def take(self, max_fds: int = BATCH_FDS) -> tuple[list[dict[str, Any]], float]:
-        """One batch: the connection descriptions naming our fds, and when the bridge paused
-        them (monotonic). An empty list once the bridge holds no more connections."""
+    def take(self, max_fds: int = BATCH_FDS) -> tuple[list[tuple[int, ConnectionEntry]], float]:
+        """One batch: (listener index, entry naming our fds) of each connection, and when the
+        bridge paused them (monotonic). An empty list once the bridge holds no more connections."""
         if self.drained:
             return [], time.monotonic()
         try:
@@ -297,13 +293,14 @@ class BridgeClient:
             docs = reply["connections"]
             out = []
             i = 0
-            for conn in docs:
-                n = len(connection_fds(conn))
-                out.append(with_fds(conn, fds[i:i + n]))
-                i += n
+            for n, item in enumerate(docs):
+                listener, entry = _batch_entry(item, n)
+                count = len(entry.fds)
+                out.append((listener, entry.with_fds(fds[i:i + count])))
+                i += count
             if i != len(fds):
                 raise BridgeError(f"the upgrade bridge sent {len(fds)} fds for {i}")
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, StateError) as exc:
             _close_all(fds)
             raise BridgeError(f"the upgrade bridge sent a malformed batch: {exc}") from None
         except BridgeError:
@@ -339,14 +336,13 @@ class BridgeClient:
                 timeout, deadline = 0.0, time.monotonic() + 5.0
             time.sleep(0.01)
 
-    def document(self) -> dict[str, Any]:
+    def document(self) -> BridgeEntry:
         """For a rollback document: the bridge still holds connections."""
-        fd = self.sock.fileno()
-        return {"fd": fd, "pid": self.pid}
+        return BridgeEntry(fd=self.sock.fileno(), pid=self.pid)
 
-    def drain(self, take: Callable[[dict[str, Any]], None], paused_at: float | None) -> None:
-        """Take every connection, a batch at a time: ``take(description)`` rebuilds and starts
-        one (``description["listener"]``: its listener's index in the document). Logs the
+    def drain(self, take: Callable[[int, ConnectionEntry], None], paused_at: float | None) -> None:
+        """Take every connection, a batch at a time: ``take(listener, entry)`` rebuilds and
+        starts one (``listener``: its listener's index in the document). Logs the
         batches and the longest wait; ``paused_at``: when the previous program paused (the
         fork's own pause counts too). Then tells the bridge to exit. If the bridge is gone, what
         it held is lost: said once, at critical, and the rest of the start-up goes on."""
@@ -359,8 +355,8 @@ class BridgeClient:
                 log.critical("upgrade: %s; the connections it still held are lost", exc)
                 self.drained = True
                 break
-            for conn in batch:
-                take(conn)
+            for listener, conn in batch:
+                take(listener, conn)
                 carried += 1
             worst = max(worst, time.monotonic() - batch_paused)
             batches += bool(batch)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+
+from .handover import HistogramEntry, UpgradeCounts
 
 # Seconds: a handshake on loopback takes ~1-5 ms, over the Internet tens to hundreds of ms;
 # the handshake timeout (10 s by default) bounds the top.
@@ -47,19 +48,17 @@ class Histogram:
             out.append((bound, running))
         return out, total, running
 
-    def to_doc(self) -> dict[str, Any]:
+    def to_entry(self) -> HistogramEntry:
         with self._lock:
-            return {"buckets": list(self.buckets), "counts": list(self._counts), "sum": self._sum}
+            return HistogramEntry(buckets=tuple(self.buckets), counts=tuple(self._counts), sum=self._sum)
 
-    def restore(self, doc: dict[str, Any] | None) -> None:
+    def restore(self, entry: HistogramEntry | None) -> None:
         """Take the counts of a previous program (ignored if its buckets differ)."""
-        if not doc or tuple(doc.get("buckets", ())) != self.buckets:
+        if entry is None or entry.buckets != self.buckets or len(entry.counts) != len(self._counts):
             return
-        counts = doc.get("counts", [])
-        if len(counts) == len(self._counts) and all(isinstance(n, int) for n in counts):
-            with self._lock:
-                self._counts = list(counts)
-                self._sum = float(doc.get("sum", 0.0))
+        with self._lock:
+            self._counts = list(entry.counts)
+            self._sum = entry.sum
 
 
 @dataclass
@@ -73,18 +72,15 @@ class UpgradeCounters:
         with self._lock:
             setattr(self, what, getattr(self, what) + 1)
 
-    def to_doc(self) -> dict[str, int]:
+    def to_entry(self) -> UpgradeCounts:
         with self._lock:
-            return {"done": self.done, "rolled_back": self.rolled_back, "refused": self.refused}
+            return UpgradeCounts(done=self.done, rolled_back=self.rolled_back, refused=self.refused)
 
-    def restore(self, doc: dict[str, Any] | None) -> None:
-        if not doc:
+    def restore(self, entry: UpgradeCounts | None) -> None:
+        if entry is None:
             return
         with self._lock:
-            for key in ("done", "rolled_back", "refused"):
-                value = doc.get(key, 0)
-                if isinstance(value, int):
-                    setattr(self, key, value)
+            self.done, self.rolled_back, self.refused = entry.done, entry.rolled_back, entry.refused
 
 
 PROCESS = UpgradeCounters()

@@ -30,6 +30,7 @@ from typing import Any
 from . import ktls
 from .control import ControlError
 from .connection import WORKER
+from .handover import StateError, key_views
 
 SYS_PIDFD_OPEN = 434  # x86_64 (and every arch since 5.3's unified numbering)
 SYS_PIDFD_GETFD = 438
@@ -148,14 +149,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-# -- upgrade state documents --------------------------------------------------------------------
-STATE_FORMAT = "ironsocket-upgrade"
-
-
-def describe_state(doc: dict[str, Any], *, reveal: bool = False) -> list[dict[str, Any]]:
-    """Rows for an upgrade state document (the minimal documented shape, version 1; version 2,
-    what `ironsocket serve --upgrade-state-dump` writes, has the same ``connections`` in each
-    entry of ``listeners``)::
+# -- upgrade state documents (read by ironsocket.handover) ---------------------------------------
+def describe_state(doc: object, *, reveal: bool = False) -> list[dict[str, Any]]:
+    """Rows for an upgrade state document: what `ironsocket serve --upgrade-state-dump` writes,
+    or the minimal documented shape (`handover.key_views`)::
 
         {"format": "ironsocket-upgrade", "version": 1, "connections": [
             {"id": 1, "client": "127.0.0.1:5000", "backend": "127.0.0.1:8080", "sni": "localhost",
@@ -165,40 +162,24 @@ def describe_state(doc: dict[str, Any], *, reveal: bool = False) -> list[dict[st
     Unknown extra fields are ignored; ``key``/``iv`` become fingerprints (kept only with reveal).
     Raises ValueError with a human message on anything else.
     """
-    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
-        raise ValueError(f'not an upgrade state document (want "format": "{STATE_FORMAT}")')
-    if doc.get("version") == 2:  # one entry per listener (serve --config): every listener's connections
-        listeners = doc.get("listeners")
-        if not isinstance(listeners, list) or not all(isinstance(e, dict) and isinstance(e.get("connections"), list)
-                                                      for e in listeners):
-            raise ValueError('"listeners" must be a list of objects with a "connections" list')
-        doc = {"connections": [conn for entry in listeners for conn in entry["connections"]]}
-    elif doc.get("version") != 1:
-        raise ValueError(f"unsupported upgrade state version {doc.get('version')!r} (this build reads versions 1 and 2)")
-    conns = doc.get("connections")
-    if not isinstance(conns, list):
-        raise ValueError('"connections" must be a list')
+    try:
+        views = key_views(doc)
+    except StateError as exc:
+        raise ValueError(str(exc)) from None
     rows = []
-    for n, conn in enumerate(conns):
-        if not isinstance(conn, dict):
-            raise ValueError(f"connections[{n}] is not an object")
-        row: dict[str, Any] = {k: conn.get(k) for k in ("id", "client", "backend", "sni", "alpn", "suite", "mode")}
+    for view in views:
+        row: dict[str, Any] = {"id": view.id, "client": view.client, "backend": view.backend, "sni": view.sni,
+                               "alpn": view.alpn, "suite": view.suite, "mode": view.mode}
         for k in ("client", "backend"):  # the upgrade writes [host, port]
             if isinstance(row[k], list) and len(row[k]) == 2:
                 row[k] = f"{row[k][0]}:{row[k][1]}"
-        for d in ("tx", "rx"):
-            src = conn.get(d)
-            if src is None:
+        for d, keys in (("tx", view.tx), ("rx", view.rx)):
+            if keys is None:
                 row[d] = None
                 continue
-            try:
-                key, iv = bytes.fromhex(src["key"]), bytes.fromhex(src["iv"])
-                seq = int(src["rec_seq"])
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"connections[{n}].{d} needs rec_seq (int), key and iv (hex)") from None
-            row[d] = {"rec_seq": seq, "fingerprint": fingerprint(key, iv)}
+            row[d] = {"rec_seq": keys.rec_seq, "fingerprint": fingerprint(keys.key, keys.iv)}
             if reveal:
-                row[d] |= {"key": key.hex(), "iv": iv.hex()}
+                row[d] |= {"key": keys.key.hex(), "iv": keys.iv.hex()}
         rows.append(row)
     return rows
 

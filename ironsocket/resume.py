@@ -31,6 +31,7 @@ back with the untouched document.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -38,8 +39,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import upgrade
+from . import handover, upgrade
 from .engine import Engine
+from .handover import Document, ListenerEntry
 from .relay import Relay
 
 log = logging.getLogger("ironsocket.upgrade")
@@ -51,7 +53,7 @@ class Early:
     """One listener's connections, resumed before the configuration was loaded (an entry of the
     document's ``listeners``, with its own engine: each `ProxyServer` claims its own)."""
 
-    def __init__(self, entry: dict[str, Any], engine: Engine, restored: list[tuple[Any, Relay]]) -> None:
+    def __init__(self, entry: ListenerEntry, engine: Engine, restored: list[tuple[Any, Relay]]) -> None:
         self.entry, self.engine = entry, engine
         self.restored = restored
         self.lock = threading.Lock()
@@ -84,19 +86,17 @@ class Early:
         if not self.engine.pause(park_deadline):
             raise upgrade.UpgradeError(f"the relay loops did not reach a safe point in {park_deadline:g}s")
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> ListenerEntry:
         """The listener's document entry, with the connections as they are now (while paused)."""
         assert self.engine.paused
-        entry = {k: v for k, v in self.entry.items() if k != "connections"}
-        entry["connections"] = [upgrade.connection_doc(info) for info, relay in self.restored
-                                if not relay.done.is_set()]
-        return entry
+        return dataclasses.replace(self.entry, connections=tuple(
+            handover.connection_entry(info) for info, relay in self.restored if not relay.done.is_set()))
 
 
 class Resumed:
     """Every listener's `Early`, in the document's order, and when their bytes moved again."""
 
-    def __init__(self, doc: dict[str, Any], state_fd: int, listeners: list[Early]) -> None:
+    def __init__(self, doc: Document, state_fd: int, listeners: list[Early]) -> None:
         self.doc, self.state_fd, self.listeners = doc, state_fd, listeners
         self.resumed_at = time.time()
 
@@ -116,18 +116,18 @@ def start_early() -> None:
     text = os.environ.get(upgrade.ENV_STATE_FD)
     if text is None:
         return
-    built: list[tuple[dict[str, Any], Engine, list[tuple[Any, Relay]]]] = []
+    built: list[tuple[ListenerEntry, Engine, list[tuple[Any, Relay]]]] = []
     restored: list[tuple[Any, Relay]] = []  # the listener being rebuilt
     engine: Engine | None = None
     try:
         fd = int(text)
-        doc = upgrade.read_memfd(fd)
-        if not any(entry["connections"] for entry in doc["listeners"]):
+        doc = handover.read_memfd(fd)
+        if not any(entry.connections for entry in doc.listeners):
             return  # none carried here (a bridge relays them meanwhile, ironsocket.bridge)
-        for entry in doc["listeners"]:
+        for entry in doc.listeners:
             engine, restored = Engine(), []
-            for conn in entry["connections"]:
-                restored.append(upgrade.restore_connection(conn, engine, entry.get("idle_timeout")))
+            for conn in entry.connections:
+                restored.append(upgrade.restore_connection(conn, engine, entry.idle_timeout))
             built.append((entry, engine, restored))
             engine, restored = None, []
     except Exception as exc:  # noqa: BLE001 - the ordinary start-up meets it again and rolls back

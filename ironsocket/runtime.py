@@ -39,13 +39,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import sdnotify, upgrade
+from . import handover, sdnotify, upgrade
 from .counters import PROCESS
+from .handover import Document, ListenerView, Sockets
 from .server import ProxyConfig, ProxyServer
 
 log = logging.getLogger("ironsocket")
 
-_inherited: tuple[dict[str, Any], int] | None = None
+_inherited: tuple[Document, int] | None = None
 _restored = False
 _live: Runtime | None = None  # the runtime restoring an inherited state (for the rollback)
 last_error = ""  # the last start-up error shown to the user (for the rollback reason)
@@ -73,8 +74,8 @@ def upgrade_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 
         early = resume.resumed
         try:
-            doc = early.doc if early is not None else upgrade.read_memfd(fd)
-        except upgrade.StateError as exc:
+            doc = early.doc if early is not None else handover.read_memfd(fd)
+        except handover.StateError as exc:
             # Without a readable document there is no previous program to go back to.
             log.critical("upgrade: state unreadable (%s); the carried connections are lost", exc)
             raise
@@ -91,11 +92,11 @@ def upgrade_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             if owners is None and early is not None:
                 owners = list(early.listeners)
             if owners and not all(isinstance(o, upgrade.Carried) for o in owners):
-                extra = Runtime.carried_fds(doc)
                 bridge = _live.bridge if _live is not None else None
-                if bridge is not None and not bridge.drained:  # it still holds the rest
-                    extra["bridge"] = bridge.document()
-                upgrade.roll_back_live(owners, extra, doc, fd, reason)
+                held = bridge.document() if bridge is not None and not bridge.drained else None  # it holds the rest
+                # the previous program's own sockets, as it handed them over (the fd numbers
+                # survive exec; nothing here closed them)
+                upgrade.roll_back_live(owners, doc.sockets, held, doc, fd, reason)
             else:  # nothing adopted, nothing moved: the document is still exact
                 upgrade.rollback(doc, fd, reason)
             raise
@@ -104,8 +105,8 @@ def upgrade_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 ENV_LISTENERS = "IRONSOCKET_UPGRADE_LISTENERS"
-"""For the pre-flight check child: the running program's listeners (JSON: name, listen,
-connections), so that a configuration the restore would refuse is refused before the exec."""
+"""For the pre-flight check child: the running program's listeners (`handover.ListenerView`:
+name, listen, connections), so that a configuration the restore would refuse is refused before the exec."""
 
 
 def _same_address(bound: Sequence[Any], wanted: tuple[str, int]) -> bool:
@@ -120,7 +121,7 @@ def _same_address(bound: Sequence[Any], wanted: tuple[str, int]) -> bool:
     return host in names
 
 
-def match_listeners(entries: Sequence[dict[str, Any]], configs: Sequence[ProxyConfig]) -> list[int | None]:
+def match_listeners(entries: Sequence[ListenerView], configs: Sequence[ProxyConfig]) -> list[int | None]:
     """For each configured listener, the index of the running listener it takes over (None: a
     new one, bound). A named listener takes the entry of its name; unnamed ones take the
     unnamed entries in order. StartupError if the configuration cannot take them over: a
@@ -129,13 +130,12 @@ def match_listeners(entries: Sequence[dict[str, Any]], configs: Sequence[ProxyCo
     is not compared: its address is systemd's, not the configuration's)."""
     from .server import StartupError
 
-    unnamed = iter([i for i, e in enumerate(entries) if not e.get("name")])
-    by_name = {e["name"]: i for i, e in enumerate(entries) if e.get("name")}
+    unnamed = iter([i for i, e in enumerate(entries) if not e.name])
+    by_name = {e.name: i for i, e in enumerate(entries) if e.name}
     matched = [by_name.get(c.name) if c.name else next(unnamed, None) for c in configs]
     for index, entry in enumerate(entries):
-        label = entry.get("name") or f"listeners[{index}]"
-        n = entry["connections"] if isinstance(entry["connections"], int) else len(entry["connections"])
-        n += entry.get("bridged", 0)  # held by the previous program's bridge (ironsocket.bridge)
+        label = entry.name or f"listeners[{index}]"
+        n = entry.connections  # carried in the document or held by the bridge (ironsocket.bridge)
         if index not in matched and n:
             raise StartupError(f"listener {label} is not in the configuration any more and has {n} connections: "
                                "a reload does not end connections (restart to remove a listener)")
@@ -143,10 +143,10 @@ def match_listeners(entries: Sequence[dict[str, Any]], configs: Sequence[ProxyCo
         if slot is None:
             continue
         entry = entries[slot]
-        if not entry.get("passed") and not _same_address(entry["listen"], config.listen):
+        if not entry.passed and not _same_address(entry.listen, config.listen):
             label = config.name or f"listeners[{slot}]"
             raise StartupError(f"listener {label}: listen {config.listen[0]}:{config.listen[1]} but the running "
-                               f"program listens on {entry['listen'][0]}:{entry['listen'][1]}; a reload keeps the "
+                               f"program listens on {entry.listen[0]}:{entry.listen[1]}; a reload keeps the "
                                "listening socket (restart to move a listener)")
     return matched
 
@@ -154,19 +154,22 @@ def match_listeners(entries: Sequence[dict[str, Any]], configs: Sequence[ProxyCo
 def check_listeners(configs: Sequence[ProxyConfig]) -> None:
     """In the pre-flight check child: StartupError if the restore would refuse ``configs``
     for the running program's listeners (`ENV_LISTENERS`; nothing to check without it)."""
-    import json
+    from .server import StartupError
 
     text = os.environ.get(ENV_LISTENERS)
     if text:
-        match_listeners(json.loads(text), configs)
+        try:
+            running = handover.listener_views_from_json(text)
+        except handover.StateError as exc:
+            raise StartupError(f"{ENV_LISTENERS}: {exc}") from None
+        match_listeners(running, configs)
 
 
 def listeners_for_check(servers: Sequence[ProxyServer]) -> str:
     """`ENV_LISTENERS` for the check child of an upgrade of ``servers``."""
-    import json
-
-    return json.dumps([{"name": s.config.name, "listen": list(s.address), "connections": len(s.connections),
-                        "passed": s.passed_listener} for s in servers])
+    return handover.listener_views_to_json([
+        ListenerView(name=s.config.name, listen=tuple(s.address), connections=len(s.connections), passed=s.passed_listener)
+        for s in servers])
 
 
 class ListenerSet:
@@ -260,7 +263,7 @@ class Runtime:
             from . import resume
 
             early = resume.resumed if resume.resumed is not None and resume.resumed.doc is doc else None
-            self.owners = list(early.listeners) if early else [upgrade.Carried(e) for e in doc["listeners"]]
+            self.owners = list(early.listeners) if early else [upgrade.Carried(e) for e in doc.listeners]
             _live = self
         try:
             for step in STARTUP_STEPS:
@@ -270,34 +273,35 @@ class Runtime:
                 self.stop()
             raise
 
-    def _start_demo(self, doc: dict[str, Any] | None) -> None:
+    def _start_demo(self, doc: Document | None) -> None:
         if not self.demo_wanted:
             return
         from .demo import DemoBackend
 
         lookup = lambda addr: self.server.connection_for_backend_peer(addr) if self.server else None  # noqa: E731
-        self.demo = DemoBackend(lookup, fd=doc.get("demo_fd") if doc else None)
+        self.demo = DemoBackend(lookup, fd=doc.sockets.demo_fd if doc else None)
         self.demo.start()
         self.configs[0] = dataclasses.replace(self.configs[0], backend=self.demo.address)
         if doc is None:
             log.info("no --backend given: built-in demo backend on %s:%d", *self.demo.address)
 
-    def _start_proxy(self, doc: dict[str, Any] | None) -> None:
+    def _start_proxy(self, doc: Document | None) -> None:
         from .server import StartupError
 
-        entries: list[dict[str, Any]] = doc["listeners"] if doc is not None else []
-        if doc is not None and doc.get("bridge") is not None:
+        entries = doc.listeners if doc is not None else ()
+        if doc is not None and doc.bridge is not None:
             from .bridge import BridgeClient
 
-            self.bridge = BridgeClient(doc["bridge"]["fd"], doc["bridge"]["pid"])
-        start = max((e.get("next_conn_id", 1) for e in entries), default=1)
+            self.bridge = BridgeClient(doc.bridge.fd, doc.bridge.pid)
+        start = max((e.next_conn_id for e in entries), default=1)
         ids = itertools.count(start)  # one count for every listener: an id names one connection
-        matched = match_listeners(entries, self.configs)  # the check child ran the same (check_listeners)
+        # the check child ran the same (check_listeners)
+        matched = match_listeners([e.view() for e in entries], self.configs)
         for index, entry in enumerate(entries):
             if index not in matched:  # gone from the configuration, without connections
                 log.info("listener %s is not in the configuration any more: its socket is closed",
-                         entry.get("name") or f"listeners[{index}]")
-                self._stale_fds.append(entry["listener_fd"])
+                         entry.name or f"listeners[{index}]")
+                self._stale_fds.append(entry.listener_fd)
         for config, slot in zip(self.configs, matched):
             server = ProxyServer(config, ids)
             self.servers.append(server)
@@ -322,53 +326,53 @@ class Runtime:
         for server in self.servers:  # new listeners: a port taken fails here, before any byte moved
             server.bind()
 
-    def _start_admin(self, doc: dict[str, Any] | None) -> None:
+    def _start_admin(self, doc: Document | None) -> None:
         from .launch import admin_fd_matches, start_admin
 
         # The admin listener is carried over exec like the TLS listener: never rebound (a port
         # taken meanwhile cannot fail the restore) and never refusing during an upgrade. Only
         # an admin address that changed is bound anew (the carried socket is closed once the
         # restore is confirmed; a rollback gives it back to the previous program).
-        fd = doc.get("admin_fd") if doc else None
+        fd = doc.sockets.admin_fd if doc else None
         if fd is not None and not admin_fd_matches(fd, listen=self.admin_listen, unix=self.admin_unix):
             self._stale_fds.append(fd)
             fd = None
         self.admin = start_admin(None, self.servers, self.admin_allow_remote, listen=self.admin_listen,
                                  unix=self.admin_unix, fd=fd)
 
-    def _start_control(self, doc: dict[str, Any] | None) -> None:
+    def _start_control(self, doc: Document | None) -> None:
         from .control import ControlServer, Takeover
         from .inspect import control_handlers
 
         view = self.servers[0] if len(self.servers) == 1 else ListenerSet(self.servers)
         handlers: dict[str, Any] = {**control_handlers(view), "upgrade": Takeover(self._upgrade_command)}
-        if doc is not None and doc.get("control_fd") is not None:
-            self.control = ControlServer.from_fd(doc["control_fd"], handlers)
+        if doc is not None and doc.sockets.control_fd is not None:
+            self.control = ControlServer.from_fd(doc.sockets.control_fd, handlers)
         else:
             self.control = ControlServer(self.control_socket, handlers)
 
-    def _start_relay(self, doc: dict[str, Any] | None) -> None:
+    def _start_relay(self, doc: Document | None) -> None:
         for server in self.servers:
             server.start()  # from here bytes move: the adopted pumps and the accept loops run
         if self.bridge is not None:  # the previous program's fork relayed them until now
             assert doc is not None
             by_entry = {i: owner for i, owner in enumerate(self.owners) if isinstance(owner, ProxyServer)}
 
-            def take(conn: dict[str, Any]) -> None:
-                server = by_entry.get(conn.get("listener", -1))
+            def take(listener: int, conn: handover.ConnectionEntry) -> None:
+                server = by_entry.get(listener)
                 if server is None:  # matched before the exec (the check), so never: but say so
-                    raise upgrade.StateError(f"the bridge handed over connection {conn.get('id')} of listener "
-                                             f"{conn.get('listener')}, which no listener here took over")
+                    raise handover.StateError(f"the bridge handed over connection {conn.id} of listener "
+                                              f"{listener}, which no listener here took over")
                 server.take_carried(conn)
 
-            self.bridge.drain(take, doc.get("paused_at_monotonic"))
+            self.bridge.drain(take, doc.paused_at_monotonic)
 
-    def _start_confirm(self, doc: dict[str, Any] | None) -> None:
+    def _start_confirm(self, doc: Document | None) -> None:
         global _restored
         if doc is None:
             return
         assert _inherited is not None
-        for fd in upgrade.inherited_fds(doc):
+        for fd in doc.fds:
             try:
                 os.set_inheritable(fd, False)
             except OSError:
@@ -384,7 +388,7 @@ class Runtime:
         # The connections' pause: until they moved again (early, if they were resumed before the
         # configuration was loaded), not until the whole start-up was done.
         moving = resume.resumed.resumed_at if resume.resumed is not None else time.time()
-        pause_ms = (moving - doc["created"]) * 1000
+        pause_ms = (moving - doc.created) * 1000
         if self.bridge is not None and self.bridge.longest_wait is not None:  # handed over in batches
             pause_ms = self.bridge.longest_wait * 1000
         failed = os.environ.pop(upgrade.ENV_FAILED, None)
@@ -394,20 +398,14 @@ class Runtime:
             if not isinstance(owner, (ProxyServer, upgrade.Carried)) and not owner.claimed:
                 owner.engine.stop(0)
         self.owners = []
-        log.info("upgrade: restored %d connections in pid %d (%d listeners)", n, os.getpid(), len(doc["listeners"]))
+        log.info("upgrade: restored %d connections in pid %d (%d listeners)", n, os.getpid(), len(doc.listeners))
         log.info("upgrade: resumed after %.1f ms (start-up complete after %.1f ms)", pause_ms,
-                 (time.time() - doc["created"]) * 1000)
+                 (time.time() - doc.created) * 1000)
         if failed:
             upgrade.send_reply(doc, {"ok": False, "error": f"the new program failed: {failed}; rolled back, "
                                      f"{n} connections kept", "pid": os.getpid()})
         else:
             upgrade.send_reply(doc, {"ok": True, "pid": os.getpid(), "connections": n, "pause_ms": round(pause_ms, 1)})
-
-    @staticmethod
-    def carried_fds(doc: dict[str, Any]) -> dict[str, Any]:
-        """What a rollback carries besides the server's part: the previous program's own
-        sockets, as it handed them over (the fd numbers survive exec; nothing here closed them)."""
-        return {key: doc.get(key) for key in ("control_fd", "demo_fd", "admin_fd", "reply_fd")}
 
     # -- upgrade triggers --------------------------------------------------------------------------
     # Every upgrade runs on the main thread, from `run()`'s loop: the signal dispositions can only
@@ -443,11 +441,11 @@ class Runtime:
             if reason == "reload":
                 os.environ[ENV_RELOAD] = "SIGHUP"  # the new program logs the outcome (`run`)
             self._upgrading = True
-            extra = {"control_fd": self.control.fileno() if self.control else None,
-                     "demo_fd": self.demo.fileno() if self.demo else None,
-                     "admin_fd": self.admin.fileno() if self.admin else None}
+            sockets = Sockets(control_fd=self.control.fileno() if self.control else None,
+                              demo_fd=self.demo.fileno() if self.demo else None,
+                              admin_fd=self.admin.fileno() if self.admin else None)
             upgrade.perform(self.servers, upgrade.target_program(exec_path), reply=conn.sock if conn else None,
-                            extra=extra, check_env={ENV_LISTENERS: listeners_for_check(self.servers)}, dump_path=str(self.state_dump) if self.state_dump else None,
+                            sockets=sockets, check_env={ENV_LISTENERS: listeners_for_check(self.servers)}, dump_path=str(self.state_dump) if self.state_dump else None,
                             also_pause=[self.admin] if self.admin else [],
                             progress=self._progress(conn, reason))
         except Exception as exc:  # noqa: BLE001 - on the main thread now: a bug must not end the process

@@ -37,6 +37,8 @@ from . import ktls
 from .counters import PROCESS, Histogram
 from .logs import fields
 from .engine import Engine
+from .handover import ConnectionEntry, Counters, ListenerEntry, connection_entry
+from .upgrade import UpgradeError, restore_connection
 from .connection import ENV_WORKER, WORKER, ConnectionInfo, conn_ref  # noqa: F401 - re-exported
 from .handshake import PLAIN_HTTP, Failed, Handshake, Ready, Stage  # noqa: F401 - PLAIN_HTTP re-exported
 from .relay import ClientChannel, KtlsChannel, Relay, UserspaceChannel
@@ -211,7 +213,7 @@ class ProxyServer:
         self._handshake_cond = threading.Condition(self._lock)
         self._adopted: list[tuple[ConnectionInfo, Relay]] = []
         self.adopted = False  # adopt() took over a previous program's listener and connections
-        self.unstarted: list[dict[str, Any]] = []  # taken from a bridge, not started (for a rollback)
+        self.unstarted: list[ConnectionEntry] = []  # taken from a bridge, not started (for a rollback)
         self.carried = 0  # connections carried over the exec that started this program
         self.passed_listener = False  # listening on a socket systemd passed, not on config.listen
         self._hold_accept = False  # pause(): no new connections while handshakes finish
@@ -328,8 +330,6 @@ class ProxyServer:
         (their clients retry): a client that never finishes its handshake must not be able to
         hold every upgrade off. Raises UpgradeError (after resuming) if the pumps do not reach a
         safe point within ``park_deadline``."""
-        from .upgrade import UpgradeError
-
         self._hold_accept = True
         with self._lock:
             done = self._handshake_cond.wait_for(lambda: self._handshaking == 0, handshake_deadline)
@@ -363,40 +363,31 @@ class ProxyServer:
         with self._lock:
             return [(i, i.relay) for i in self.connections.values() if i.relay is not None and not i.closed]
 
-    def snapshot(self, *, connections: bool = True) -> dict:
-        """This listener's entry in the upgrade document's ``listeners`` (only while paused).
-        ``connections`` False: a bridge (ironsocket.bridge) is about to hold them (``bridged``
-        counts them). What this program took from a bridge without starting it is always in."""
-        from .upgrade import connection_doc
-
+    def snapshot(self, *, connections: bool = True) -> ListenerEntry:
+        """This listener's entry in the upgrade document (only while paused). ``connections``
+        False: a bridge (ironsocket.bridge) is about to hold them (``bridged`` counts them).
+        What this program took from a bridge without starting it is always in."""
         assert self.control.paused and self.control.running == 0 and self.engine.paused
         assert self._listener is not None
         live = self.live_connections()
-        return {
-            "name": self.config.name,  # what the next program's configuration matches it by
-            "idle_timeout": self.config.idle_timeout,  # for the early resume (ironsocket.resume)
-            "listener_fd": self._listener.fileno(),
-            "listen": list(self.address),
-            "passed": self.passed_listener,  # socket activation: config.listen does not apply
-            "next_conn_id": next(self._ids),
-            "connections": ([connection_doc(info) for info, _ in live] if connections else []) + self.unstarted,
-            "bridged": 0 if connections else len(live),
-            "counters": {"handshakes_ok": self.handshakes_ok, "handshakes_failed": self.handshakes_failed,
-                         "handshake_failures": self.handshake_failures, "bytes_closed": self.bytes_closed,
-                         "backend_failures": self.backend_health.failure_counts(),
-                         "handshake_seconds": self.handshake_seconds.to_doc(),
-                         "upgrades": PROCESS.to_doc()},
+        counters = Counters(handshakes_ok=self.handshakes_ok, handshakes_failed=self.handshakes_failed,
+                            handshake_failures=dict(self.handshake_failures),
+                            bytes_closed=(self.bytes_closed[0], self.bytes_closed[1]),
+                            backend_failures=self.backend_health.failure_counts(),
+                            handshake_seconds=self.handshake_seconds.to_entry(), upgrades=PROCESS.to_entry())
+        return ListenerEntry(
+            name=self.config.name, idle_timeout=self.config.idle_timeout, listener_fd=self._listener.fileno(),
+            listen=tuple(self.address), passed=self.passed_listener, next_conn_id=next(self._ids),
+            connections=(*(connection_entry(info) for info, _ in live if connections), *self.unstarted),
+            bridged=0 if connections else len(live), counters=counters,
             # The session ticket keys (tls13/tickets.py): tickets issued before the upgrade resume
-            # after it. Only in this sealed memfd, never on disk (unless --upgrade-state-dump).
-            "ticket_keys": self.config.tls.tickets.keyring.export() if self.config.tls.tickets else [],
-        }
+            # after it. Only in the sealed memfd, never on disk (unless --upgrade-state-dump).
+            ticket_keys=tuple(self.config.tls.tickets.keyring.export()) if self.config.tls.tickets else ())
 
     # -- the bridge (ironsocket.bridge): connections a fork of the previous program relayed ------
-    def take_carried(self, conn: dict[str, Any]) -> None:
+    def take_carried(self, conn: ConnectionEntry) -> None:
         """Rebuild one connection a bridge handed over (its description, naming our fds), and
         start it. On failure its fds stay open (``unstarted``: for the rollback document)."""
-        from .upgrade import restore_connection
-
         self.unstarted.append(conn)
         info, relay = restore_connection(conn, self.engine, self.config.idle_timeout)
         self._register(info, relay)  # from here a rollback describes it from the relay, as it is
@@ -415,15 +406,13 @@ class ProxyServer:
             self._slots.release()
             self.carried -= 1
 
-    def adopt(self, doc: dict, early: Any = None) -> None:
+    def adopt(self, entry: ListenerEntry, early: Any = None) -> None:
         """Take over one listener and its connections of the previous program (before `start`):
-        ``doc`` is its entry in the upgrade document's ``listeners``. If they were resumed early
+        ``entry`` is its entry in the upgrade document. If they were resumed early
         (``early``: its `resume.Early`, resumed before the configuration was loaded), take over
         that running set. On failure every inherited fd is left open (for the rollback to the
         previous program)."""
-        from .upgrade import restore_connection
-
-        listener = socket.socket(fileno=doc["listener_fd"])
+        listener = socket.socket(fileno=entry.listener_fd)
         if early is not None:
             try:
                 self._adopt_running(early)
@@ -433,7 +422,7 @@ class ProxyServer:
         else:
             restored: list[tuple[ConnectionInfo, Relay]] = []
             try:
-                for conn in doc["connections"]:
+                for conn in entry.connections:
                     restored.append(restore_connection(conn, self.engine, self.config.idle_timeout))
                 if len(restored) > self.config.max_connections:
                     raise StartupError("more connections in the state than --max-connections")
@@ -447,20 +436,20 @@ class ProxyServer:
                 self._register(info, relay)
                 self._adopted.append((info, relay))
         self._listener = listener
-        self.carried = len(doc["connections"])
-        self.passed_listener = bool(doc.get("passed"))
+        self.carried = len(entry.connections)
+        self.passed_listener = entry.passed
         if not self._shared_ids:  # shared: the runtime continues the count of every listener
-            self._ids = itertools.count(doc["next_conn_id"])
-        counters = doc.get("counters", {})
-        self.handshakes_ok = counters.get("handshakes_ok", 0)
-        self.handshakes_failed = counters.get("handshakes_failed", 0)
-        self.handshake_failures = dict(counters.get("handshake_failures", {}))
-        self.bytes_closed = list(counters.get("bytes_closed", [0, 0]))
-        if self.config.tls.tickets is not None and isinstance(doc.get("ticket_keys"), list):
-            self.config.tls.tickets.keyring.load(doc["ticket_keys"])  # a key file's ring keeps its keys
-        self.backend_health = BackendHealth(counters.get("backend_failures"))
-        self.handshake_seconds.restore(counters.get("handshake_seconds"))
-        PROCESS.restore(counters.get("upgrades"))
+            self._ids = itertools.count(entry.next_conn_id)
+        counters = entry.counters
+        self.handshakes_ok = counters.handshakes_ok
+        self.handshakes_failed = counters.handshakes_failed
+        self.handshake_failures = dict(counters.handshake_failures)
+        self.bytes_closed = list(counters.bytes_closed)
+        if self.config.tls.tickets is not None and entry.ticket_keys is not None:
+            self.config.tls.tickets.keyring.load(entry.ticket_keys)  # a key file's ring keeps its keys
+        self.backend_health = BackendHealth(dict(counters.backend_failures))
+        self.handshake_seconds.restore(counters.handshake_seconds)
+        PROCESS.restore(counters.upgrades)
         self.adopted = True
 
     def _adopt_running(self, early: Any) -> None:

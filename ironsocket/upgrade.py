@@ -21,15 +21,16 @@ the PID stays the same and no second server ever competes for the sockets.
    new program asks (a connection waits only for its own batch's hand-over, not for the new
    program's start-up). The connections' fds stay close-on-exec: after the exec only the bridge
    holds them.
-4. **State and exec.** One JSON document in a sealed memfd (never on disk): format and version,
-   the admin, control and demo fds, the bridge (its socket and pid), and per listener
-   (``listeners``: one entry per `ProxyServer`, in order: its name, listening fd, address, id
-   counter, counters, ``bridged``: how many connections the bridge holds, and ``connections``:
-   those the document carries itself — a rollback's). A connection's description
-   (`connection_doc`, also what the bridge sends with each connection it hands over): client,
-   backend and pipe fds, mode, suite, SNI, ALPN, addresses, counters, start time, the traffic
-   secrets and — read back from the kernel at that moment — the key, IV and next rec_seq per
-   direction; for userspace connections also the partial record and buffered bytes. Every fd
+4. **State and exec.** One JSON document in a sealed memfd (never on disk), defined in
+   `ironsocket.handover` (`Document`: its only writer and reader): format and version, the
+   admin, control and demo fds, the bridge (its socket and pid), and one `ListenerEntry` per
+   `ProxyServer`, in order (name, listening fd, address, id counter, counters, ``bridged``: how
+   many connections the bridge holds, and ``connections``: those the document carries itself —
+   a rollback's). A connection's `ConnectionEntry` (`handover.connection_entry`, also what the
+   bridge sends with each connection it hands over): client, backend and pipe fds, mode, suite,
+   SNI, ALPN, addresses, counters, start time, the traffic secrets and — read back from the
+   kernel at that moment — the key, IV and next rec_seq per direction; for userspace
+   connections also the partial record and buffered bytes. Every fd
    named in the document is made inheritable for this one exec; every other fd stays
    close-on-exec (Python's default). ``execv(target)`` with ``IRONSOCKET_UPGRADE_STATE_FD`` in
    the environment, if the target file is still the one the check ran (else the upgrade is
@@ -55,38 +56,32 @@ needs it, loses the connections.
 
 from __future__ import annotations
 
-import base64
-import fcntl
+import dataclasses
 import json
 import logging
 import os
 import socket
-import stat
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from . import bridge, ktls
 from .connection import ConnectionInfo
 from .engine import Engine
-from .relay import KtlsChannel, PumpState, RecordMode, Relay, RelayStats, UserspaceChannel
-from .tls13.constants import CipherSuite, Group
-from .tls13.handoff import Handoff, TrafficKeys
+from .handover import (
+    LEGACY_VERSION, STATE_FORMAT, STATE_VERSION, BridgeEntry, ConnectionEntry, Document, ListenerEntry, Sockets,
+    StateError, connection_entry, write_memfd,
+)
+from .relay import KtlsChannel, Relay, RelayStats, UserspaceChannel
+from .tls13.constants import Group
+from .tls13.handoff import Handoff
 from .tls13.keyschedule import derive_traffic_keys
 from .tls13.session import Session
 
-if TYPE_CHECKING:
-    from .server import ProxyServer
-
 log = logging.getLogger("ironsocket.upgrade")
 
-STATE_FORMAT = "ironsocket-upgrade"
-STATE_VERSION = 2  # 2: one entry per listener (``listeners``), for `serve --config`; the bridge
-LEGACY_VERSION = 1  # one listener, its keys at the top level: read (converted), and written back
-# to a version-1 program by a rollback, so that an upgrade from a version-1 program works both ways
-_LISTENER_KEYS_V1 = ("listener_fd", "listen", "idle_timeout", "next_conn_id", "connections", "counters")
 ENV_STATE_FD = "IRONSOCKET_UPGRADE_STATE_FD"
 ENV_FAILED = "IRONSOCKET_UPGRADE_FAILED"
 CHECK_FLAG = "--upgrade-check"
@@ -97,10 +92,6 @@ PARK_DEADLINE = 5.0
 
 class UpgradeError(Exception):
     """The upgrade did not happen; the message says why (connections are unaffected)."""
-
-
-class StateError(Exception):
-    """An upgrade state document that cannot be restored."""
 
 
 def current_program() -> list[str]:
@@ -141,191 +132,22 @@ def check_report() -> str:
             f"(and state {STATE_FORMAT} v{LEGACY_VERSION})")
 
 
-# -- the document ---------------------------------------------------------------------------------
-def _b64(data: bytes | bytearray) -> str:
-    return base64.b64encode(bytes(data)).decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text.encode(), validate=True)
-
-
-def _keys_doc(keys: TrafficKeys) -> dict[str, Any]:
-    return {"traffic_secret": keys.traffic_secret.hex(), "key": keys.key.hex(), "iv": keys.iv.hex(), "rec_seq": keys.rec_seq}
-
-
-def _keys_from(doc: dict[str, Any]) -> TrafficKeys:
-    return TrafficKeys(traffic_secret=bytes.fromhex(doc["traffic_secret"]), key=bytes.fromhex(doc["key"]),
-                       iv=bytes.fromhex(doc["iv"]), rec_seq=int(doc["rec_seq"]))
-
-
-def _pump_doc(state: PumpState) -> dict[str, Any]:
-    return {"done": state.done, "pending": _b64(state.pending), "pipe": list(state.pipe) if state.pipe else None}
-
-
-def connection_doc(info: ConnectionInfo) -> dict[str, Any]:
-    relay = info.relay
-    assert relay is not None
-    channel = relay.client
-    write, read = channel.traffic_keys()
-    doc: dict[str, Any] = {
-        "id": info.conn_id,
-        "client_fd": channel.sock.fileno(),
-        "backend_fd": relay.backend.fileno(),
-        "client": list(info.client_addr),
-        "backend": list(info.backend_addr or ()),
-        "sni": info.server_name,
-        "alpn": info.alpn_protocol,
-        "suite": channel.cipher_suite.name,
-        "group": info.group,
-        "mode": channel.mode.value,
-        "started": relay.stats.started,
-        "bytes_from_client": relay.stats.bytes_from_client,
-        "bytes_to_client": relay.stats.bytes_to_client,
-        "c2b": _pump_doc(relay.c2b),
-        "b2c": _pump_doc(relay.b2c),
-        "tx": _keys_doc(write),
-        "rx": _keys_doc(read),
-    }
-    if isinstance(channel, UserspaceChannel):
-        snap = channel.session.snapshot()
-        doc["userspace"] = {
-            "unprocessed": _b64(snap.unprocessed),
-            "plaintext": _b64(snap.plaintext),
-            "out": _b64(channel.out),
-            "record_size_limit": snap.record_size_limit,
-            "read_closed": channel.session.read_closed,
-            "write_closed": channel.session.write_closed,
-        }
-    else:
-        assert isinstance(channel, KtlsChannel)
-        doc["ktls"] = {"write_closed": channel.write_closed, "tx_update_owed": channel.tx_update_owed}
-    return doc
-
-
-def inherited_fds(doc: dict[str, Any]) -> list[int]:
-    """Every fd the document names (they must survive the exec); either version."""
-    fds = [fd for key in ("control_fd", "demo_fd", "admin_fd", "reply_fd") if (fd := doc.get(key)) is not None]
-    if doc.get("bridge") is not None:
-        fds.append(doc["bridge"]["fd"])
-    for entry in doc["listeners"] if "listeners" in doc else [doc]:
-        fds.append(entry["listener_fd"])
-        for conn in entry["connections"]:
-            fds += bridge.connection_fds(conn)
-    return fds
-
-
-def write_memfd(doc: dict[str, Any]) -> int:
-    """The document in a sealed memfd (RAM only; F_SEAL_WRITE: nobody can change it)."""
-    fd = os.memfd_create("ironsocket-upgrade", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    data = json.dumps(doc, separators=(",", ":")).encode()
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
-    return fd
-
-
-def dump_state(doc: dict[str, Any], path: str) -> None:
+# -- the document (ironsocket.handover defines it) ---------------------------------------------------
+def dump_state(doc: Document, path: str) -> None:
     """Debugging only (``serve --upgrade-state-dump FILE``): the document, secrets included, in a
     file created 0600 — for ``ironsocket inspect-keys --state FILE`` post-mortems."""
     from .secretfile import open_secret  # no symlink, no file of another user or readable by others
 
     with open_secret(path, truncate=True, what="upgrade state dump") as f:
-        json.dump(doc, f, indent=1)
+        json.dump(doc.to_dict(), f, indent=1)
     log.warning("upgrade: state document (with traffic secrets) written to %s as asked", path)
 
 
-def read_memfd(fd: int) -> dict[str, Any]:
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-    except OSError as exc:
-        raise StateError(f"state fd {fd}: {exc.strerror}") from None
-    try:
-        doc: dict[str, Any] = json.loads(b"".join(chunks))
-    except ValueError as exc:
-        raise StateError(f"state document is not JSON: {exc}") from None
-    if isinstance(doc, dict) and doc.get("format") == STATE_FORMAT and doc.get("version") == LEGACY_VERSION:
-        doc = from_legacy(doc)
-    validate(doc)
-    return doc
-
-
-def from_legacy(doc: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 document (one listener at the top level) as version 2, marked
-    ``from_version`` (a rollback then writes version 1 again: `to_legacy`)."""
-    entry = {key: doc[key] for key in _LISTENER_KEYS_V1 if key in doc}
-    entry["name"] = ""
-    rest = {k: v for k, v in doc.items() if k not in _LISTENER_KEYS_V1}
-    return {**rest, "version": STATE_VERSION, "from_version": LEGACY_VERSION, "listeners": [entry]}
-
-
-def to_legacy(doc: dict[str, Any]) -> dict[str, Any]:
-    """A version-2 document of one listener as version 1, for a version-1 previous program."""
-    if len(doc["listeners"]) != 1:
-        raise StateError(f"a version-{LEGACY_VERSION} program has one listener, the state has {len(doc['listeners'])}")
-    (entry,) = doc["listeners"]
-    rest = {k: v for k, v in doc.items() if k not in ("listeners", "from_version")}
-    return {**rest, **{k: v for k, v in entry.items() if k in _LISTENER_KEYS_V1}, "version": LEGACY_VERSION}
-
-
-def validate(doc: dict[str, Any]) -> None:
-    """Format, version and the kind of every fd, before anything is touched."""
-    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
-        raise StateError(f"not an {STATE_FORMAT} document")
-    if doc.get("version") != STATE_VERSION:
-        raise StateError(f"state version {doc.get('version')} (this program reads {STATE_VERSION})")
-    for key in ("control_fd", "demo_fd", "admin_fd"):
-        if doc.get(key) is not None:
-            _expect(doc[key], stat.S_ISSOCK, key)
-    if doc.get("bridge") is not None:
-        try:
-            fd = int(doc["bridge"]["fd"])
-            int(doc["bridge"]["pid"])
-        except (KeyError, TypeError, ValueError):
-            raise StateError("bridge: needs fd and pid") from None
-        _expect(fd, stat.S_ISSOCK, "bridge fd")
-    listeners = doc.get("listeners")
-    if not isinstance(listeners, list) or not listeners:
-        raise StateError("the document names no listener")
-    names = [entry.get("name") if isinstance(entry, dict) else None for entry in listeners]
-    for n, entry in enumerate(listeners):
-        if (not isinstance(entry, dict) or not isinstance(entry.get("connections"), list)
-                or not isinstance(entry.get("listener_fd"), int) or not isinstance(entry.get("name", ""), str)):
-            raise StateError(f"listeners[{n}] is not a listener entry (name, listener_fd, connections)")
-        entry.setdefault("name", "")
-        if entry["name"] and names.count(entry["name"]) > 1:
-            raise StateError(f"listener name {entry['name']!r} twice in the document")
-        label = f"listener {entry['name'] or n}"
-        _expect(entry["listener_fd"], stat.S_ISSOCK, f"{label} listener_fd")
-        for conn in entry["connections"]:
-            where = f"{label} connection {conn.get('id')}"
-            _expect(conn["client_fd"], stat.S_ISSOCK, f"{where} client_fd")
-            _expect(conn["backend_fd"], stat.S_ISSOCK, f"{where} backend_fd")
-            for direction in ("c2b", "b2c"):
-                for fd in conn[direction]["pipe"] or []:
-                    _expect(fd, stat.S_ISFIFO, f"{where} {direction} pipe")
-            CipherSuite[conn["suite"]]
-            RecordMode(conn["mode"])
-
-
-def _expect(fd: int, kind: Any, what: str) -> None:
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError:
-        raise StateError(f"{what}: fd {fd} is not open") from None
-    if not kind(mode):
-        raise StateError(f"{what}: fd {fd} is not a {kind.__name__.removeprefix('S_IS').lower()}")
-
-
 # -- restore --------------------------------------------------------------------------------------
-def restore_connection(conn: dict[str, Any], engine: Engine, idle_timeout: float | None) -> tuple[Any, Relay]:
+def restore_connection(conn: ConnectionEntry, engine: Engine, idle_timeout: float | None) -> tuple[ConnectionInfo, Relay]:
     """One connection from its document entry; verifies kTLS state against the kernel."""
-    client = socket.socket(fileno=conn["client_fd"])
-    backend = socket.socket(fileno=conn["backend_fd"])
+    client = socket.socket(fileno=conn.client_fd)
+    backend = socket.socket(fileno=conn.backend_fd)
     try:
         return _restore_connection(conn, client, backend, engine, idle_timeout)
     except BaseException:
@@ -335,66 +157,77 @@ def restore_connection(conn: dict[str, Any], engine: Engine, idle_timeout: float
         raise
 
 
-def _restore_connection(conn: dict[str, Any], client: socket.socket, backend: socket.socket,
-                        engine: Engine, idle_timeout: float | None) -> tuple[Any, Relay]:
-    suite = CipherSuite[conn["suite"]]
-    tx, rx = _keys_from(conn["tx"]), _keys_from(conn["rx"])
-    mode = RecordMode(conn["mode"])
-    if mode is RecordMode.USERSPACE:
-        us = conn["userspace"]
-        handoff = Handoff(cipher_suite=suite, group=Group[conn["group"]] if conn.get("group") else Group.X25519,
-                          read=rx, write=tx, server_name=conn["sni"], alpn_protocol=conn["alpn"],
-                          plaintext=_unb64(us["plaintext"]), unprocessed=_unb64(us["unprocessed"]),
-                          record_size_limit=us["record_size_limit"])
+def _restore_connection(conn: ConnectionEntry, client: socket.socket, backend: socket.socket,
+                        engine: Engine, idle_timeout: float | None) -> tuple[ConnectionInfo, Relay]:
+    suite, tx, rx = conn.suite, conn.tx, conn.rx
+    channel: UserspaceChannel | KtlsChannel
+    if conn.userspace is not None:
+        us = conn.userspace
+        handoff = Handoff(cipher_suite=suite, group=Group[conn.group] if conn.group else Group.X25519,
+                          read=rx, write=tx, server_name=conn.sni, alpn_protocol=conn.alpn,
+                          plaintext=us.plaintext, unprocessed=us.unprocessed, record_size_limit=us.record_size_limit)
         session = Session(handoff)
-        session.read_closed = bool(us["read_closed"])
-        session.write_closed = bool(us["write_closed"])
-        channel: Any = UserspaceChannel(client, session, _unb64(us["out"]))
+        session.read_closed = us.read_closed
+        session.write_closed = us.write_closed
+        channel = UserspaceChannel(client, session, us.out)
     else:
+        assert conn.ktls is not None
         state = ktls.read_back(client)
         if state.cipher_suite is not suite or state.tx is None or state.rx is None:
-            raise StateError(f"connection {conn['id']}: kernel holds {state.cipher_suite}, document says {suite.name}")
+            raise StateError(f"connection {conn.id}: kernel holds {state.cipher_suite}, document says {suite.name}")
         if (state.tx.rec_seq, state.rx.rec_seq) != (tx.rec_seq, rx.rec_seq):
-            raise StateError(f"connection {conn['id']}: kernel rec_seq tx/rx {state.tx.rec_seq}/{state.rx.rec_seq}, "
+            raise StateError(f"connection {conn.id}: kernel rec_seq tx/rx {state.tx.rec_seq}/{state.rx.rec_seq}, "
                              f"document {tx.rec_seq}/{rx.rec_seq}")
         if (state.tx.key, state.rx.key) != (tx.key, rx.key):
-            raise StateError(f"connection {conn['id']}: kernel keys differ from the document")
+            raise StateError(f"connection {conn.id}: kernel keys differ from the document")
         if (derive_traffic_keys(suite, tx.traffic_secret), derive_traffic_keys(suite, rx.traffic_secret)) != (
                 (tx.key, tx.iv), (rx.key, rx.iv)):
-            raise StateError(f"connection {conn['id']}: the document's traffic secrets are not those of its keys")
-        channel = KtlsChannel(client, suite, rx.traffic_secret, tx.traffic_secret,
-                              tx_update_owed=bool(conn["ktls"].get("tx_update_owed", False)))
-        channel.write_closed = bool(conn["ktls"]["write_closed"])
-    info = ConnectionInfo(conn_id=conn["id"], client_addr=tuple(conn["client"]), started=conn["started"],
-                          server_name=conn["sni"], alpn_protocol=conn["alpn"], cipher_suite=suite.name,
-                          group=conn.get("group"), mode=mode,
-                          backend_addr=tuple(conn["backend"]) if conn["backend"] else None)
-    stats = RelayStats(bytes_from_client=conn["bytes_from_client"], bytes_to_client=conn["bytes_to_client"],
-                       started=conn["started"])
-
-    def pump(d: dict[str, Any]) -> PumpState:
-        return PumpState(done=d["done"], pending=bytearray(_unb64(d["pending"])), pipe=tuple(d["pipe"]) if d["pipe"] else None)
-
-    relay = Relay(conn["id"], channel, backend, engine=engine, idle_timeout=idle_timeout,
-                  c2b=pump(conn["c2b"]), b2c=pump(conn["b2c"]), stats=stats)
+            raise StateError(f"connection {conn.id}: the document's traffic secrets are not those of its keys")
+        channel = KtlsChannel(client, suite, rx.traffic_secret, tx.traffic_secret, tx_update_owed=conn.ktls.tx_update_owed)
+        channel.write_closed = conn.ktls.write_closed
+    info = ConnectionInfo(conn_id=conn.id, client_addr=tuple(conn.client), started=conn.started,
+                          server_name=conn.sni, alpn_protocol=conn.alpn, cipher_suite=suite.name,
+                          group=conn.group, mode=conn.mode,
+                          backend_addr=tuple(conn.backend) if conn.backend else None)
+    stats = RelayStats(bytes_from_client=conn.bytes_from_client, bytes_to_client=conn.bytes_to_client,
+                       started=conn.started)
+    relay = Relay(conn.id, channel, backend, engine=engine, idle_timeout=idle_timeout,
+                  c2b=conn.c2b.state(), b2c=conn.b2c.state(), stats=stats)
     return info, relay
 
 
 # -- performing one ------------------------------------------------------------------------------
+class Listener(Protocol):
+    """What an upgrade needs of one listener's server (`server.ProxyServer`; this module does
+    not import the server: the server imports it)."""
+
+    engine: Engine
+    connections: dict[int, ConnectionInfo]
+    bytes_closed: list[int]
+
+    def pause(self, handshake_deadline: float, park_deadline: float) -> None: ...
+    def resume(self) -> None: ...
+    def live_connections(self) -> list[tuple[ConnectionInfo, Relay]]: ...
+    def snapshot(self, *, connections: bool = True) -> ListenerEntry: ...
+    def release_stale(self) -> None: ...
+    def take_carried(self, conn: ConnectionEntry) -> None: ...
+
+
 Progress: TypeAlias = Callable[[str, dict[str, Any]], None]
 """``progress(phase, details)``: told as each phase of `perform` begins (``check``, ``quiesce``,
 ``exec``), for `ironsocket upgrade` to print them as they happen."""
 
 
-def perform(servers: Sequence[ProxyServer], target: list[str], reply: socket.socket | None = None,
-            extra: dict[str, Any] | None = None, dump_path: str | None = None,
+def perform(servers: Sequence[Listener], target: list[str], reply: socket.socket | None = None,
+            sockets: Sockets = Sockets(), dump_path: str | None = None,
             also_pause: Sequence[Any] = (), progress: Progress | None = None,
             check_env: dict[str, str] | None = None) -> None:
     """Check, quiesce, snapshot and exec. Returns only if the upgrade did not happen (raises
     UpgradeError with the reason after resuming everything). ``servers``: every listener's
-    `ProxyServer`, carried in this order. ``also_pause``: other services whose listener is
-    carried (the admin endpoint), paused with the servers (``pause()``: finish what is in
-    progress, take nothing new) and resumed if the exec does not happen. ``check_env``: for the
+    `ProxyServer`, carried in this order; ``sockets``: the program's other sockets carried.
+    ``also_pause``: other services whose listener is carried (the admin endpoint), paused with
+    the servers (``pause()``: finish what is in progress, take nothing new) and resumed if the
+    exec does not happen. ``check_env``: for the
     check child (what it must verify the new configuration against: `runtime.ENV_LISTENERS`)."""
     tell = progress or (lambda phase, details: None)
     identity = _identity(target[0])  # the file the check runs: exec'd only if still the same
@@ -402,7 +235,7 @@ def perform(servers: Sequence[ProxyServer], target: list[str], reply: socket.soc
     report = check_target(target, check_env)
     log.info("upgrade: target checked: %s", report.splitlines()[-1] if report else "")
     paused: list[Any] = []
-    servers_paused: list[ProxyServer] = []
+    servers_paused: list[Listener] = []
     bridged: bridge.BridgeClient | None = None
     try:
         tell("quiesce", {"listeners": len(servers),
@@ -416,18 +249,18 @@ def perform(servers: Sequence[ProxyServer], target: list[str], reply: socket.soc
             servers_paused.append(server)
         if _identity(target[0]) != identity:
             raise UpgradeError(f"{target[0]} changed after its start-up check; not running it")
-        doc = document(servers, {**(extra or {}), "reply_fd": reply.fileno() if reply is not None else None},
+        doc = document(servers, dataclasses.replace(sockets, reply_fd=reply.fileno() if reply is not None else None),
                        previous_exec=current_program(), paused_at=started, connections=False)
         live = [(info, relay, index) for index, server in enumerate(servers)
                 for info, relay in server.live_connections()]
         if dump_path is not None:  # a debugging aid: the connections as they are at the fork
-            dumped = {**doc, "listeners": [dict(entry, connections=[connection_doc(i) for i, _ in server.live_connections()])
-                                           for entry, server in zip(doc["listeners"], servers)]}
-            dump_state(dumped, dump_path)
-        pid, sock = bridge.fork([server.engine for server in servers], live, inherited_fds(doc),
+            listeners = tuple(dataclasses.replace(entry, connections=tuple(
+                connection_entry(i) for i, _ in server.live_connections())) for entry, server in zip(doc.listeners, servers))
+            dump_state(dataclasses.replace(doc, listeners=listeners), dump_path)
+        pid, sock = bridge.fork([server.engine for server in servers], live, doc.fds,
                                 lambda: [sum(s.bytes_closed[0] for s in servers), sum(s.bytes_closed[1] for s in servers)])
         bridged = bridge.BridgeClient(sock.detach(), pid)
-        doc["bridge"] = bridged.document()
+        doc = dataclasses.replace(doc, bridge=bridged.document())
         log.info("upgrade: %d connections paused in %.1f ms, relayed by the bridge (pid %d) until the new "
                  "program takes them; exec %s", len(live), (time.monotonic() - started) * 1000, pid, " ".join(target))
         tell("exec", {"connections": len(live), "listeners": len(servers), "bridge": pid})
@@ -444,11 +277,11 @@ def perform(servers: Sequence[ProxyServer], target: list[str], reply: socket.soc
         raise UpgradeError(f"exec failed: {exc}") from None
 
 
-def _take_back(servers: Sequence[ProxyServer], bridged: bridge.BridgeClient) -> None:
+def _take_back(servers: Sequence[Listener], bridged: bridge.BridgeClient) -> None:
     """After an exec that failed with the bridge forked: take every connection back from it."""
     for server in servers:
         server.release_stale()
-    bridged.drain(lambda conn: servers[conn["listener"]].take_carried(conn), paused_at=None)
+    bridged.drain(lambda listener, conn: servers[listener].take_carried(conn), paused_at=None)
 
 
 def _identity(path: str) -> tuple[int, ...] | None:
@@ -460,24 +293,24 @@ def _identity(path: str) -> tuple[int, ...] | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def document(servers: Sequence[Any], extra: dict[str, Any], *, previous_exec: list[str] | None,
-             paused_at: float, connections: bool = True) -> dict[str, Any]:
-    """The state document of paused servers (anything with ``snapshot()`` → a listener entry:
+def document(servers: Sequence[Any], sockets: Sockets, *, previous_exec: Sequence[str] | None,
+             paused_at: float, connections: bool = True, bridged: BridgeEntry | None = None) -> Document:
+    """The state document of paused servers (anything with ``snapshot()`` → a `ListenerEntry`:
     a `ProxyServer`, a `resume.Early`, a `Carried` entry), as it is at this moment
     (``connections`` False: `ProxyServer`s only, whose connections a bridge is about to hold)."""
     entries = [server.snapshot() if connections else server.snapshot(connections=False) for server in servers]
-    doc: dict[str, Any] = {"listeners": entries}
-    doc.update(extra)
-    doc.update(format=STATE_FORMAT, version=STATE_VERSION, pid=os.getpid(), created=time.time(),
-               paused_at_monotonic=paused_at, previous_exec=previous_exec)
-    return doc
+    return Document(listeners=tuple(entries), pid=os.getpid(), created=time.time(), paused_at_monotonic=paused_at,
+                    previous_exec=tuple(previous_exec) if previous_exec is not None else None, sockets=sockets,
+                    bridge=bridged)
 
 
-def exec_with_state(target: list[str], doc: dict[str, Any], *, failed: str | None = None) -> None:
-    """exec ``target`` with ``doc`` in a sealed memfd and exactly its fds inheritable. Returns
-    only by raising (the exec failed), after making every fd close-on-exec again."""
-    memfd = write_memfd(doc)
-    fds = [*inherited_fds(doc), memfd]
+def exec_with_state(target: list[str] | tuple[str, ...], doc: Document, *, failed: str | None = None,
+                    version: int = STATE_VERSION) -> None:
+    """exec ``target`` with ``doc`` (written as ``version``) in a sealed memfd and exactly its
+    fds inheritable. Returns only by raising (the exec failed), after making every fd
+    close-on-exec again."""
+    memfd = write_memfd(doc, version)
+    fds = [*doc.fds, memfd]
     try:
         for fd in fds:
             os.set_inheritable(fd, True)
@@ -498,10 +331,10 @@ def exec_with_state(target: list[str], doc: dict[str, Any], *, failed: str | Non
         os.close(memfd)
 
 
-def rollback(doc: dict[str, Any], state_fd: int, reason: str) -> None:
+def rollback(doc: Document, state_fd: int, reason: str) -> None:
     """After a failed restore that adopted nothing (no byte moved, so ``doc`` is still exact):
     exec the previous program with the same state. Never returns unless that exec fails."""
-    previous = doc.get("previous_exec") if isinstance(doc, dict) else None
+    previous = doc.previous_exec
     if not previous:
         log.critical("upgrade: restore failed (%s) and there is no program to roll back to; "
                      "the carried connections are lost", reason)
@@ -519,22 +352,23 @@ class Carried:
     """A listener entry of the inherited document that nothing in this program took over yet
     (no byte of its connections moved here): a rollback carries it exactly as it came."""
 
-    def __init__(self, entry: dict[str, Any]) -> None:
+    def __init__(self, entry: ListenerEntry) -> None:
         self.entry = entry
 
     def pause(self, handshake_deadline: float, park_deadline: float) -> None:
         pass
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> ListenerEntry:
         return self.entry
 
 
-def roll_back_live(servers: Sequence[Any], extra: dict[str, Any], doc: dict[str, Any], state_fd: int,
-                   reason: str) -> None:
+def roll_back_live(servers: Sequence[Any], sockets: Sockets, bridged: BridgeEntry | None, doc: Document,
+                   state_fd: int, reason: str) -> None:
     """After a failure in a program that has adopted the connections (and may have moved bytes):
     pause them, write the state as it is *now* and exec the previous program with it. The old
-    document would rewind sequence numbers (a nonce used twice) and replay bytes."""
-    previous = doc.get("previous_exec")
+    document would rewind sequence numbers (a nonce used twice) and replay bytes. ``sockets``:
+    the program's own as it inherited them; ``bridged``: the bridge, if it still holds some."""
+    previous = doc.previous_exec
     if not previous:
         log.critical("upgrade: restore failed (%s) and there is no program to roll back to; "
                      "the carried connections are lost", reason)
@@ -544,22 +378,23 @@ def roll_back_live(servers: Sequence[Any], extra: dict[str, Any], doc: dict[str,
         server.pause(HANDSHAKE_DEADLINE, PARK_DEADLINE)
     # previous_exec None: if the previous program cannot restore either, there is nowhere to go
     # (going back and forth would never end).
-    now = document(servers, extra, previous_exec=None, paused_at=time.monotonic())
-    if doc.get("from_version") == LEGACY_VERSION:  # the previous program reads version 1 only
-        now = to_legacy(now)
+    now = document(servers, sockets, previous_exec=None, paused_at=time.monotonic(), bridged=bridged)
+    # the previous program reads version 1 only: write that (StateError if it cannot hold the state)
+    version = LEGACY_VERSION if doc.from_version == LEGACY_VERSION else STATE_VERSION
+    now.to_dict(version)
     # What we inherited and do not pass on (the old document, fds of connections that ended
     # here) must not leak into the previous program.
-    for fd in {*inherited_fds(doc), state_fd} - set(inherited_fds(now)):
+    for fd in {*doc.fds, state_fd} - set(now.fds):
         try:
             os.set_inheritable(fd, False)
         except OSError:
             pass
-    exec_with_state(previous, now, failed=reason)
+    exec_with_state(previous, now, failed=reason, version=version)
 
 
-def send_reply(doc: dict[str, Any], message: dict[str, Any]) -> None:
+def send_reply(doc: Document, message: dict[str, Any]) -> None:
     """Answer the `ironsocket upgrade` that asked (its connection was carried over exec)."""
-    fd = doc.get("reply_fd")
+    fd = doc.sockets.reply_fd
     if fd is None:
         return
     try:

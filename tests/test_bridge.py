@@ -65,12 +65,51 @@ def test_a_closed_peer_is_an_error_not_a_hang() -> None:
     b.close()
 
 
-def test_connection_fds_are_renamed_in_order() -> None:
-    conn = {"client_fd": 7, "backend_fd": 8, "c2b": {"pipe": None, "done": False}, "b2c": {"pipe": [9, 10], "done": True}}
-    assert bridge.connection_fds(conn) == [7, 8, 9, 10]
-    moved = bridge.with_fds(conn, [17, 18, 19, 20])
-    assert bridge.connection_fds(moved) == [17, 18, 19, 20]
-    assert moved["b2c"]["done"] is True and conn["client_fd"] == 7  # the original is untouched
+def test_a_batch_names_the_receivers_fds_and_a_malformed_one_closes_them() -> None:
+    """A batch (what the bridge sends, `handover.ConnectionEntry` + its listener) arrives naming
+    the receiver's fds; a malformed one is one error, and the fds that came with it are closed
+    (nothing leaks). The entries' own rules: tests/test_handover.py."""
+    import threading
+
+    from tests.test_handover import ktls_conn
+
+    ours, theirs = socket.socketpair()
+    client = bridge.BridgeClient(theirs.detach(), os.getpid())
+    carried = [socket.socketpair() for _ in range(2)]
+    r, w = os.pipe()
+    sent_fds = [carried[0][0].fileno(), carried[1][0].fileno(), r, w]
+    try:
+        def answer(item: dict) -> None:
+            bridge.recv_frame(ours)  # the "take" request
+            bridge.send_frame(ours, {"connections": [item], "left": 0, "paused_at": 1.5}, sent_fds)
+
+        good = {**ktls_conn(3, (7, 8, 9, 10)).to_dict(), "listener": 1}
+        t = threading.Thread(target=answer, args=(good,))
+        t.start()
+        [(listener, entry)], paused_at = client.take()
+        t.join(TIMEOUT)
+        assert (listener, entry.id, paused_at) == (1, 3, 1.5)
+        assert entry.fds != [7, 8, 9, 10] and len(entry.fds) == 4
+        assert os.fstat(entry.c2b.pipe[0]).st_ino == os.fstat(r).st_ino  # our copy of the sender's pipe
+        for fd in entry.fds:
+            os.close(fd)
+        for bad, message in (({**good, "suite": "TLS_NOPE"}, "is not a TLS 1.3 cipher suite"),
+                             ({k: v for k, v in good.items() if k != "listener"}, "no listener index")):
+            t = threading.Thread(target=answer, args=(bad,))
+            t.start()
+            before = len(os.listdir("/proc/self/fd"))
+            with pytest.raises(bridge.BridgeError, match=f"malformed batch: .*{message}"):
+                client.take()
+            t.join(TIMEOUT)
+            assert len(os.listdir("/proc/self/fd")) == before  # the 4 received fds were closed
+    finally:
+        ours.close()
+        client.sock.close()
+        for a, b in carried:
+            a.close()
+            b.close()
+        os.close(r)
+        os.close(w)
 
 
 # -- with the real server ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ upgrade of kTLS connections is test_upgrade's, in the VM.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -372,23 +373,26 @@ def test_failure_after_every_startup_step_rolls_back_both_listeners(config_serve
 V1_COMMIT = "f6592ee"  # the last ironsocket writing state version 1 (one listener at the top level)
 
 
-def _v1_program(tmp: Path) -> Path:
+DICT_COMMIT = "5c8f180"  # the last ironsocket whose document was dicts (before ironsocket.handover)
+
+
+def _v1_program(tmp: Path, commit: str = V1_COMMIT) -> Path:
     """That ironsocket's package, from this repository's history (skip without it)."""
-    old = tmp / "v1"
+    old = tmp / commit
     old.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", V1_COMMIT, "ironsocket"], capture_output=True, timeout=60)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "ironsocket"], capture_output=True, timeout=60)
     if archive.returncode != 0:
-        pytest.skip(f"no git history with {V1_COMMIT}: {archive.stderr.decode(errors='replace').strip()[:200]}")
+        pytest.skip(f"no git history with {commit}: {archive.stderr.decode(errors='replace').strip()[:200]}")
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True, timeout=60)
     return old
 
 
-def _this_program(tmp: Path, name: str, extra_after_check: str = "") -> Path:
+def _this_program(tmp: Path, name: str, extra_after_check: str = "", root: Path = ROOT) -> Path:
     """This tree's ironsocket as an --exec target that keeps the cwd (the v1 program's, so that
     its `python -m ironsocket` stays v1 for a rollback); ``extra_after_check``: arguments added
     once exec'd with the state (what makes its restore fail)."""
     prog = tmp / name
-    boot = f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.argv[0] = 'ironsocket'; from ironsocket.entry import main; main()"
+    boot = f"import sys; sys.path.insert(0, {str(root)!r}); sys.argv[0] = 'ironsocket'; from ironsocket.entry import main; main()"
     prog.write_text("#!/bin/sh\n"
                     f'for a in "$@"; do [ "$a" = --upgrade-check ] && exec {sys.executable} -c "{boot}" "$@"; done\n'
                     f'exec {sys.executable} -c "{boot}" "$@" {extra_after_check}\n')
@@ -439,6 +443,58 @@ def test_a_version_1_program_upgrades_to_this_one_and_is_rolled_back_to(tmp_path
         server.close()
 
 
+def test_the_program_before_the_typed_document_upgrades_to_this_one_and_is_rolled_back_to(
+        tmp_path: Path, echo_backend) -> None:
+    """The documents and the bridge's batches of the program whose document was dicts (main at
+    DICT_COMMIT) and of this one (ironsocket.handover) are one format: this program takes that
+    one's connections from its bridge, a rollback hands them back in a document this program
+    wrote, the upgrade then goes through, and so does one back to the old program (which takes
+    them from this one's bridge); every byte keeps flowing."""
+    from tests.test_upgrade import failing_program, flowing_streamer
+
+    old = _v1_program(tmp_path, DICT_COMMIT)
+    log_path, ctl = tmp_path / "serve.log", tmp_path / "ctl.sock"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"IRONSOCKET_RUN_DIR": str(tmp_path)}
+    server = Server.__new__(Server)  # test_upgrade's helpers on a process started here
+    server.log_path, server.control, server.log = log_path, ctl, log_path.open("w")
+    server.proc = subprocess.Popen(
+        [sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{echo_backend[1]}",
+         "--cert", str(CERTS / "ecdsa-p256.pem"), "--key", str(CERTS / "ecdsa-p256.key"), "--control-socket", str(ctl)],
+        stdin=subprocess.DEVNULL, stdout=server.log, stderr=subprocess.STDOUT, env=env, cwd=old)
+    try:
+        server.port = int(server.wait_for(r"serving TLS 1\.3 on [\d.]+:(\d+)").group(1))
+        pid = server.proc.pid
+        streamers = [flowing_streamer(server, 500 + i) for i in range(2)]
+        # old → this program, failing after it took the connections from the old program's bridge
+        # and moved bytes: back to the old program with a document this one wrote.
+        step_file = tmp_path / "fail-at"
+        step_file.write_text("relay")
+        result = server.upgrade("--exec", str(failing_program(tmp_path, step_file)))
+        assert result.returncode != 0 and "rolled back" in result.stderr, result.stdout + result.stderr
+        assert "injected failure after start-up step relay" in result.stderr, result.stderr
+        assert re.search(r"upgrade: \d+ connections taken from the bridge", server.text())
+        server.wait_for(r"upgrade: restored 2 connections in pid \d+ \(1 listeners\)")
+        assert server.proc.pid == pid
+        still_flowing(streamers, "after the rollback to the program of the dict document")
+        # old → this program for real (the old program's bridge hands the connections over).
+        result = server.upgrade("--exec", str(_this_program(tmp_path, "this-typed")))
+        assert result.returncode == 0, result.stdout + result.stderr
+        server.wait_for(r"upgrade: restored 2 connections in pid \d+ \(1 listeners\)", count=2)
+        assert server.proc.pid == pid
+        still_flowing(streamers, "after the upgrade to the typed document")
+        # and back to the old program: it takes the connections from this one's bridge.
+        result = server.upgrade("--exec", str(_this_program(tmp_path, "old-again", root=old)))
+        assert result.returncode == 0, result.stdout + result.stderr
+        server.wait_for(r"upgrade: restored 2 connections in pid \d+ \(1 listeners\)", count=3)
+        assert server.proc.pid == pid
+        still_flowing(streamers, "after the upgrade back to the program of the dict document")
+        for s in streamers:
+            finish(s)
+        assert "Traceback" not in server.text()
+    finally:
+        server.close()
+
+
 def test_match_listeners_rules() -> None:
     """Which running listener each configured one takes over, and what a reload refuses."""
     from ironsocket.runtime import match_listeners
@@ -448,9 +504,11 @@ def test_match_listeners_rules() -> None:
     def cfg(name: str, port: int) -> ProxyConfig:
         return ProxyConfig(name=name, listen=("127.0.0.1", port), backend=("127.0.0.1", 9), tls=tls_config())
 
-    running = [{"name": "web", "listen": ["127.0.0.1", 8443], "connections": 3},
-               {"name": "", "listen": ["127.0.0.1", 9000], "connections": 1},
-               {"name": "", "listen": ["127.0.0.1", 9001], "connections": 0}]
+    from ironsocket.handover import ListenerView
+
+    running = [ListenerView(name="web", listen=("127.0.0.1", 8443), connections=3),
+               ListenerView(name="", listen=("127.0.0.1", 9000), connections=1),
+               ListenerView(name="", listen=("127.0.0.1", 9001), connections=0)]
     assert match_listeners(running, [cfg("", 9000), cfg("new", 7000), cfg("web", 8443), cfg("", 0)]) == [1, None, 0, 2]
     assert match_listeners(running, [cfg("web", 0), cfg("", 9000)]) == [0, 1]  # 9001 gone: no connections
     with pytest.raises(StartupError, match=r"listener web is not in the configuration any more and has 3 connections"):
@@ -458,5 +516,5 @@ def test_match_listeners_rules() -> None:
     with pytest.raises(StartupError, match=r"listener web: listen 127\.0\.0\.1:8444 but the running program listens on "
                                            r"127\.0\.0\.1:8443"):
         match_listeners(running, [cfg("web", 8444), cfg("", 9000)])
-    passed = [{**running[0], "passed": True}]  # socket activation: systemd's address, not ours
+    passed = [dataclasses.replace(running[0], passed=True)]  # socket activation: systemd's address, not ours
     assert match_listeners(passed, [cfg("web", 1)]) == [0]

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ironsocket import ktls, upgrade
+from ironsocket import handover, ktls
 from ironsocket.relay import KtlsChannel, RecordMode, RelayClosed
 from ironsocket.tls13.alerts import Alert, RemoteProtocolError
 from ironsocket.tls13.constants import AlertDescription, CipherSuite, ContentType, ExtensionType, Group, HandshakeType
@@ -473,11 +473,11 @@ def test_key_updates_on_one_streaming_connection(kernel7, echo_backend, make_pro
     assert stat_delta(before, *REKEY_STATS) == {
         "TlsRxRekeyOk": count, "TlsTxRekeyOk": count if requested else 0, "TlsRxRekeyReceived": count,
         "TlsRxRekeyError": 0, "TlsTxRekeyError": 0, "TlsDecryptError": 0}
-    doc = upgrade.connection_doc(info)
-    assert doc["rx"]["traffic_secret"] == client.write.traffic_secret.hex()
-    assert doc["tx"]["traffic_secret"] == client.read.traffic_secret.hex()
-    assert (doc["rx"]["rec_seq"], doc["tx"]["rec_seq"]) == (client.write.rec_seq, client.read.rec_seq)
-    assert doc["ktls"]["tx_update_owed"] is False
+    entry = handover.connection_entry(info)
+    assert entry.rx.traffic_secret == client.write.traffic_secret
+    assert entry.tx.traffic_secret == client.read.traffic_secret
+    assert (entry.rx.rec_seq, entry.tx.rec_seq) == (client.write.rec_seq, client.read.rec_seq)
+    assert entry.ktls is not None and entry.ktls.tx_update_owed is False
     client.close()
 
 

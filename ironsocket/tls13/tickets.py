@@ -54,7 +54,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -276,27 +275,21 @@ class TicketKeyring:
         return None
 
     # -- the upgrade state document ---------------------------------------------------------------
-    def export(self) -> list[dict[str, Any]]:
-        """The keys, for the upgrade state document (sealed memfd; never written to disk). A
-        derived ring exports nothing: the next program derives the same keys."""
+    def export(self) -> list[TicketKey]:
+        """The keys, for the upgrade state document (`handover.ListenerEntry.ticket_keys`: sealed
+        memfd, never written to disk). A derived ring exports nothing: the next program derives
+        the same keys."""
         if self._master is not None:
             return []
         with self._lock:
-            return [{"id": k.key_id.hex(), "key": k.secret.hex(), "created": k.created} for k in self._keys]
+            return list(self._keys)
 
-    def load(self, doc: list[dict[str, Any]]) -> None:
+    def load(self, exported: Iterable[TicketKey]) -> None:
         """Take the keys a previous program exported (a rotating ring only: a fixed ring keeps
-        the file's keys). Malformed entries are ignored: the worst case is a full handshake."""
+        the file's keys). Keys of the wrong size are ignored: the worst case is a full handshake."""
         if self.is_fixed or self.is_derived:
             return
-        keys = []
-        for entry in doc:
-            try:
-                key = TicketKey(bytes.fromhex(entry["id"]), bytes.fromhex(entry["key"]), float(entry["created"]))
-            except (KeyError, TypeError, ValueError):
-                continue
-            if len(key.key_id) == KEY_ID_SIZE and len(key.secret) == KEY_SIZE:
-                keys.append(key)
+        keys = [key for key in exported if len(key.key_id) == KEY_ID_SIZE and len(key.secret) == KEY_SIZE]
         keys.sort(key=lambda k: k.created, reverse=True)
         with self._lock:
             self._keys = keys

@@ -172,7 +172,7 @@ def test_export_load_carries_the_keys() -> None:
     after.load(before.export())
     assert tickets_mod.unseal(after, ticket, T0) is not None
     assert after.sealing_key(T0).key_id == before.sealing_key(T0).key_id  # and keeps sealing with it
-    after.load([{"id": "zz"}, {"nonsense": 1}])  # malformed: ignored (a full handshake, not a crash)
+    after.load([tickets_mod.TicketKey(b"\x01" * 3, b"\x02" * 32, T0)])  # wrong size: ignored (a full handshake)
     assert tickets_mod.unseal(after, ticket, T0) is None
 
 
