@@ -38,9 +38,11 @@ import time
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from . import backend as backend_mod
 from . import ktls
+from .connection import ConnectionInfo, describe
 from .counters import PROCESS
 from .relay import RecordMode
 
@@ -84,26 +86,11 @@ def _listener_name(server) -> str:
     return getattr(server.config, "name", "") or f"{host}:{port}"
 
 
-def _live(server) -> list:
-    with server._lock:
-        return list(server.connections.values())
-
-
-def connection_json(info, now: float) -> dict:
-    relay = getattr(info, "relay", None)
-    stats = getattr(relay, "stats", None)
-    backend = getattr(info, "backend_addr", None)
-    return {
-        "id": info.conn_id,
-        "client": f"{info.client_addr[0]}:{info.client_addr[1]}",
-        "backend": f"{backend[0]}:{backend[1]}" if backend else None,
-        "mode": info.mode.value if info.mode is not None else "handshake",
-        "suite": info.cipher_suite,
-        "group": info.group,
-        "sni": info.server_name,
-        "alpn": info.alpn_protocol,
-        "bytes_in": getattr(stats, "bytes_from_client", 0),
-        "bytes_out": getattr(stats, "bytes_to_client", 0),
+def connection_json(info: ConnectionInfo, now: float) -> dict[str, Any]:
+    stats = info.relay.stats if info.relay is not None else None
+    return describe(info) | {
+        "bytes_in": stats.bytes_from_client if stats is not None else 0,
+        "bytes_out": stats.bytes_to_client if stats is not None else 0,
         "age": round(now - info.started, 3),
     }
 
@@ -113,7 +100,8 @@ def connections_json(servers: Sequence) -> list[dict]:
     out = []
     for server in servers:
         name = _listener_name(server)
-        for info in _live(server):
+        infos, _ = server.registry()
+        for info in infos:
             out.append({"listener": name} | connection_json(info, now))
     return out
 
@@ -212,15 +200,13 @@ def metrics_text(servers: Sequence, tls_stat: Callable[[], dict[str, int]] = ktl
     durations: list[tuple[dict[str, object], list[tuple[str, int]], float, int]] = []
     for server in servers:
         listener = _listener_name(server)
-        with server._lock:
-            infos = list(server.connections.values())
-            closed = list(getattr(server, "bytes_closed", (0, 0)))
-            live_in = live_out = 0
-            for info in infos:
-                stats = getattr(getattr(info, "relay", None), "stats", None)
-                if stats is not None and not getattr(info, "closed", False):
-                    live_in += stats.bytes_from_client
-                    live_out += stats.bytes_to_client
+        infos, closed = server.registry()
+        live_in = live_out = 0
+        for info in infos:
+            stats = info.relay.stats if info.relay is not None else None
+            if stats is not None and not info.closed:
+                live_in += stats.bytes_from_client
+                live_out += stats.bytes_to_client
         by_mode = {"handshake": 0} | {mode.value: 0 for mode in RecordMode}
         for info in infos:
             by_mode[info.mode.value if info.mode is not None else "handshake"] += 1

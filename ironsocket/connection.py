@@ -1,5 +1,6 @@
 """`ConnectionInfo`: what the registry knows about one connection (the proxy's
-`ProxyServer.connections`, the demo page, the admin endpoint, the upgrade document).
+`ProxyServer.connections`, the demo page, the admin endpoint, the upgrade document), and
+`describe`, the one way the admin ``/connections`` view and ``inspect-keys`` name its fields.
 
 A module of its own, with no import beyond the relay's, so that a program exec'd by an upgrade
 can rebuild its connections (`resume.start_early`) without importing the proxy (`server.py` pulls
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .relay import RecordMode, Relay
@@ -51,3 +52,26 @@ class ConnectionInfo:
     def ref(self) -> int | str:
         """The connection's name in logs and on the control socket (`conn_ref`)."""
         return conn_ref(self.conn_id)
+
+
+def format_addr(addr: tuple[str, int] | None) -> str | None:
+    """``host:port`` (``[v6]:port``), or None."""
+    if not addr:
+        return None
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def describe(info: ConnectionInfo) -> dict[str, Any]:
+    """The fields every view of a live connection shows, under one set of names (the admin
+    ``/connections`` view and ``inspect-keys`` add their own to these)."""
+    return {
+        "id": info.ref,  # unique per machine with --workers ("W.N")
+        "client": format_addr(info.client_addr),
+        "backend": format_addr(info.backend_addr),
+        "mode": info.mode.value if info.mode is not None else "handshake",
+        "suite": info.cipher_suite,
+        "group": info.group,
+        "sni": info.server_name,
+        "alpn": info.alpn_protocol,
+    }

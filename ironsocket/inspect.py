@@ -29,7 +29,7 @@ from typing import Any
 
 from . import ktls
 from .control import ControlError
-from .connection import WORKER
+from .connection import describe, format_addr
 from .handover import StateError, key_views
 
 SYS_PIDFD_OPEN = 434  # x86_64 (and every arch since 5.3's unified numbering)
@@ -40,11 +40,6 @@ def fingerprint(key: bytes, iv: bytes) -> str:
     return hashlib.sha256(key + iv).digest()[:8].hex()
 
 
-def _addr(addr: Any) -> str | None:
-    if not addr:
-        return None
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def _direction(keys: Any, reveal: bool) -> dict[str, Any]:
@@ -56,7 +51,7 @@ def _direction(keys: Any, reveal: bool) -> dict[str, Any]:
 
 
 def _mode(channel: Any) -> str:
-    mode = channel.mode.value
+    mode = str(channel.mode.value)
     if mode != "userspace":
         kind = ktls.session_mode(channel.sock)
         if kind == "device":
@@ -75,17 +70,9 @@ def connection_rows(server: Any, *, reveal: bool) -> list[dict[str, Any]]:
         relay = info.relay
         if relay is None:
             continue  # still in the handshake: nothing in the record layer yet
-        row: dict[str, Any] = {
-            "id": info.ref if WORKER else info.conn_id,  # unique per machine with --workers: "W.N"
-            "client": _addr(info.client_addr),
-            "backend": None,
-            "sni": info.server_name,
-            "alpn": info.alpn_protocol,
-            "suite": info.cipher_suite,
-            "mode": info.mode.value if info.mode else None,
-        }
+        row: dict[str, Any] = describe(info)
         try:
-            row["backend"] = _addr(relay.backend.getpeername())
+            row["backend"] = format_addr(relay.backend.getpeername())
         except OSError:
             pass
         try:
@@ -188,7 +175,7 @@ def describe_state(doc: object, *, reveal: bool = False) -> list[dict[str, Any]]
 def _syscall(number: int, *args: int) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
-    ret = libc.syscall(ctypes.c_long(number), *(ctypes.c_long(a) for a in args))
+    ret = int(libc.syscall(ctypes.c_long(number), *(ctypes.c_long(a) for a in args)))
     if ret < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -248,7 +235,7 @@ def rows_from_pid(pid: int, *, reveal: bool) -> list[dict[str, Any]]:
                 kind = ktls.session_mode(sock)
                 row: dict[str, Any] = {
                     "id": f"fd{target_fd}",
-                    "client": _addr(_peer(sock)),
+                    "client": format_addr(_peer(sock)),
                     "backend": None,  # the pairing lives in the server's memory only
                     "sni": None,
                     "alpn": None,

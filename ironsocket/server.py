@@ -357,6 +357,12 @@ class ProxyServer:
         self.engine.resume()
         self.control.resume()
 
+    def registry(self) -> tuple[list[ConnectionInfo], list[int]]:
+        """Every registered connection (handshaking ones too) and the byte totals of the closed
+        ones [from client, to client], read together (the admin endpoint's view)."""
+        with self._lock:
+            return list(self.connections.values()), list(self.bytes_closed)
+
     def live_connections(self) -> list[tuple[ConnectionInfo, Relay]]:
         """(info, relay) of every connection being relayed (while paused: exactly what the
         state describes)."""

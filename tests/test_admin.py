@@ -242,13 +242,14 @@ def test_metrics_text_help_and_type_lines() -> None:
             from tests.helpers import config as tls_config
 
             self.config = ProxyConfig(listen=("127.0.0.1", 1), backend=("127.0.0.1", 9), tls=tls_config(), name="x")
-            self._lock = threading.Lock()
-            self.connections: dict = {}
             self.handshakes_ok, self.handshake_failures = 2, {}
             self.handshake_seconds = Histogram()
             self.handshake_seconds.observe(0.003)
             self.handshake_seconds.observe(20.0)
             self.backend_health = BackendHealth({"ECONNREFUSED": 4})
+
+        def registry(self) -> tuple[list, list[int]]:
+            return [], [0, 0]
 
     text = metrics_text([Listener()], tls_stat=lambda: {"TlsTxSw": 3, "TlsCurrTxSw": 1})
     lines = text.splitlines()
