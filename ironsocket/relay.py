@@ -2,9 +2,11 @@
 
 Theory of operation
 -------------------
-Two pumps per connection, one per direction, each a *step* run by an `engine.Engine` loop
+Two pumps per connection, one per `Direction`, each a *step* run by an `engine.Engine` loop
 (a few threads for every connection of the process; the design card's blocking-thread relay
-became this: threads that block in the kernel — epoll_wait, splice — never one per connection):
+became this: threads that block in the kernel — epoll_wait, splice — never one per connection).
+A pump is one small class per record layer and direction (`SpliceToBackend`, `SpliceToClient`,
+`OpenToBackend`, `SealToClient`), its `PumpState` all it holds:
 
 - ``c2b``: client → backend. With kTLS the client socket yields plaintext and the bytes move
   ``client ─splice→ pipe ─splice→ backend`` without entering Python. In userspace mode the
@@ -451,16 +453,11 @@ class PumpState:
     deferred_error: OSError | None = field(default=None, compare=False)
 
 
-class _Pump:
-    """One direction of a relay, as an `engine.Loop` runs it."""
+class Direction(enum.Enum):
+    """The one name of a direction: the upgrade document's keys and the close reasons use it."""
 
-    __slots__ = ("relay", "name", "step")
-
-    def __init__(self, relay: Relay, name: str, step: Callable[[], bool]) -> None:
-        self.relay, self.name, self.step = relay, name, step
-
-    def finished(self, exc: BaseException | None) -> None:
-        self.relay._pump_finished(self.name, exc)
+    CLIENT_TO_BACKEND = "c2b"
+    BACKEND_TO_CLIENT = "b2c"
 
 
 class Relay:
@@ -493,7 +490,7 @@ class Relay:
         self._lock = threading.Lock()
         self._closed = False
         self._aborted = False
-        self._pumps: list[_Pump] = []
+        self._pumps: list[Pump] = []
         self._live = 0
         self._loop: Loop | None = None
         self.done = threading.Event()  # set once closed
@@ -502,9 +499,9 @@ class Relay:
 
     def start(self) -> None:
         """Hand both pumps (those not done) to the engine."""
-        steps = {"c2b": self._c2b_step(), "b2c": self._b2c_step()}
-        self._pumps = [_Pump(self, name, steps[name]) for name, state in (("c2b", self.c2b), ("b2c", self.b2c))
-                       if not state.done]
+        kinds: tuple[type[Pump], type[Pump]] = (
+            (SpliceToBackend, SpliceToClient) if self.splice else (OpenToBackend, SealToClient))
+        self._pumps = [kind(self) for kind in kinds if not self.state(kind.direction).done]
         self._live = len(self._pumps)
         if not self._pumps:
             self.close()
@@ -515,8 +512,12 @@ class Relay:
         self.done.wait(timeout)
 
     # -- what the engine asks (engine.RelayLike) --------------------------------------------------
-    def pumps(self) -> list[_Pump]:
+    def pumps(self) -> list[Pump]:
         return list(self._pumps)
+
+    def state(self, direction: Direction) -> PumpState:
+        """What the pump of ``direction`` holds (carried over an exec)."""
+        return self.c2b if direction is Direction.CLIENT_TO_BACKEND else self.b2c
 
     def fds(self) -> tuple[int, ...]:
         fds = [self.client.sock.fileno(), self.backend.fileno()]
@@ -533,8 +534,9 @@ class Relay:
     def idle_timeout_expired(self) -> None:
         self._abort(f"idle for {self.idle_timeout:g}s", graceful=True)
 
-    def _pump_finished(self, name: str, exc: BaseException | None) -> None:
+    def _pump_finished(self, direction: Direction, exc: BaseException | None) -> None:
         """(loop thread) A pump ended: normally, or by ``exc``."""
+        name = direction.value
         try:
             if exc is not None:
                 raise exc
@@ -555,219 +557,6 @@ class Relay:
             if self._loop is not None:
                 self._loop.forget(self)
             self.close()
-
-    # -- waiting -------------------------------------------------------------------------------
-    @staticmethod
-    def _wait(fd: int, events: int) -> NoReturn:
-        """This step cannot go on until ``fd`` is ready: the loop runs it again then."""
-        raise WaitFor(fd, events)
-
-    # -- client → backend ----------------------------------------------------------------------
-    def _c2b_step(self) -> Callable[[], bool]:
-        state = self.c2b
-        if self.splice:
-            channel = self.client
-            assert isinstance(channel, KtlsChannel)
-
-            def step() -> bool:
-                if state.pending:
-                    return self._write_pending(state, self.backend)
-                if self._drain_pipe(state, self.backend):
-                    return False
-                try:
-                    if state.deferred_error is not None:
-                        exc, state.deferred_error = state.deferred_error, None
-                        raise exc
-                    n = self._fill_pipe(state, channel.sock)
-                except OSError as exc:
-                    if exc.errno not in (errno.EINVAL, errno.EIO):
-                        channel.raise_record_error(exc)
-                        raise
-                    # A control record is next (splice moves only application data).
-                    if channel.control_record():
-                        return self._client_eof()
-                    return False
-                if n == 0:
-                    channel.truncated = True
-                    return self._client_eof()
-                assert state.pipe is not None
-                channel.data_seen()
-                self._count_from_client(n + self._fill_pipe_more(channel.sock, state.pipe[1], n, state))
-                return False
-
-        else:
-            channel = self.client
-            assert isinstance(channel, UserspaceChannel)
-
-            def step() -> bool:
-                try:
-                    return userspace_step()
-                except RemoteProtocolError:
-                    channel.queue_pending_session_output()  # the alert the Session queued
-                    channel.flush()
-                    raise
-
-            def userspace_step() -> bool:
-                if state.pending:
-                    return self._write_pending(state, self.backend)
-                if channel.out and not channel.flush():  # e.g. our answer to a KeyUpdate
-                    self._wait(channel.sock.fileno(), select.POLLOUT)
-                event = channel.session.next_event()
-                if isinstance(event, ApplicationData):
-                    state.pending += event.data
-                    self._count_from_client(len(event.data))
-                    return False
-                if isinstance(event, ConnectionClosed):
-                    return self._client_eof()
-                if isinstance(event, KeyUpdateReceived):
-                    channel.queue_pending_session_output()  # flushed first on the next steps
-                    return False
-                if event is not NEED_DATA:
-                    return False
-                n = _recv_pooled(channel.sock, channel.session.receive_data)
-                if n < 0:
-                    self._wait(channel.sock.fileno(), select.POLLIN)
-                    return False
-                if n == 0:
-                    channel.truncated = True
-                    return self._client_eof()
-                return False
-
-        return step
-
-    def _drain_pipe(self, state: PumpState, dst: socket.socket, lock: threading.Lock | None = None) -> bool:
-        """Splice what the pump's pipe holds into ``dst`` (waiting if ``dst`` is full); False if
-        the pump holds no bytes (an emptied pipe goes back to the pool here)."""
-        if state.pipe is None:
-            return False
-        pipe_r = state.pipe[0]
-        in_pipe = pipe_bytes(pipe_r)
-        if not in_pipe:
-            _PIPES.put(state.pipe)
-            state.pipe = None
-            return False
-        try:
-            with lock or contextlib.nullcontext():
-                os.splice(pipe_r, dst.fileno(), in_pipe, flags=_SPLICE_FLAGS)
-        except BlockingIOError:
-            self._wait(dst.fileno(), select.POLLOUT)
-        return True
-
-    def _fill_pipe(self, state: PumpState, src: socket.socket) -> int:
-        """Splice from ``src`` into a pipe from the pool, which the pump then holds: bytes moved,
-        or 0 at EOF; waits if ``src`` has nothing. Other errors (a kTLS control record) raise.
-        A splice that fails moved nothing, so the pipe goes back to the pool empty."""
-        pipe = _PIPES.get()
-        try:
-            n = os.splice(src.fileno(), pipe[1], SPLICE_CHUNK, flags=_SPLICE_FLAGS)
-        except BlockingIOError:
-            _PIPES.put(pipe)
-            raise WaitFor(src.fileno(), select.POLLIN) from None
-        except BaseException:
-            _PIPES.put(pipe)
-            raise
-        if n:
-            state.pipe = pipe
-        else:
-            _PIPES.put(pipe)
-        return n
-
-    @staticmethod
-    def _fill_pipe_more(src: socket.socket, pipe_w: int, have: int, state: PumpState) -> int:
-        """Keep splicing what ``src`` already holds into the pipe, up to SPLICE_CHUNK: bytes added.
-
-        A kTLS RX socket gives one record (at most 16 KiB) per splice, so without this every
-        record would cost a drain and a pass through the pump loop. It never waits. EOF and a
-        control record (EINVAL/EIO: it stays queued) stop it and are met again by the next
-        ``_fill_pipe``; any other error is reported once by the kernel, so it is kept in
-        ``state`` and raised after the pipe has been drained: nothing read before it is lost."""
-        added = 0
-        while have + added < SPLICE_CHUNK:
-            try:
-                n = os.splice(src.fileno(), pipe_w, SPLICE_CHUNK - have - added, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.EIO):
-                    state.deferred_error = exc
-                break
-            if not n:
-                break
-            added += n
-        return added
-
-    def _client_eof(self) -> bool:
-        _shutdown(self.backend, socket.SHUT_WR)
-        self.c2b.done = True
-        return True
-
-    def _count_from_client(self, n: int) -> None:
-        self.stats.bytes_from_client += n
-        self.stats.last_activity = time.monotonic()
-
-    def _write_pending(self, state: PumpState, sock: socket.socket) -> bool:
-        try:
-            n = sock.send(state.pending)
-        except BlockingIOError:
-            self._wait(sock.fileno(), select.POLLOUT)
-            return False
-        del state.pending[:n]
-        return False
-
-    # -- backend → client ----------------------------------------------------------------------
-    def _b2c_step(self) -> Callable[[], bool]:
-        state = self.b2c
-        if self.splice:
-            channel = self.client
-            assert isinstance(channel, KtlsChannel)
-
-            def step() -> bool:
-                if state.pipe is not None and channel.key_update_due():  # before our next record
-                    try:
-                        channel.send_key_update()
-                    except BlockingIOError:
-                        self._wait(channel.sock.fileno(), select.POLLOUT)
-                if self._drain_pipe(state, channel.sock, channel.send_lock):
-                    return False
-                n = self._fill_pipe(state, self.backend)
-                if n == 0:
-                    try:
-                        channel.send_close_notify()
-                    except BlockingIOError:
-                        self._wait(channel.sock.fileno(), select.POLLOUT)
-                        return False  # the next step reads EOF again and retries
-                    _shutdown(channel.sock, socket.SHUT_WR)
-                    state.done = True
-                    return True
-                self.stats.bytes_to_client += n
-                self.stats.last_activity = time.monotonic()
-                return False
-
-        else:
-            channel = self.client
-            assert isinstance(channel, UserspaceChannel)
-
-            def step() -> bool:
-                if channel.out:
-                    if not channel.flush():
-                        self._wait(channel.sock.fileno(), select.POLLOUT)
-                    return False
-                if state.done:
-                    _shutdown(channel.sock, socket.SHUT_WR)
-                    return True
-                n = _recv_pooled(self.backend, channel.queue)  # queue seals into channel.out
-                if n < 0:
-                    self._wait(self.backend.fileno(), select.POLLIN)
-                    return False
-                if n == 0:
-                    channel.send_close_notify()
-                    state.done = True  # flushed on the next steps, then SHUT_WR
-                    return False
-                self.stats.bytes_to_client += n
-                self.stats.last_activity = time.monotonic()
-                return False
-
-        return step
 
     # -- ending --------------------------------------------------------------------------------
     def _abort(self, reason: str, *, graceful: bool = False) -> None:
@@ -826,3 +615,257 @@ class Relay:
                 self.on_done(self)
         finally:
             self.done.set()
+
+
+# -- the pumps: one class per record layer and direction ------------------------------------------
+def _wait(fd: int, events: int) -> NoReturn:
+    """This step cannot go on until ``fd`` is ready: the loop runs it again then."""
+    raise WaitFor(fd, events)
+
+
+class Pump:
+    """One direction of a relay, as an `engine.Loop` runs it (`engine.Pump`): `step()` moves
+    what it can without blocking, ``state`` is all it holds between two steps."""
+
+    direction: Direction
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay: Relay = relay
+        self.state = relay.state(self.direction)
+
+    def step(self) -> bool:
+        raise NotImplementedError
+
+    def finished(self, exc: BaseException | None) -> None:
+        self.relay._pump_finished(self.direction, exc)
+
+    def _moved(self, n: int) -> None:
+        stats = self.relay.stats
+        if self.direction is Direction.CLIENT_TO_BACKEND:
+            stats.bytes_from_client += n
+        else:
+            stats.bytes_to_client += n
+        stats.last_activity = time.monotonic()
+
+    def _client_eof(self) -> bool:
+        """The client's half is closed (close_notify or FIN): pass it on to the backend."""
+        _shutdown(self.relay.backend, socket.SHUT_WR)
+        self.state.done = True
+        return True
+
+    def _write_pending(self, sock: socket.socket) -> bool:
+        try:
+            n = sock.send(self.state.pending)
+        except BlockingIOError:
+            _wait(sock.fileno(), select.POLLOUT)
+        del self.state.pending[:n]
+        return False
+
+    def _drain_pipe(self, dst: socket.socket, lock: threading.Lock | None = None) -> bool:
+        """Splice what the pump's pipe holds into ``dst`` (waiting if ``dst`` is full); False if
+        the pump holds no bytes (an emptied pipe goes back to the pool here)."""
+        state = self.state
+        if state.pipe is None:
+            return False
+        pipe_r = state.pipe[0]
+        in_pipe = pipe_bytes(pipe_r)
+        if not in_pipe:
+            _PIPES.put(state.pipe)
+            state.pipe = None
+            return False
+        try:
+            with lock or contextlib.nullcontext():
+                os.splice(pipe_r, dst.fileno(), in_pipe, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            _wait(dst.fileno(), select.POLLOUT)
+        return True
+
+    def _fill_pipe(self, src: socket.socket) -> int:
+        """Splice from ``src`` into a pipe from the pool, which the pump then holds: bytes moved,
+        or 0 at EOF; waits if ``src`` has nothing. Other errors (a kTLS control record) raise.
+        A splice that fails moved nothing, so the pipe goes back to the pool empty."""
+        pipe = _PIPES.get()
+        try:
+            n = os.splice(src.fileno(), pipe[1], SPLICE_CHUNK, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            _PIPES.put(pipe)
+            raise WaitFor(src.fileno(), select.POLLIN) from None
+        except BaseException:
+            _PIPES.put(pipe)
+            raise
+        if n:
+            self.state.pipe = pipe
+        else:
+            _PIPES.put(pipe)
+        return n
+
+
+class SpliceToBackend(Pump):
+    """kTLS, client → backend: the kernel opens the records, ``client ─splice→ pipe ─splice→
+    backend``; a control record stops the splice and is read apart (`KtlsChannel.control_record`)."""
+
+    direction = Direction.CLIENT_TO_BACKEND
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__(relay)
+        assert isinstance(relay.client, KtlsChannel)
+        self.channel: KtlsChannel = relay.client
+
+    def step(self) -> bool:
+        state, channel = self.state, self.channel
+        if state.pending:
+            return self._write_pending(self.relay.backend)
+        if self._drain_pipe(self.relay.backend):
+            return False
+        try:
+            if state.deferred_error is not None:
+                exc, state.deferred_error = state.deferred_error, None
+                raise exc
+            n = self._fill_pipe(channel.sock)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EIO):
+                channel.raise_record_error(exc)
+                raise
+            # A control record is next (splice moves only application data).
+            if channel.control_record():
+                return self._client_eof()
+            return False
+        if n == 0:
+            channel.truncated = True
+            return self._client_eof()
+        assert state.pipe is not None
+        channel.data_seen()
+        self._moved(n + self._fill_pipe_more(channel.sock, state.pipe[1], n))
+        return False
+
+    def _fill_pipe_more(self, src: socket.socket, pipe_w: int, have: int) -> int:
+        """Keep splicing what ``src`` already holds into the pipe, up to SPLICE_CHUNK: bytes added.
+
+        A kTLS RX socket gives one record (at most 16 KiB) per splice, so without this every
+        record would cost a drain and a pass through the pump loop. It never waits. EOF and a
+        control record (EINVAL/EIO: it stays queued) stop it and are met again by the next
+        ``_fill_pipe``; any other error is reported once by the kernel, so it is kept in
+        ``state`` and raised after the pipe has been drained: nothing read before it is lost."""
+        added = 0
+        while have + added < SPLICE_CHUNK:
+            try:
+                n = os.splice(src.fileno(), pipe_w, SPLICE_CHUNK - have - added, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EIO):
+                    self.state.deferred_error = exc
+                break
+            if not n:
+                break
+            added += n
+        return added
+
+
+class OpenToBackend(Pump):
+    """Userspace, client → backend: records opened by the `tls13.Session`, plaintext written."""
+
+    direction = Direction.CLIENT_TO_BACKEND
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__(relay)
+        assert isinstance(relay.client, UserspaceChannel)
+        self.channel: UserspaceChannel = relay.client
+
+    def step(self) -> bool:
+        try:
+            return self._step()
+        except RemoteProtocolError:
+            self.channel.queue_pending_session_output()  # the alert the Session queued
+            self.channel.flush()
+            raise
+
+    def _step(self) -> bool:
+        state, channel = self.state, self.channel
+        if state.pending:
+            return self._write_pending(self.relay.backend)
+        if channel.out and not channel.flush():  # e.g. our answer to a KeyUpdate
+            _wait(channel.sock.fileno(), select.POLLOUT)
+        event = channel.session.next_event()
+        if isinstance(event, ApplicationData):
+            state.pending += event.data
+            self._moved(len(event.data))
+            return False
+        if isinstance(event, ConnectionClosed):
+            return self._client_eof()
+        if isinstance(event, KeyUpdateReceived):
+            channel.queue_pending_session_output()  # flushed first on the next steps
+            return False
+        if event is not NEED_DATA:
+            return False
+        n = _recv_pooled(channel.sock, channel.session.receive_data)
+        if n < 0:
+            _wait(channel.sock.fileno(), select.POLLIN)
+        if n == 0:
+            channel.truncated = True
+            return self._client_eof()
+        return False
+
+
+class SpliceToClient(Pump):
+    """kTLS, backend → client: ``backend ─splice→ pipe ─splice→ client``, the kernel seals;
+    a KeyUpdate of ours goes out first when one is due (`KtlsChannel.key_update_due`)."""
+
+    direction = Direction.BACKEND_TO_CLIENT
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__(relay)
+        assert isinstance(relay.client, KtlsChannel)
+        self.channel: KtlsChannel = relay.client
+
+    def step(self) -> bool:
+        state, channel = self.state, self.channel
+        if state.pipe is not None and channel.key_update_due():  # before our next record
+            try:
+                channel.send_key_update()
+            except BlockingIOError:
+                _wait(channel.sock.fileno(), select.POLLOUT)
+        if self._drain_pipe(channel.sock, channel.send_lock):
+            return False
+        n = self._fill_pipe(self.relay.backend)
+        if n == 0:
+            try:
+                channel.send_close_notify()
+            except BlockingIOError:
+                _wait(channel.sock.fileno(), select.POLLOUT)  # the next step reads EOF again
+            _shutdown(channel.sock, socket.SHUT_WR)
+            state.done = True
+            return True
+        self._moved(n)
+        return False
+
+
+class SealToClient(Pump):
+    """Userspace, backend → client: what the backend sends is sealed into the channel's
+    outgoing stream (`UserspaceChannel.queue`), which this pump writes."""
+
+    direction = Direction.BACKEND_TO_CLIENT
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__(relay)
+        assert isinstance(relay.client, UserspaceChannel)
+        self.channel: UserspaceChannel = relay.client
+
+    def step(self) -> bool:
+        state, channel = self.state, self.channel
+        if channel.out:
+            if not channel.flush():
+                _wait(channel.sock.fileno(), select.POLLOUT)
+            return False
+        if state.done:
+            _shutdown(channel.sock, socket.SHUT_WR)
+            return True
+        n = _recv_pooled(self.relay.backend, channel.queue)  # queue seals into channel.out
+        if n < 0:
+            _wait(self.relay.backend.fileno(), select.POLLIN)
+        if n == 0:
+            channel.send_close_notify()
+            state.done = True  # flushed on the next steps, then SHUT_WR
+            return False
+        self._moved(n)
+        return False
