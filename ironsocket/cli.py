@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -17,6 +17,9 @@ from .server import KtlsMode, ProxyConfig, StartupError, parse_hostport
 from .tls13.constants import CipherSuite, Group
 from .tls13.credentials import CertificateStore, CredentialError, load_credential
 from .tls13.tickets import TicketConfig
+
+if TYPE_CHECKING:
+    from .pidfile import PidFile
 
 # This typer prints an argument's Python type after its name ("CONFIG <path>"); the help says
 # what the argument is. (Options name their value with metavar=.)
@@ -155,6 +158,7 @@ def serve(
     config_file: Annotated[Optional[Path], typer.Option("--config", metavar="FILE", help=CONFIG_HELP)] = None,
     admin: Annotated[Optional[str], typer.Option(metavar="HOST:PORT|PATH", help="Admin HTTP endpoint (/healthz, /connections, /metrics): HOST:PORT on loopback, or a unix socket path. Off by default.")] = None,
     admin_allow_remote: Annotated[bool, typer.Option("--admin-allow-remote", help="Allow --admin on a non-loopback address (it has no authentication).")] = False,
+    pid_file: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Write the server's PID to this file (atomically, 0644; kept across upgrades and reloads, removed at a clean stop). A file naming a running ironsocket is refused, a stale one replaced. With --config, overrides its pid_file.")] = None,
     control_socket: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Unix socket for `ironsocket inspect-keys` and `ironsocket upgrade`. Default: <run dir>/ironsocket-<pid>.sock.")] = None,
     workers: Annotated[int, typer.Option(metavar="N", help="Worker processes sharing the port (SO_REUSEPORT), to use every core. Each worker has its own control socket.")] = 1,
     reuse_port: Annotated[bool, typer.Option("--reuse-port", help="Set SO_REUSEPORT on the listener (set for each worker by --workers).")] = False,
@@ -217,6 +221,7 @@ def serve(
         admin_kw = {"admin_listen": run.admin_listen, "admin_unix": run.admin_unix,
                     "admin_allow_remote": run.admin_allow_remote}
         has_admin = run.admin_listen is not None or run.admin_unix is not None
+        pid_file = pid_file or run.pid_file
     else:
         ticket_config = _ticket_config(tickets, ticket_key_file, ticket_lifetime, ticket_psk_ke)
         configs = [_flag_listener(listen, backend, cert, key, alpn, ciphers, groups, ktls_mode, handshake_timeout,
@@ -245,9 +250,15 @@ def serve(
 
         where = ", ".join(f"{c.listen[0]}:{c.listen[1]}" for c in configs)
         log.info("%d workers on %s (SO_REUSEPORT)", workers, where)
-        raise typer.Exit(supervise(workers, worker_argv(main_argv())))
+        pid_record = _claim_pid_file(pid_file)
+        try:  # the supervisor's PID is the file's (the workers' argv lose --pid-file)
+            code = supervise(workers, worker_argv(main_argv()))
+        finally:
+            _release_pid_file(pid_record)
+        raise typer.Exit(code)
     from .control import ControlError
 
+    pid_record = _claim_pid_file(pid_file)  # after the check child's exit: it has none
     runtime = Runtime(configs, demo=demo, control_socket=control_socket, state_dump=upgrade_state_dump, **admin_kw)
     runtime.install_signals()  # before start: a signal during a restore must not be the default (death)
     try:
@@ -255,6 +266,8 @@ def serve(
     except (StartupError, AdminError, ControlError) as exc:
         from .launch import explain_startup_error
 
+        if pid_record is not None and not pid_record.kept:  # an exec'd program's rollback keeps it
+            _release_pid_file(pid_record)
         _fail(explain_startup_error(str(exc)))
     assert runtime.control is not None
     log.info("control socket %s (ironsocket inspect-keys / upgrade --pid %d)", runtime.control.path, os.getpid())
@@ -267,6 +280,27 @@ def serve(
         host, port = runtime.servers[0].address
         log.info("try: curl -k https://%s:%d/", host, port)
     runtime.run()
+    _release_pid_file(pid_record)  # a clean stop (an exec upgrade never returns here)
+
+
+def _claim_pid_file(path: Path | None) -> PidFile | None:
+    """--pid-file (or the configuration file's pid_file): written, or kept across an exec."""
+    from .pidfile import PidFileError, claim
+
+    if path is None:
+        return None
+    try:
+        return claim(path)
+    except PidFileError as exc:
+        _fail(str(exc), 1)
+    return None  # not reached: _fail exits
+
+
+def _release_pid_file(record: PidFile | None) -> None:
+    if record is not None:
+        from .pidfile import release
+
+        release(record)
 
 
 def _defaulted(ctx: typer.Context, param: str) -> bool:

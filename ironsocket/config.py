@@ -36,7 +36,7 @@ GROUP_NAMES = {"x25519": Group.X25519, "p256": Group.SECP256R1, "secp256r1": Gro
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # The schema: allowed keys per table (unknown keys are errors, with a "did you mean").
-TOP_KEYS = {"log_level", "log_format", "admin", "listeners"}
+TOP_KEYS = {"log_level", "log_format", "pid_file", "admin", "listeners"}
 ADMIN_KEYS = {"listen", "unix", "allow_remote"}
 LISTENER_KEYS = {"name", "listen", "backend", "certs", "routes", "alpn", "ciphers", "groups", "proxy_protocol",
                  "transparent", "ktls", "handshake_timeout", "idle_timeout", "connect_timeout", "max_connections",
@@ -161,6 +161,7 @@ class FileConfig:
     listeners: list[ProxyConfig]
     log_level: str = "info"
     log_format: LogFormat = LogFormat.TEXT  # text, logfmt or json (ironsocket.logs)
+    pid_file: Path | None = None  # relative to the file's directory (ironsocket.pidfile; --pid-file wins)
     admin: AdminConfig | None = None
     # For `ironsocket check`: per listener, the credentials loaded and the routes as written.
     details: list[dict[str, Any]] = field(default_factory=list)
@@ -331,6 +332,8 @@ class _Loader:
             log_format = parse_format(log_format_text)
         except ValueError:
             raise self.error(("log_format",), f"must be one of text, logfmt, json, not {log_format_text!r}") from None
+        pid_text = self.get(doc, "pid_file", str, ())
+        pid_file = None if pid_text is None else self.base / pid_text  # an absolute one stays as it is
         admin = self.admin(doc)
         raw = self.get(doc, "listeners", list, ())
         if not raw:
@@ -362,7 +365,7 @@ class _Loader:
             details.append(detail)
         warnings = [w for detail in details for w in expiry_warnings(detail["credentials"])]
         return FileConfig(path=self.path, listeners=listeners, log_level=log_level.lower(), log_format=log_format,
-                          admin=admin,
+                          pid_file=pid_file, admin=admin,
                           details=details, warnings=[*self.warnings, *warnings])
 
     def admin(self, doc: dict) -> AdminConfig | None:
@@ -550,6 +553,8 @@ def summary(fc: FileConfig) -> Iterator[str]:
         yield f"  warning: {warning}"
     yield f"  log_level: {fc.log_level}"
     yield f"  log_format: {fc.log_format.value}"
+    if fc.pid_file:
+        yield f"  pid_file: {fc.pid_file}"
     if fc.admin:
         where = f"{fc.admin.listen[0]}:{fc.admin.listen[1]}" if fc.admin.listen else f"unix:{fc.admin.unix}"
         yield f"  admin: {where}" + (" (remote allowed)" if fc.admin.allow_remote else "")
