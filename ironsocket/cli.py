@@ -20,6 +20,7 @@ from .tls13.tickets import TicketConfig
 
 if TYPE_CHECKING:
     from .pidfile import PidFile
+    from .privileges import Target
 
 # This typer prints an argument's Python type after its name ("CONFIG <path>"); the help says
 # what the argument is. (Options name their value with metavar=.)
@@ -158,6 +159,8 @@ def serve(
     config_file: Annotated[Optional[Path], typer.Option("--config", metavar="FILE", help=CONFIG_HELP)] = None,
     admin: Annotated[Optional[str], typer.Option(metavar="HOST:PORT|PATH", help="Admin HTTP endpoint (/healthz, /connections, /metrics): HOST:PORT on loopback, or a unix socket path. Off by default.")] = None,
     admin_allow_remote: Annotated[bool, typer.Option("--admin-allow-remote", help="Allow --admin on a non-loopback address (it has no authentication).")] = False,
+    user: Annotated[Optional[str], typer.Option(metavar="NAME", help="As root: switch to this user once the listeners, admin and control sockets are bound and the certificates loaded (upgrades and reloads then run as it: it must be able to read the certificate, key and --config files).")] = None,
+    group: Annotated[Optional[str], typer.Option(metavar="NAME", help="With --user: this group instead of the user's own.")] = None,
     pid_file: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Write the server's PID to this file (atomically, 0644; kept across upgrades and reloads, removed at a clean stop). A file naming a running ironsocket is refused, a stale one replaced. With --config, overrides its pid_file.")] = None,
     control_socket: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Unix socket for `ironsocket inspect-keys` and `ironsocket upgrade`. Default: <run dir>/ironsocket-<pid>.sock.")] = None,
     workers: Annotated[int, typer.Option(metavar="N", help="Worker processes sharing the port (SO_REUSEPORT), to use every core. Each worker has its own control socket.")] = 1,
@@ -222,6 +225,7 @@ def serve(
                     "admin_allow_remote": run.admin_allow_remote}
         has_admin = run.admin_listen is not None or run.admin_unix is not None
         pid_file = pid_file or run.pid_file
+        read_again = list(run.files)
     else:
         ticket_config = _ticket_config(tickets, ticket_key_file, ticket_lifetime, ticket_psk_ke)
         configs = [_flag_listener(listen, backend, cert, key, alpn, ciphers, groups, ktls_mode, handshake_timeout,
@@ -229,6 +233,7 @@ def serve(
                                   upgrade_check, ticket_config)]
         demo = backend is None
         has_admin = admin is not None
+        read_again = [*(cert or []), *(key or [])]
     if upgrade_check:  # the exec upgrade's pre-flight: configuration loaded, state format known
         from .upgrade import check_report
 
@@ -238,7 +243,11 @@ def serve(
             _fail(str(exc))
         typer.echo(check_report())
         raise typer.Exit(0)
+    drop_to = _privileges(user, group, read_again)
     if workers > 1:
+        if drop_to is not None:
+            _fail("--user with --workers is not supported yet (run the supervisor as the user, with "
+                  "CAP_NET_BIND_SERVICE for a low port)")
         if any(config.listen[1] == 0 for config in configs):
             where = "--listen port" if config_file is None else "listen port in every [[listeners]] table"
             _fail(f"--workers needs a fixed {where} (with port 0 each worker would get its own)")
@@ -270,6 +279,11 @@ def serve(
             _release_pid_file(pid_record)
         _fail(explain_startup_error(str(exc)))
     assert runtime.control is not None
+    if drop_to is not None:  # everything is bound and loaded: no more need of root
+        from .privileges import drop
+
+        drop(drop_to)
+        log.info("running as user %s (uid %d, gid %d)", drop_to.user, drop_to.uid, drop_to.gid)
     log.info("control socket %s (ironsocket inspect-keys / upgrade --pid %d)", runtime.control.path, os.getpid())
     for i, server in enumerate(runtime.servers):
         host, port = server.address
@@ -281,6 +295,26 @@ def serve(
         log.info("try: curl -k https://%s:%d/", host, port)
     runtime.run()
     _release_pid_file(pid_record)  # a clean stop (an exec upgrade never returns here)
+
+
+def _privileges(user: str | None, group: str | None, files: list[Path]) -> Target | None:
+    """--user/--group: the user to switch to after start-up (None: none, or already it)."""
+    if user is None:
+        if group is not None:
+            _fail("--group needs --user")
+        return None
+    from .privileges import PrivilegeError, already, preflight, resolve
+
+    from .upgrade import current_program
+
+    try:
+        target = resolve(user, group)
+        warnings = preflight(target, files, current_program()[0])
+    except PrivilegeError as exc:
+        _fail(str(exc))
+    for warning in warnings:
+        log.warning("%s", warning)
+    return None if already(target) else target
 
 
 def _claim_pid_file(path: Path | None) -> PidFile | None:

@@ -162,6 +162,7 @@ class FileConfig:
     log_level: str = "info"
     log_format: LogFormat = LogFormat.TEXT  # text, logfmt or json (ironsocket.logs)
     pid_file: Path | None = None  # relative to the file's directory (ironsocket.pidfile; --pid-file wins)
+    files: list[Path] = field(default_factory=list)  # every file it names that is read (a reload reads them again)
     admin: AdminConfig | None = None
     # For `ironsocket check`: per listener, the credentials loaded and the routes as written.
     details: list[dict[str, Any]] = field(default_factory=list)
@@ -177,6 +178,7 @@ class _Loader:
         self.lines = KeyLines(text)
         self.base = path.parent
         self.warnings: list[str] = []
+        self.files: list[Path] = []
 
     def error(self, path: Path_, message: str) -> ConfigError:
         return ConfigError(self.path, message, key=format_path(path) or None, line=self.lines.find(path))
@@ -240,6 +242,7 @@ class _Loader:
                 pass
         except OSError as exc:
             raise self.error(path + (key,), f"cannot read {p}: {exc.strerror}") from None
+        self.files.append(p)
         return p
 
     def credential(self, table: dict, path: Path_) -> Credential:
@@ -365,7 +368,7 @@ class _Loader:
             details.append(detail)
         warnings = [w for detail in details for w in expiry_warnings(detail["credentials"])]
         return FileConfig(path=self.path, listeners=listeners, log_level=log_level.lower(), log_format=log_format,
-                          pid_file=pid_file, admin=admin,
+                          pid_file=pid_file, files=list(self.files), admin=admin,
                           details=details, warnings=[*self.warnings, *warnings])
 
     def admin(self, doc: dict) -> AdminConfig | None:
