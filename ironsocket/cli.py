@@ -288,8 +288,8 @@ def serve(
     for i, server in enumerate(runtime.servers):
         host, port = server.address
         label = f" ({server.config.name or f'listeners[{i}]'})" if config_file is not None else ""
-        log.info("serving TLS 1.3 on %s:%d%s, record layer: %s, backend %s:%d", host, port, label,
-                 server.record_layer, *server.config.backend)
+        logs.notice(log, "serving TLS 1.3 on %s:%d%s, record layer: %s, backend %s:%d", host, port, label,
+                    server.record_layer, *server.config.backend)
     if runtime.demo:
         host, port = runtime.servers[0].address
         log.info("try: curl -k https://%s:%d/", host, port)
