@@ -363,9 +363,9 @@ def _flag_listener(listen: str, backend: str | None, cert: list[Path] | None, ke
         if cert:
             credentials = tuple(load_credential(c, k) for c, k in zip(cert, key))
         else:
-            from .selfsigned import self_signed_credential
+            from .selfsigned import demo_credential
 
-            credentials = (self_signed_credential(),)
+            credentials = (demo_credential(),)  # the same across upgrades (pinned by clients)
             log.info("no --cert given: using a generated self-signed certificate for localhost")
         store = CertificateStore(credentials)
     except CredentialError as exc:
