@@ -99,3 +99,22 @@ certs = [{{ cert = "@CERTS@/ecdsa-p256.pem", key = "@CERTS@/ecdsa-p256.key" }}]
     finally:
         proc.stop()
     assert not (tmp_path / "run" / "is.pid").exists()
+
+
+def test_with_workers_the_supervisor_writes_it(tmp_path: Path, echo_backend) -> None:
+    from tests.test_workers import free_port, serve, wait_until
+
+    pid_file = tmp_path / "is.pid"
+    proc, log = serve(tmp_path, "--workers", "2", "--listen", f"127.0.0.1:{free_port()}",
+                      "--backend", f"127.0.0.1:{echo_backend[1]}", "--pid-file", str(pid_file))
+    try:
+        wait_until(lambda: log.read_text().count("serving TLS 1.3 on") == 2, what="two workers serving")
+        assert pid_file.read_text() == f"{proc.pid}\n"  # the supervisor's; no worker refused it
+        assert "error" not in log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+        assert not pid_file.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
