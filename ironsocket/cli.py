@@ -182,6 +182,8 @@ def serve(
     except ValueError as exc:
         _fail(f"--log-format {exc}")
     logs.setup(log_level, fmt)  # every line from here on goes through logging, in this format
+    if user is not None and os.geteuid() == 0:  # before a secret file is read: the user's own are accepted
+        _trust_user(user, group)
     from .admin import AdminError
 
     if upgrade_state_dump is not None:  # written at each upgrade: refuse a bad path now, not then
@@ -226,6 +228,7 @@ def serve(
         has_admin = run.admin_listen is not None or run.admin_unix is not None
         pid_file = pid_file or run.pid_file
         read_again = list(run.files)
+        secrets = [(p, "ticket key file", True) for p in run.ticket_key_files]
     else:
         ticket_config = _ticket_config(tickets, ticket_key_file, ticket_lifetime, ticket_psk_ke)
         configs = [_flag_listener(listen, backend, cert, key, alpn, ciphers, groups, ktls_mode, handshake_timeout,
@@ -234,6 +237,7 @@ def serve(
         demo = backend is None
         has_admin = admin is not None
         read_again = [*(cert or []), *(key or [])]
+        secrets = [(ticket_key_file, "ticket key file", True)] if ticket_key_file else []
     if upgrade_check:  # the exec upgrade's pre-flight: configuration loaded, state format known
         from .upgrade import check_report
 
@@ -243,7 +247,9 @@ def serve(
             _fail(str(exc))
         typer.echo(check_report())
         raise typer.Exit(0)
-    drop_to = _privileges(user, group, read_again)
+    secrets += [(p, what, False) for p, what in ((keylog, "keylog file"), (upgrade_state_dump, "upgrade state dump"))
+                if p is not None]
+    drop_to = _privileges(user, group, read_again, secrets)
     if workers > 1:
         if drop_to is not None:
             _fail("--user with --workers is not supported yet (run the supervisor as the user, with "
@@ -297,7 +303,18 @@ def serve(
     _release_pid_file(pid_record)  # a clean stop (an exec upgrade never returns here)
 
 
-def _privileges(user: str | None, group: str | None, files: list[Path]) -> Target | None:
+def _trust_user(user: str, group: str | None) -> None:
+    from .privileges import PrivilegeError, resolve
+    from .secretfile import trust_owner
+
+    try:
+        trust_owner(resolve(user, group).uid)
+    except PrivilegeError as exc:
+        _fail(str(exc))
+
+
+def _privileges(user: str | None, group: str | None, files: list[Path],
+                secrets: list[tuple[Path, str, bool]]) -> Target | None:
     """--user/--group: the user to switch to after start-up (None: none, or already it)."""
     if user is None:
         if group is not None:
@@ -309,7 +326,7 @@ def _privileges(user: str | None, group: str | None, files: list[Path]) -> Targe
 
     try:
         target = resolve(user, group)
-        warnings = preflight(target, files, current_program()[0])
+        warnings = preflight(target, files, current_program()[0], secrets)
     except PrivilegeError as exc:
         _fail(str(exc))
     for warning in warnings:

@@ -163,6 +163,7 @@ class FileConfig:
     log_format: LogFormat = LogFormat.TEXT  # text, logfmt or json (ironsocket.logs)
     pid_file: Path | None = None  # relative to the file's directory (ironsocket.pidfile; --pid-file wins)
     files: list[Path] = field(default_factory=list)  # every file it names that is read (a reload reads them again)
+    ticket_key_files: list[Path] = field(default_factory=list)  # the same, for secrets (ironsocket.secretfile)
     admin: AdminConfig | None = None
     # For `ironsocket check`: per listener, the credentials loaded and the routes as written.
     details: list[dict[str, Any]] = field(default_factory=list)
@@ -179,6 +180,7 @@ class _Loader:
         self.base = path.parent
         self.warnings: list[str] = []
         self.files: list[Path] = []
+        self.ticket_key_files: list[Path] = []
 
     def error(self, path: Path_, message: str) -> ConfigError:
         return ConfigError(self.path, message, key=format_path(path) or None, line=self.lines.find(path))
@@ -314,6 +316,7 @@ class _Loader:
         if "ticket_key_file" in table:
             value = Path(self.get(table, "ticket_key_file", str, path)).expanduser()
             key_file = value if value.is_absolute() else self.base / value
+            self.ticket_key_files.append(key_file)
         modes = {PskKeyExchangeMode.PSK_DHE_KE}
         if self.get(table, "ticket_psk_ke", bool, path, False):
             modes.add(PskKeyExchangeMode.PSK_KE)
@@ -368,7 +371,8 @@ class _Loader:
             details.append(detail)
         warnings = [w for detail in details for w in expiry_warnings(detail["credentials"])]
         return FileConfig(path=self.path, listeners=listeners, log_level=log_level.lower(), log_format=log_format,
-                          pid_file=pid_file, files=list(self.files), admin=admin,
+                          pid_file=pid_file, files=list(self.files),
+                          ticket_key_files=list(self.ticket_key_files), admin=admin,
                           details=details, warnings=[*self.warnings, *warnings])
 
     def admin(self, doc: dict) -> AdminConfig | None:

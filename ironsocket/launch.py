@@ -110,6 +110,7 @@ class ConfigRun:
     warnings: list[str]
     pid_file: Path | None = None
     files: tuple[Path, ...] = ()  # what a reload reads again: the certificates and keys it names
+    ticket_key_files: tuple[Path, ...] = ()  # and the secrets (ironsocket.secretfile's rules)
 
 
 def config_run(path: Path, *, admin: str | None, admin_allow_remote: bool, drain_timeout: float,
@@ -132,4 +133,4 @@ def config_run(path: Path, *, admin: str | None, admin_allow_remote: bool, drain
     return ConfigRun(listeners=listeners, admin_listen=admin_listen, admin_unix=admin_unix,
                      admin_allow_remote=remote, log_level=fc.log_level, log_format=fc.log_format,
                      warnings=list(fc.warnings), pid_file=fc.pid_file,
-                     files=(path, *fc.files))
+                     files=(path, *fc.files), ticket_key_files=tuple(fc.ticket_key_files))

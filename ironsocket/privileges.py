@@ -65,11 +65,16 @@ def _become(target: Target) -> None:
     os.setuid(target.uid)
 
 
-def preflight(target: Target, files: Sequence[Path], program: str) -> list[str]:
+def preflight(target: Target, files: Sequence[Path], program: str,
+              secrets: Sequence[tuple[Path, str, bool]] = ()) -> list[str]:
     """PrivilegeError unless we are root (or already ``target``) and ``target`` can read every
-    one of ``files`` (what an exec upgrade, running as ``target``, reads again). Returns
-    warnings: ``program`` (what an upgrade execs) not executable by ``target`` — upgrades and
-    reloads would then be refused (safely: the running program keeps serving)."""
+    one of ``files`` (what an exec upgrade, running as ``target``, reads again) and use every
+    one of ``secrets`` ((path, what, read): checked by `secretfile`'s rules as ``target``: its
+    own, 0600; read: it is read at start, else opened for writing). Returns warnings:
+    ``program`` (what an upgrade execs) not executable by ``target`` — upgrades and reloads
+    would then be refused (safely: the running program keeps serving)."""
+    from .secretfile import SecretFileError, check_secret, read_secret
+
     if already(target):
         return []
     if os.geteuid() != 0:
@@ -87,6 +92,12 @@ def preflight(target: Target, files: Sequence[Path], program: str) -> list[str]:
                         handle.read(1)
                 except OSError as exc:
                     os.write(write, f"read {index} {exc.strerror}\n".encode())
+                    break
+            for secret, what, read_it in secrets:
+                try:
+                    read_secret(secret, what) if read_it else check_secret(secret, what)
+                except SecretFileError as exc:
+                    os.write(write, f"secret {exc}".replace("\n", " ").encode() + b"\n")
                     break
             if not os.access(program, os.X_OK):
                 os.write(write, b"exec\n")
@@ -108,6 +119,9 @@ def preflight(target: Target, files: Sequence[Path], program: str) -> list[str]:
             raise PrivilegeError(f"--user {target.user}: {files[int(which)]} is not readable by {target.user} "
                                  f"({why}); upgrades and reloads re-read it as that user: chown or chgrp it "
                                  "(keys: mode 0600/0640)")
+        if kind == "secret":
+            raise PrivilegeError(f"--user {target.user}: as {target.user}, {rest} (upgrades and reloads open it "
+                                 f"as that user: chown it to {target.user})")
         if kind == "exec":
             warnings.append(f"--user {target.user}: {program} is not executable by {target.user} (it or a directory "
                             "above it): upgrades and reloads will be refused (the running program keeps serving); "

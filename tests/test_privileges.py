@@ -114,3 +114,23 @@ def test_user_as_non_root_is_refused(public_dir: Path) -> None:
                  prefix=("setpriv", f"--reuid={NOBODY.pw_uid}", f"--regid={NOBODY.pw_gid}", "--clear-groups"))
     assert result.returncode == 2, result.stderr
     assert "--user root: only root can switch user" in one_line_error(result)
+
+
+def test_a_ticket_key_file_the_user_may_not_use_is_refused_at_start(public_dir: Path, echo_backend) -> None:
+    cert, key = nobody_certs(public_dir)
+    keys = public_dir / "tickets.keys"
+    keys.write_text(os.urandom(32).hex() + "\n")
+    keys.chmod(0o600)  # root's: secretfile's rules refuse it to nobody, so every upgrade would fail
+    result = run("serve", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9", "--cert", str(cert), "--key",
+                 str(key), "--user", "nobody", "--ticket-key-file", str(keys),
+                 env={"IRONSOCKET_RUN_DIR": str(public_dir)})
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result)
+    assert f"--user nobody: as nobody, ticket key file {keys}: Permission denied" in line
+    assert "chown it to nobody" in line
+    os.chown(keys, NOBODY.pw_uid, NOBODY.pw_gid)
+    server = UserServer(public_dir, echo_backend[1], cert, key, "--user", "nobody", "--ticket-key-file", str(keys))
+    try:
+        assert echo_once(server.port, b"with shared ticket keys") == b"with shared ticket keys"
+    finally:
+        server.close()
