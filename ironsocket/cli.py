@@ -250,10 +250,7 @@ def serve(
     secrets += [(p, what, False) for p, what in ((keylog, "keylog file"), (upgrade_state_dump, "upgrade state dump"))
                 if p is not None]
     drop_to = _privileges(user, group, read_again, secrets)
-    if workers > 1:
-        if drop_to is not None:
-            _fail("--user with --workers is not supported yet (run the supervisor as the user, with "
-                  "CAP_NET_BIND_SERVICE for a low port)")
+    if workers > 1:  # with --user: each worker binds, then drops; the supervisor (no socket) stays root
         if any(config.listen[1] == 0 for config in configs):
             where = "--listen port" if config_file is None else "listen port in every [[listeners]] table"
             _fail(f"--workers needs a fixed {where} (with port 0 each worker would get its own)")
