@@ -283,9 +283,14 @@ def serve(
         _fail(explain_startup_error(str(exc)))
     assert runtime.control is not None
     if drop_to is not None:  # everything is bound and loaded: no more need of root
-        from .privileges import drop
+        from .privileges import PrivilegeError, drop
 
-        drop(drop_to)
+        try:
+            drop(drop_to)
+        except (PrivilegeError, OSError) as exc:
+            runtime.stop()
+            _release_pid_file(pid_record)
+            _fail(f"--user {drop_to.user}: {getattr(exc, 'strerror', None) or exc}")
         log.info("running as user %s (uid %d, gid %d)", drop_to.user, drop_to.uid, drop_to.gid)
     log.info("control socket %s (ironsocket inspect-keys / upgrade --pid %d)", runtime.control.path, os.getpid())
     for i, server in enumerate(runtime.servers):
@@ -318,7 +323,6 @@ def _privileges(user: str | None, group: str | None, files: list[Path],
             _fail("--group needs --user")
         return None
     from .privileges import PrivilegeError, already, preflight, resolve
-
     from .upgrade import current_program
 
     try:
