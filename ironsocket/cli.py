@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -17,6 +17,10 @@ from .server import KtlsMode, ProxyConfig, StartupError, parse_hostport
 from .tls13.constants import CipherSuite, Group
 from .tls13.credentials import CertificateStore, CredentialError, load_credential
 from .tls13.tickets import TicketConfig
+
+if TYPE_CHECKING:
+    from .pidfile import PidFile
+    from .privileges import Target
 
 # This typer prints an argument's Python type after its name ("CONFIG <path>"); the help says
 # what the argument is. (Options name their value with metavar=.)
@@ -155,6 +159,9 @@ def serve(
     config_file: Annotated[Optional[Path], typer.Option("--config", metavar="FILE", help=CONFIG_HELP)] = None,
     admin: Annotated[Optional[str], typer.Option(metavar="HOST:PORT|PATH", help="Admin HTTP endpoint (/healthz, /connections, /metrics): HOST:PORT on loopback, or a unix socket path. Off by default.")] = None,
     admin_allow_remote: Annotated[bool, typer.Option("--admin-allow-remote", help="Allow --admin on a non-loopback address (it has no authentication).")] = False,
+    user: Annotated[Optional[str], typer.Option(metavar="NAME", help="As root: switch to this user once the listeners, admin and control sockets are bound and the certificates loaded (upgrades and reloads then run as it: it must be able to read the certificate, key and --config files).")] = None,
+    group: Annotated[Optional[str], typer.Option(metavar="NAME", help="With --user: this group instead of the user's own.")] = None,
+    pid_file: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Write the server's PID to this file (atomically, 0644; kept across upgrades and reloads, removed at a clean stop). A file naming a running ironsocket is refused, a stale one replaced. With --config, overrides its pid_file.")] = None,
     control_socket: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Unix socket for `ironsocket inspect-keys` and `ironsocket upgrade`. Default: <run dir>/ironsocket-<pid>.sock.")] = None,
     workers: Annotated[int, typer.Option(metavar="N", help="Worker processes sharing the port (SO_REUSEPORT), to use every core. Each worker has its own control socket.")] = 1,
     reuse_port: Annotated[bool, typer.Option("--reuse-port", help="Set SO_REUSEPORT on the listener (set for each worker by --workers).")] = False,
@@ -175,6 +182,8 @@ def serve(
     except ValueError as exc:
         _fail(f"--log-format {exc}")
     logs.setup(log_level, fmt)  # every line from here on goes through logging, in this format
+    if user is not None and os.geteuid() == 0:  # before a secret file is read: the user's own are accepted
+        _trust_user(user, group)
     from .admin import AdminError
 
     if upgrade_state_dump is not None:  # written at each upgrade: refuse a bad path now, not then
@@ -217,6 +226,9 @@ def serve(
         admin_kw = {"admin_listen": run.admin_listen, "admin_unix": run.admin_unix,
                     "admin_allow_remote": run.admin_allow_remote}
         has_admin = run.admin_listen is not None or run.admin_unix is not None
+        pid_file = pid_file or run.pid_file
+        read_again = list(run.files)
+        secrets = [(p, "ticket key file", True) for p in run.ticket_key_files]
     else:
         ticket_config = _ticket_config(tickets, ticket_key_file, ticket_lifetime, ticket_psk_ke)
         configs = [_flag_listener(listen, backend, cert, key, alpn, ciphers, groups, ktls_mode, handshake_timeout,
@@ -224,6 +236,8 @@ def serve(
                                   upgrade_check, ticket_config)]
         demo = backend is None
         has_admin = admin is not None
+        read_again = [*(cert or []), *(key or [])]
+        secrets = [(ticket_key_file, "ticket key file", True)] if ticket_key_file else []
     if upgrade_check:  # the exec upgrade's pre-flight: configuration loaded, state format known
         from .upgrade import check_report
 
@@ -233,7 +247,10 @@ def serve(
             _fail(str(exc))
         typer.echo(check_report())
         raise typer.Exit(0)
-    if workers > 1:
+    secrets += [(p, what, False) for p, what in ((keylog, "keylog file"), (upgrade_state_dump, "upgrade state dump"))
+                if p is not None]
+    drop_to = _privileges(user, group, read_again, secrets)
+    if workers > 1:  # with --user: each worker binds, then drops; the supervisor (no socket) stays root
         if any(config.listen[1] == 0 for config in configs):
             where = "--listen port" if config_file is None else "listen port in every [[listeners]] table"
             _fail(f"--workers needs a fixed {where} (with port 0 each worker would get its own)")
@@ -245,9 +262,15 @@ def serve(
 
         where = ", ".join(f"{c.listen[0]}:{c.listen[1]}" for c in configs)
         log.info("%d workers on %s (SO_REUSEPORT)", workers, where)
-        raise typer.Exit(supervise(workers, worker_argv(main_argv())))
+        pid_record = _claim_pid_file(pid_file)
+        try:  # the supervisor's PID is the file's (the workers' argv lose --pid-file)
+            code = supervise(workers, worker_argv(main_argv()))
+        finally:
+            _release_pid_file(pid_record)
+        raise typer.Exit(code)
     from .control import ControlError
 
+    pid_record = _claim_pid_file(pid_file)  # after the check child's exit: it has none
     runtime = Runtime(configs, demo=demo, control_socket=control_socket, state_dump=upgrade_state_dump, **admin_kw)
     runtime.install_signals()  # before start: a signal during a restore must not be the default (death)
     try:
@@ -255,18 +278,81 @@ def serve(
     except (StartupError, AdminError, ControlError) as exc:
         from .launch import explain_startup_error
 
+        if pid_record is not None and not pid_record.kept:  # an exec'd program's rollback keeps it
+            _release_pid_file(pid_record)
         _fail(explain_startup_error(str(exc)))
     assert runtime.control is not None
+    if drop_to is not None:  # everything is bound and loaded: no more need of root
+        from .privileges import PrivilegeError, drop
+
+        try:
+            drop(drop_to)
+        except (PrivilegeError, OSError) as exc:
+            runtime.stop()
+            _release_pid_file(pid_record)
+            _fail(f"--user {drop_to.user}: {getattr(exc, 'strerror', None) or exc}")
+        log.info("running as user %s (uid %d, gid %d)", drop_to.user, drop_to.uid, drop_to.gid)
     log.info("control socket %s (ironsocket inspect-keys / upgrade --pid %d)", runtime.control.path, os.getpid())
     for i, server in enumerate(runtime.servers):
         host, port = server.address
         label = f" ({server.config.name or f'listeners[{i}]'})" if config_file is not None else ""
-        log.info("serving TLS 1.3 on %s:%d%s, record layer: %s, backend %s:%d", host, port, label,
-                 server.record_layer, *server.config.backend)
+        logs.notice(log, "serving TLS 1.3 on %s:%d%s, record layer: %s, backend %s:%d", host, port, label,
+                    server.record_layer, *server.config.backend)
     if runtime.demo:
         host, port = runtime.servers[0].address
         log.info("try: curl -k https://%s:%d/", host, port)
     runtime.run()
+    _release_pid_file(pid_record)  # a clean stop (an exec upgrade never returns here)
+
+
+def _trust_user(user: str, group: str | None) -> None:
+    from .privileges import PrivilegeError, resolve
+    from .secretfile import trust_owner
+
+    try:
+        trust_owner(resolve(user, group).uid)
+    except PrivilegeError as exc:
+        _fail(str(exc))
+
+
+def _privileges(user: str | None, group: str | None, files: list[Path],
+                secrets: list[tuple[Path, str, bool]]) -> Target | None:
+    """--user/--group: the user to switch to after start-up (None: none, or already it)."""
+    if user is None:
+        if group is not None:
+            _fail("--group needs --user")
+        return None
+    from .privileges import PrivilegeError, already, preflight, resolve
+    from .upgrade import current_program
+
+    try:
+        target = resolve(user, group)
+        warnings = preflight(target, files, current_program()[0], secrets)
+    except PrivilegeError as exc:
+        _fail(str(exc))
+    for warning in warnings:
+        log.warning("%s", warning)
+    return None if already(target) else target
+
+
+def _claim_pid_file(path: Path | None) -> PidFile | None:
+    """--pid-file (or the configuration file's pid_file): written, or kept across an exec."""
+    from .pidfile import PidFileError, claim
+
+    if path is None:
+        return None
+    try:
+        return claim(path)
+    except PidFileError as exc:
+        _fail(str(exc), 1)
+    return None  # not reached: _fail exits
+
+
+def _release_pid_file(record: PidFile | None) -> None:
+    if record is not None:
+        from .pidfile import release
+
+        release(record)
 
 
 def _defaulted(ctx: typer.Context, param: str) -> bool:
@@ -295,9 +381,9 @@ def _flag_listener(listen: str, backend: str | None, cert: list[Path] | None, ke
         if cert:
             credentials = tuple(load_credential(c, k) for c, k in zip(cert, key))
         else:
-            from .selfsigned import self_signed_credential
+            from .selfsigned import demo_credential
 
-            credentials = (self_signed_credential(),)
+            credentials = (demo_credential(),)  # the same across upgrades (pinned by clients)
             log.info("no --cert given: using a generated self-signed certificate for localhost")
         store = CertificateStore(credentials)
     except CredentialError as exc:

@@ -36,7 +36,7 @@ GROUP_NAMES = {"x25519": Group.X25519, "p256": Group.SECP256R1, "secp256r1": Gro
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # The schema: allowed keys per table (unknown keys are errors, with a "did you mean").
-TOP_KEYS = {"log_level", "log_format", "admin", "listeners"}
+TOP_KEYS = {"log_level", "log_format", "pid_file", "admin", "listeners"}
 ADMIN_KEYS = {"listen", "unix", "allow_remote"}
 LISTENER_KEYS = {"name", "listen", "backend", "certs", "routes", "alpn", "ciphers", "groups", "proxy_protocol",
                  "transparent", "ktls", "handshake_timeout", "idle_timeout", "connect_timeout", "max_connections",
@@ -161,6 +161,9 @@ class FileConfig:
     listeners: list[ProxyConfig]
     log_level: str = "info"
     log_format: LogFormat = LogFormat.TEXT  # text, logfmt or json (ironsocket.logs)
+    pid_file: Path | None = None  # relative to the file's directory (ironsocket.pidfile; --pid-file wins)
+    files: list[Path] = field(default_factory=list)  # every file it names that is read (a reload reads them again)
+    ticket_key_files: list[Path] = field(default_factory=list)  # the same, for secrets (ironsocket.secretfile)
     admin: AdminConfig | None = None
     # For `ironsocket check`: per listener, the credentials loaded and the routes as written.
     details: list[dict[str, Any]] = field(default_factory=list)
@@ -176,6 +179,8 @@ class _Loader:
         self.lines = KeyLines(text)
         self.base = path.parent
         self.warnings: list[str] = []
+        self.files: list[Path] = []
+        self.ticket_key_files: list[Path] = []
 
     def error(self, path: Path_, message: str) -> ConfigError:
         return ConfigError(self.path, message, key=format_path(path) or None, line=self.lines.find(path))
@@ -239,6 +244,7 @@ class _Loader:
                 pass
         except OSError as exc:
             raise self.error(path + (key,), f"cannot read {p}: {exc.strerror}") from None
+        self.files.append(p)
         return p
 
     def credential(self, table: dict, path: Path_) -> Credential:
@@ -310,6 +316,7 @@ class _Loader:
         if "ticket_key_file" in table:
             value = Path(self.get(table, "ticket_key_file", str, path)).expanduser()
             key_file = value if value.is_absolute() else self.base / value
+            self.ticket_key_files.append(key_file)
         modes = {PskKeyExchangeMode.PSK_DHE_KE}
         if self.get(table, "ticket_psk_ke", bool, path, False):
             modes.add(PskKeyExchangeMode.PSK_KE)
@@ -331,6 +338,8 @@ class _Loader:
             log_format = parse_format(log_format_text)
         except ValueError:
             raise self.error(("log_format",), f"must be one of text, logfmt, json, not {log_format_text!r}") from None
+        pid_text = self.get(doc, "pid_file", str, ())
+        pid_file = None if pid_text is None else self.base / pid_text  # an absolute one stays as it is
         admin = self.admin(doc)
         raw = self.get(doc, "listeners", list, ())
         if not raw:
@@ -362,7 +371,8 @@ class _Loader:
             details.append(detail)
         warnings = [w for detail in details for w in expiry_warnings(detail["credentials"])]
         return FileConfig(path=self.path, listeners=listeners, log_level=log_level.lower(), log_format=log_format,
-                          admin=admin,
+                          pid_file=pid_file, files=list(self.files),
+                          ticket_key_files=list(self.ticket_key_files), admin=admin,
                           details=details, warnings=[*self.warnings, *warnings])
 
     def admin(self, doc: dict) -> AdminConfig | None:
@@ -550,6 +560,8 @@ def summary(fc: FileConfig) -> Iterator[str]:
         yield f"  warning: {warning}"
     yield f"  log_level: {fc.log_level}"
     yield f"  log_format: {fc.log_format.value}"
+    if fc.pid_file:
+        yield f"  pid_file: {fc.pid_file}"
     if fc.admin:
         where = f"{fc.admin.listen[0]}:{fc.admin.listen[1]}" if fc.admin.listen else f"unix:{fc.admin.unix}"
         yield f"  admin: {where}" + (" (remote allowed)" if fc.admin.allow_remote else "")

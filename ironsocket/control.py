@@ -333,6 +333,8 @@ class ControlServer:
                 self.path.unlink()
             except FileNotFoundError:
                 pass
+            except OSError as exc:  # after `serve --user`: the run directory is root's
+                log.info("control socket %s left in place: %s", self.path, exc.strerror)
 
     def __enter__(self) -> ControlServer:
         return self

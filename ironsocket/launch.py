@@ -108,6 +108,9 @@ class ConfigRun:
     log_level: str
     log_format: LogFormat
     warnings: list[str]
+    pid_file: Path | None = None
+    files: tuple[Path, ...] = ()  # what a reload reads again: the certificates and keys it names
+    ticket_key_files: tuple[Path, ...] = ()  # and the secrets (ironsocket.secretfile's rules)
 
 
 def config_run(path: Path, *, admin: str | None, admin_allow_remote: bool, drain_timeout: float,
@@ -129,4 +132,5 @@ def config_run(path: Path, *, admin: str | None, admin_allow_remote: bool, drain
         remote = admin_allow_remote
     return ConfigRun(listeners=listeners, admin_listen=admin_listen, admin_unix=admin_unix,
                      admin_allow_remote=remote, log_level=fc.log_level, log_format=fc.log_format,
-                     warnings=list(fc.warnings))
+                     warnings=list(fc.warnings), pid_file=fc.pid_file,
+                     files=(path, *fc.files), ticket_key_files=tuple(fc.ticket_key_files))

@@ -17,6 +17,11 @@ The formatter renders the same record in the chosen `LogFormat`:
 - ``json``: one JSON object per line with ``ts``, ``level``, ``logger``, ``pid``, ``msg`` and
   the fields.
 
+Levels: debug, info, warning, error (``--log-level``: that level and above are shown) and one
+more, **notice** (`NOTICE`, between info and warning), which is shown at every ``--log-level``:
+the few lines an operator needs whatever the level — that the server is up (``serving TLS 1.3
+on ...``) and that it has stopped (``stopped``). Written with `notice`.
+
 Timestamps are ISO 8601 in UTC with milliseconds and a ``Z``. A field whose value is None is
 left out (never ``sni=None``). An exception's traceback (only logged for bugs) stays on the
 line: in text it follows the line (Python's usual form), in logfmt/json it is one escaped
@@ -37,6 +42,8 @@ from collections.abc import Mapping
 from typing import IO
 
 LEVELS = ("debug", "info", "warning", "error")
+NOTICE = 25  # between INFO and WARNING (syslog's notice), and shown at every --log-level
+logging.addLevelName(NOTICE, "NOTICE")
 FIELDS_ATTR = "fields"  # the LogRecord attribute `fields()` sets (through ``extra=``)
 
 _BARE = re.compile(r'[^\s"=\\\x00-\x1f\x7f]+')
@@ -157,10 +164,17 @@ def setup(level: str = "info", fmt: LogFormat = LogFormat.TEXT, stream: IO[str] 
     handler: logging.Handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(FORMATTERS[fmt]())
     handler._ironsocket = True  # type: ignore[attr-defined]
+    wanted = getattr(logging, level.upper(), logging.INFO)
+    handler.addFilter(lambda record: record.levelno >= wanted or record.levelno == NOTICE)
     root.addHandler(handler)
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    root.setLevel(min(wanted, NOTICE))  # NOTICE reaches the handler, whose filter applies --log-level
     logging.captureWarnings(True)  # Python's warnings become log lines too (logger py.warnings)
     threading.excepthook = _thread_exception  # so does a thread's uncaught exception (a bug)
+
+
+def notice(logger: logging.Logger, message: str, *args: object) -> None:
+    """A line shown at every ``--log-level`` (start-up and stop: see the module doc)."""
+    logger.log(NOTICE, message, *args)
 
 
 def _thread_exception(args: threading.ExceptHookArgs) -> None:

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import handover, sdnotify, upgrade
+from . import handover, logs, sdnotify, upgrade
 from .counters import PROCESS
 from .handover import Document, ListenerView, Sockets
 from .server import ProxyConfig, ProxyServer
@@ -613,7 +613,7 @@ class Runtime:
                 told_timeout = True
                 log.info("drain timeout: close_notify to the %d connections left", left)
         worker.join()
-        log.info("stopped")
+        logs.notice(log, "stopped")  # shown at every --log-level
 
     def _abort_all(self, reason: str) -> int:
         infos = [info for server in self.servers for info in list(server.connections.values())]

@@ -13,6 +13,8 @@ Policy for a file we *write* secrets to (`open_secret`, `check_secret`):
   somebody who opened it while it was readable keeps reading through that descriptor after a
   chmod, and a file owned by another user stays theirs (they can chmod it back). The error says
   what to do (remove the file or ``chmod 600`` it).
+- ``serve --user NAME`` (as root): a file owned by that user is accepted too (`trust_owner`):
+  the server becomes that user, and its upgrades must open the same files as it.
 - Every check is made on the opened descriptor (``fstat``), not only on the name; an existing
   file is truncated (``truncate=True``) only after the checks, never by ``O_TRUNC`` at open.
 - Every problem is a `SecretFileError` with a one-line message naming the file.
@@ -37,13 +39,21 @@ class SecretFileError(Exception):
     """A secrets file we refuse to write to (or cannot open); the message is one line."""
 
 
+_trusted_owners: set[int] = set()  # besides our euid (`trust_owner`)
+
+
+def trust_owner(uid: int) -> None:
+    """Also accept files owned by ``uid``: the user ``serve --user`` becomes (its upgrades run as it)."""
+    _trusted_owners.add(uid)
+
+
 def _problem(st: os.stat_result) -> str | None:
     """Why an existing file must not receive secrets, or None if it may."""
     if stat.S_ISLNK(st.st_mode):
         return "is a symbolic link; refusing to follow it"
     if not stat.S_ISREG(st.st_mode):
         return "is not a regular file"
-    if st.st_uid != os.geteuid():
+    if st.st_uid != os.geteuid() and st.st_uid not in _trusted_owners:
         return f"is owned by uid {st.st_uid}, not by us (uid {os.geteuid()}); remove it or pick another path"
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o077:

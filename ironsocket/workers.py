@@ -44,17 +44,18 @@ _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def worker_argv(argv: list[str]) -> list[str]:
-    """This program's argv without ``--workers N`` and with ``--reuse-port``."""
+    """This program's argv without ``--workers N`` and ``--pid-file PATH`` (the supervisor's)
+    and with ``--reuse-port``."""
     out: list[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
             continue
-        if arg == "--workers":
+        if arg in ("--workers", "--pid-file"):
             skip = True
             continue
-        if arg.startswith("--workers="):
+        if arg.startswith(("--workers=", "--pid-file=")):
             continue
         out.append(arg)
     return [*out, "--reuse-port"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -23,8 +24,8 @@ from tests.helpers import CERTS, ROOT, client_context, wait_until
 
 TIMEOUT = 30.0
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
-LEVELS = {"debug", "info", "warning", "error", "critical"}
-TEXT_LINE = re.compile(rf"({TS.pattern}) (DEBUG|INFO|WARNING|ERROR|CRITICAL) ([\w.]+): (\S.*)")
+LEVELS = {"debug", "info", "notice", "warning", "error", "critical"}
+TEXT_LINE = re.compile(rf"({TS.pattern}) (DEBUG|INFO|NOTICE|WARNING|ERROR|CRITICAL) ([\w.]+): (\S.*)")
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _BARE = re.compile(r'[^\s"=\\]+')
 _ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "r": "\r"}
@@ -349,3 +350,21 @@ def test_text_keeps_a_multi_line_message_on_its_line() -> None:
     [line] = stream.getvalue().splitlines()
     [rec] = records("text", [line])
     assert rec["msg"] == "conn=4 upgrade: not done: child said\\nline two reason=a\\nb", rec
+
+
+@pytest.mark.parametrize("level", ["warning", "error"])
+def test_serving_and_stopped_are_shown_at_every_log_level(level: str, tmp_path: Path) -> None:
+    """The NOTICE lines (logs.NOTICE): an operator at --log-level warning still sees that the
+    server is up and that it stopped; the info lines stay hidden."""
+    proc = ManagedProcess([sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0", "--backend",
+                           "127.0.0.1:9", *cert_args("ecdsa-p256"), "--log-level", level,
+                           "--control-socket", str(tmp_path / "ctl.sock")], "ironsocket serve")
+    try:
+        proc.wait_for_line(rf"^{TS.pattern} NOTICE ironsocket: serving TLS 1\.3 on 127\.0\.0\.1:\d+")
+        proc.proc.send_signal(signal.SIGTERM)
+        proc.wait_for_line(rf"^{TS.pattern} NOTICE ironsocket: stopped$")
+        assert proc.proc.wait(TIMEOUT) == 0
+    finally:
+        proc.stop()
+    assert "control socket" not in proc.output and " INFO " not in proc.output, proc.output
+    assert "graceful stop" not in proc.output, proc.output  # info: hidden
