@@ -15,6 +15,7 @@ import pytest
 from ironsocket import upgrade
 from ironsocket.secretfile import SecretFileError, check_secret, open_secret
 from tests.conftest import ManagedProcess
+from tests.test_handover import SECRET, full_document
 from tests.helpers import CERTS, ROOT, assert_refused, serve_outcome
 
 NOBODY = 65534
@@ -117,11 +118,11 @@ def test_state_dump_symlink_refused_at_startup_and_at_dump(tmp_path: Path) -> No
     # and if the link appears after start-up, the dump at the upgrade refuses it too (the upgrade
     # then fails: perform() resumes and reports it)
     with pytest.raises(SecretFileError, match="symbolic link"):
-        upgrade.dump_state({"secret": "x"}, str(link))
+        upgrade.dump_state(full_document(), str(link))
     assert target.read_text() == "keep\n"
     fresh = tmp_path / "fresh.json"
-    upgrade.dump_state({"secret": "x"}, str(fresh))
-    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600 and '"secret"' in fresh.read_text()
+    upgrade.dump_state(full_document(), str(fresh))
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600 and SECRET in fresh.read_text()  # asked for: keys in
 
 
 @needs_root
