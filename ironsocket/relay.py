@@ -700,16 +700,29 @@ class Pump:
         return n
 
 
-class SpliceToBackend(Pump):
-    """kTLS, client → backend: the kernel opens the records, ``client ─splice→ pipe ─splice→
-    backend``; a control record stops the splice and is read apart (`KtlsChannel.control_record`)."""
-
-    direction = Direction.CLIENT_TO_BACKEND
+class _KernelRecords(Pump):
+    """A pump of a kTLS connection: the kernel seals and opens, bytes move by splice."""
 
     def __init__(self, relay: Relay) -> None:
         super().__init__(relay)
         assert isinstance(relay.client, KtlsChannel)
         self.channel: KtlsChannel = relay.client
+
+
+class _UserspaceRecords(Pump):
+    """A pump of a userspace connection: the `tls13.Session` seals and opens."""
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__(relay)
+        assert isinstance(relay.client, UserspaceChannel)
+        self.channel: UserspaceChannel = relay.client
+
+
+class SpliceToBackend(_KernelRecords):
+    """kTLS, client → backend: the kernel opens the records, ``client ─splice→ pipe ─splice→
+    backend``; a control record stops the splice and is read apart (`KtlsChannel.control_record`)."""
+
+    direction = Direction.CLIENT_TO_BACKEND
 
     def step(self) -> bool:
         state, channel = self.state, self.channel
@@ -762,15 +775,10 @@ class SpliceToBackend(Pump):
         return added
 
 
-class OpenToBackend(Pump):
+class OpenToBackend(_UserspaceRecords):
     """Userspace, client → backend: records opened by the `tls13.Session`, plaintext written."""
 
     direction = Direction.CLIENT_TO_BACKEND
-
-    def __init__(self, relay: Relay) -> None:
-        super().__init__(relay)
-        assert isinstance(relay.client, UserspaceChannel)
-        self.channel: UserspaceChannel = relay.client
 
     def step(self) -> bool:
         try:
@@ -807,16 +815,11 @@ class OpenToBackend(Pump):
         return False
 
 
-class SpliceToClient(Pump):
+class SpliceToClient(_KernelRecords):
     """kTLS, backend → client: ``backend ─splice→ pipe ─splice→ client``, the kernel seals;
     a KeyUpdate of ours goes out first when one is due (`KtlsChannel.key_update_due`)."""
 
     direction = Direction.BACKEND_TO_CLIENT
-
-    def __init__(self, relay: Relay) -> None:
-        super().__init__(relay)
-        assert isinstance(relay.client, KtlsChannel)
-        self.channel: KtlsChannel = relay.client
 
     def step(self) -> bool:
         state, channel = self.state, self.channel
@@ -840,16 +843,11 @@ class SpliceToClient(Pump):
         return False
 
 
-class SealToClient(Pump):
+class SealToClient(_UserspaceRecords):
     """Userspace, backend → client: what the backend sends is sealed into the channel's
     outgoing stream (`UserspaceChannel.queue`), which this pump writes."""
 
     direction = Direction.BACKEND_TO_CLIENT
-
-    def __init__(self, relay: Relay) -> None:
-        super().__init__(relay)
-        assert isinstance(relay.client, UserspaceChannel)
-        self.channel: UserspaceChannel = relay.client
 
     def step(self) -> bool:
         state, channel = self.state, self.channel

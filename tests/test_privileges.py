@@ -18,7 +18,8 @@ import pytest
 
 from tests.helpers import CERTS, ROOT, assert_refused, serve_outcome
 from tests.test_cli import one_line_error, run
-from tests.test_upgrade import TIMEOUT, Server, echo_backend, echo_once  # noqa: F401
+from tests.test_lifecycle import CertServer
+from tests.test_upgrade import TIMEOUT, echo_backend, echo_once  # noqa: F401
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="--user needs root")
 NOBODY = pwd.getpwnam("nobody")
@@ -54,25 +55,11 @@ def status_ids(pid: int, field: str) -> list[int]:
     raise AssertionError(f"no {field} line")
 
 
-class UserServer(Server):
-    """test_upgrade's Server on the given certificate files (Server's own are root's 0600)."""
-
-    def __init__(self, tmp: Path, backend_port: int, cert: Path, key: Path, *extra: str) -> None:
-        self.log_path = tmp / "serve.log"
-        self.control = tmp / "ctl.sock"
-        self.log = self.log_path.open("w")
-        env = os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(tmp)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0",
-             "--backend", f"127.0.0.1:{backend_port}", "--cert", str(cert), "--key", str(key),
-             "--control-socket", str(self.control), *extra],
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        self.port = int(self.wait_for(r"serving TLS 1\.3 on [\d.]+:(\d+)").group(1))
 
 
 def test_user_nobody_serves_tls_as_nobody_across_an_upgrade(public_dir: Path, echo_backend) -> None:
     cert, key = nobody_certs(public_dir)
-    server = UserServer(public_dir, echo_backend[1], cert, key, "--user", "nobody")
+    server = CertServer(public_dir, echo_backend[1], cert, key, "--user", "nobody")
     try:
         pid = server.proc.pid
         server.wait_for(rf"running as user nobody \(uid {NOBODY.pw_uid}, gid {NOBODY.pw_gid}\)")
@@ -129,7 +116,7 @@ def test_a_ticket_key_file_the_user_may_not_use_is_refused_at_start(public_dir: 
     assert f"--user nobody: as nobody, ticket key file {keys}: Permission denied" in line
     assert "chown it to nobody" in line
     os.chown(keys, NOBODY.pw_uid, NOBODY.pw_gid)
-    server = UserServer(public_dir, echo_backend[1], cert, key, "--user", "nobody", "--ticket-key-file", str(keys))
+    server = CertServer(public_dir, echo_backend[1], cert, key, "--user", "nobody", "--ticket-key-file", str(keys))
     try:
         assert echo_once(server.port, b"with shared ticket keys") == b"with shared ticket keys"
     finally:
