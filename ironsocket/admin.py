@@ -263,10 +263,34 @@ def metrics_text(servers: Sequence, tls_stat: Callable[[], dict[str, int]] = ktl
     return m.text()
 
 
+TEXT = "text/plain; charset=utf-8"
+METRICS = "text/plain; version=0.0.4; charset=utf-8"
+Reply = tuple[int, str, str]  # HTTP status, Content-Type, body
+
+
+class LocalView:
+    """What the endpoint shows of this process's listeners (``servers``)."""
+
+    def __init__(self, servers: Sequence) -> None:
+        self.servers = servers
+
+    def healthz(self) -> Reply:
+        problems = health(self.servers)
+        if problems:
+            return 503, TEXT, f"unhealthy: {'; '.join(problems)}\nlisteners {len(self.servers)}\n"
+        return 200, TEXT, f"ok\nlisteners {len(self.servers)}\n"
+
+    def connections(self) -> Reply:
+        return 200, "application/json", json.dumps(connections_json(self.servers), indent=1) + "\n"
+
+    def metrics(self) -> Reply:
+        return 200, METRICS, metrics_text(self.servers)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "ironsocket-admin"
     protocol_version = "HTTP/1.1"
-    servers: Sequence = ()
+    view: Any = None  # a LocalView, or workersum.WorkersView (the --workers supervisor's)
     timeout = REQUEST_TIMEOUT  # socket timeout per read/write: a backstop for the deadline below
 
     def handle_one_request(self) -> None:
@@ -284,18 +308,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path = self.path.split("?", 1)[0]
         if path == "/healthz":
-            problems = health(self.servers)
-            if problems:
-                self._reply(503, "text/plain; charset=utf-8", f"unhealthy: {'; '.join(problems)}\n"
-                            f"listeners {len(self.servers)}\n")
-            else:
-                self._reply(200, "text/plain; charset=utf-8", f"ok\nlisteners {len(self.servers)}\n")
+            self._reply(*self.view.healthz())
         elif path == "/connections":
-            self._reply(200, "application/json", json.dumps(connections_json(self.servers), indent=1) + "\n")
+            self._reply(*self.view.connections())
         elif path == "/metrics":
-            self._reply(200, "text/plain; version=0.0.4; charset=utf-8", metrics_text(self.servers))
+            self._reply(*self.view.metrics())
         else:
-            self._reply(404, "text/plain; charset=utf-8", "not found: try /healthz, /connections, /metrics\n")
+            self._reply(404, TEXT, "not found: try /healthz, /connections, /metrics\n")
 
     def _reply(self, code: int, ctype: str, body: str) -> None:
         data = body.encode("utf-8")
@@ -421,11 +440,13 @@ class _UnixServer(_Limits, socketserver.ThreadingMixIn, socketserver.UnixStreamS
 
 
 class AdminServer:
-    """``AdminServer(servers, listen=("127.0.0.1", 9180))`` or ``unix="/run/x.sock"``; start/stop."""
+    """``AdminServer(servers, listen=("127.0.0.1", 9180))`` or ``unix="/run/x.sock"``; start/stop.
+    With ``--workers`` the supervisor runs one with a `workersum.WorkersView` (no servers of its own)."""
 
     def __init__(self, servers: Sequence, *, listen: tuple[str, int] | None = None, unix: str | None = None,
                  allow_remote: bool = False, request_timeout: float = REQUEST_TIMEOUT,
-                 max_connections: int = MAX_CONNECTIONS, fd: int | None = None) -> None:
+                 max_connections: int = MAX_CONNECTIONS, fd: int | None = None, view: Any = None) -> None:
+        """``view``: what it shows (default: a `LocalView` of ``servers``)."""
         if (listen is None) == (unix is None):
             raise AdminError("admin: give exactly one of a HOST:PORT or a unix socket path")
         if listen is not None and not allow_remote and not is_loopback(listen[0]):
@@ -433,7 +454,8 @@ class AdminServer:
                              "endpoint has no authentication (use --admin-allow-remote / allow_remote = true)")
         self.servers = list(servers)
         self.listen, self.unix = listen, unix
-        handler = type("AdminHandler", (_Handler,), {"servers": self.servers, "timeout": request_timeout})
+        handler = type("AdminHandler", (_Handler,), {"view": view or LocalView(self.servers),
+                                                     "timeout": request_timeout})
         self._thread: threading.Thread | None = None
         self._reaper: threading.Thread | None = None
         if fd is not None:  # carried over an exec upgrade: already bound and listening

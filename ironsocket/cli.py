@@ -163,7 +163,7 @@ def serve(
     group: Annotated[Optional[str], typer.Option(metavar="NAME", help="With --user: this group instead of the user's own.")] = None,
     pid_file: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Write the server's PID to this file (atomically, 0644; kept across upgrades and reloads, removed at a clean stop). A file naming a running ironsocket is refused, a stale one replaced. With --config, overrides its pid_file.")] = None,
     control_socket: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Unix socket for `ironsocket inspect-keys` and `ironsocket upgrade`. Default: <run dir>/ironsocket-<pid>.sock.")] = None,
-    workers: Annotated[int, typer.Option(metavar="N", help="Worker processes sharing the port (SO_REUSEPORT), to use every core. Each worker has its own control socket.")] = 1,
+    workers: Annotated[int, typer.Option(metavar="N", help="Worker processes sharing the port (SO_REUSEPORT), to use every core. Each worker has its own control socket; the admin endpoint is the supervisor's, the sum of the workers'.")] = 1,
     reuse_port: Annotated[bool, typer.Option("--reuse-port", help="Set SO_REUSEPORT on the listener (set for each worker by --workers).")] = False,
     drain_timeout: Annotated[float, typer.Option(metavar="SECONDS", help="On SIGTERM/SIGINT, time connections may finish before they are closed with close_notify (SIGQUIT: no drain).")] = 10.0,
     upgrade_state_dump: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Debugging: at each upgrade also write the state document, traffic secrets and session ticket keys included, to this file (0600), for `inspect-keys --state`.")] = None,
@@ -254,17 +254,18 @@ def serve(
         if any(config.listen[1] == 0 for config in configs):
             where = "--listen port" if config_file is None else "listen port in every [[listeners]] table"
             _fail(f"--workers needs a fixed {where} (with port 0 each worker would get its own)")
-        if control_socket is not None or has_admin:
-            _fail("--control-socket and --admin ([admin] in a configuration file) name one socket; with --workers "
-                  "each worker has its own control socket (ironsocket upgrade / inspect-keys --pid PID) and an "
-                  "admin endpoint is not supported yet")
+        if control_socket is not None:
+            _fail("--control-socket names one socket; with --workers each worker has its own control socket "
+                  "(ironsocket upgrade / inspect-keys --pid PID)")
         from .workers import main_argv, supervise, worker_argv
 
         where = ", ".join(f"{c.listen[0]}:{c.listen[1]}" for c in configs)
         log.info("%d workers on %s (SO_REUSEPORT)", workers, where)
         pid_record = _claim_pid_file(pid_file)
         try:  # the supervisor's PID is the file's (the workers' argv lose --pid-file)
-            code = supervise(workers, worker_argv(main_argv()))
+            code = supervise(workers, worker_argv(main_argv()), admin=_supervisor_admin(admin_kw) if has_admin else None)
+        except AdminError as exc:
+            _fail(str(exc))
         finally:
             _release_pid_file(pid_record)
         raise typer.Exit(code)
@@ -333,6 +334,19 @@ def _privileges(user: str | None, group: str | None, files: list[Path],
     for warning in warnings:
         log.warning("%s", warning)
     return None if already(target) else target
+
+
+def _supervisor_admin(admin_kw: dict) -> dict:
+    """The --workers supervisor's admin endpoint (ironsocket.workersum), from the --admin flag or
+    a configuration file's [admin]: AdminServer's listen/unix/allow_remote."""
+    if admin_kw.get("admin"):
+        from .admin import parse_admin
+
+        where = parse_admin(admin_kw["admin"])
+    else:
+        where = {"listen": admin_kw.get("admin_listen"), "unix": admin_kw.get("admin_unix")}
+        where = {k: v for k, v in where.items() if v is not None}
+    return where | {"allow_remote": bool(admin_kw.get("admin_allow_remote"))}
 
 
 def _claim_pid_file(path: Path | None) -> PidFile | None:

@@ -31,6 +31,8 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 from . import sdnotify
 from .connection import ENV_WORKER
@@ -43,19 +45,24 @@ UPGRADE_TIMEOUT = 240.0  # from RELOADING=1 to READY=1 (the pre-flight check may
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
+_SUPERVISOR_OPTIONS = ("--workers", "--pid-file", "--admin")  # with a value; the supervisor's own
+_SUPERVISOR_FLAGS = ("--admin-allow-remote",)
+
+
 def worker_argv(argv: list[str]) -> list[str]:
-    """This program's argv without ``--workers N`` and ``--pid-file PATH`` (the supervisor's)
-    and with ``--reuse-port``."""
+    """This program's argv without what is the supervisor's (``--workers N``, ``--pid-file
+    PATH``, ``--admin WHERE``: each worker gets an admin socket of its own, `workersum`) and with
+    ``--reuse-port``."""
     out: list[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
             continue
-        if arg in ("--workers", "--pid-file"):
+        if arg in _SUPERVISOR_OPTIONS:
             skip = True
             continue
-        if arg.startswith(("--workers=", "--pid-file=")):
+        if arg in _SUPERVISOR_FLAGS or arg.startswith(tuple(f"{o}=" for o in _SUPERVISOR_OPTIONS)):
             continue
         out.append(arg)
     return [*out, "--reuse-port"]
@@ -85,14 +92,26 @@ class _Notifications:
             self.messages.put((pid, sdnotify.parse(data)))
 
 
-def supervise(count: int, argv: list[str]) -> int:
-    """Run ``count`` workers of ``argv`` until SIGTERM/SIGINT/SIGQUIT; the exit code."""
-    return _Supervisor(count, argv).run()
+def supervise(count: int, argv: list[str], admin: dict[str, Any] | None = None) -> int:
+    """Run ``count`` workers of ``argv`` until SIGTERM/SIGINT/SIGQUIT; the exit code. ``admin``:
+    the admin endpoint's ``listen``/``unix``/``allow_remote`` (`admin.AdminServer`), served here
+    as the sum of the workers' (`workersum`). Raises AdminError if it cannot be bound."""
+    return _Supervisor(count, argv, admin).run()
 
 
 class _Supervisor:
-    def __init__(self, count: int, argv: list[str]) -> None:
+    def __init__(self, count: int, argv: list[str], admin: dict[str, Any] | None = None) -> None:
         self.argv = argv
+        self.admin_sockets: list[Path] = []
+        self.admin: Any = None
+        if admin is not None:
+            from .admin import AdminServer
+            from .control import control_dir
+            from .workersum import WorkersView, worker_socket
+
+            run_dir = control_dir()
+            self.admin_sockets = [worker_socket(run_dir, os.getpid(), i) for i in range(count)]
+            self.admin = AdminServer([], view=WorkersView(self.admin_sockets), **admin)
         self.workers: list[subprocess.Popen[bytes] | None] = [None] * count
         self.actions: queue.SimpleQueue[int] = queue.SimpleQueue()  # signal numbers, from handlers
         self.stop_signal: int | None = None
@@ -109,7 +128,8 @@ class _Supervisor:
     # -- workers -----------------------------------------------------------------------------------
     def spawn(self, i: int) -> None:
         # The worker index names its connections (``conn=<worker>.<n>``: unique per machine).
-        proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, env=self.env | {ENV_WORKER: str(i)})
+        argv = [*self.argv, "--admin", f"unix:{self.admin_sockets[i]}"] if self.admin_sockets else self.argv
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=self.env | {ENV_WORKER: str(i)})
         self.workers[i] = proc
         log.info("worker %d started, pid %d", i, proc.pid)
 
@@ -222,6 +242,15 @@ class _Supervisor:
 
     # -- main loop ---------------------------------------------------------------------------------------
     def run(self) -> int:
+        if self.admin is not None:
+            self.admin.start()  # up before the workers, and through every rolling upgrade
+        try:
+            return self._run()
+        finally:
+            if self.admin is not None:
+                self.admin.stop()
+
+    def _run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR2):
             signal.signal(sig, self.on_signal)
         for i in range(len(self.workers)):

@@ -213,7 +213,7 @@ def test_reload_adds_a_listener_and_refuses_to_drop_one_with_connections(config_
     assert "Traceback" not in server.text()
 
 
-@pytest.mark.parametrize("flag", [["--ktls", "require"], ["--listen", "127.0.0.1:9443"], ["--workers", "2", "--admin", "127.0.0.1:0"]])
+@pytest.mark.parametrize("flag", [["--ktls", "require"], ["--listen", "127.0.0.1:9443"], ["--workers", "2", "--control-socket", "/nonexistent/ctl.sock"]])
 def test_flags_that_conflict_with_config_are_an_error(tmp_path: Path, flag: list[str]) -> None:
     for name in NAMES:
         set_cert(tmp_path, name, "ecdsa-p256")

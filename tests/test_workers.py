@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import http.client
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -224,3 +227,90 @@ def test_a_refused_reload_stops_the_roll(tmp_path: Path, echo_backend) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+
+
+def admin_get(port: int, target: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        conn.request("GET", target)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def test_workers_admin_is_their_sum_and_answers_through_a_rolling_upgrade(tmp_path: Path, echo_backend) -> None:
+    """Issue 13.5: --workers with --admin was refused. Now the supervisor serves the endpoint
+    (workersum.py) from each worker's own: one /connections list (ids W.N), /metrics with a
+    worker label and each family declared once, and /healthz answering 200 throughout a rolling
+    upgrade (it refused probes for ~0.5 s at every upgrade when the endpoint was the worker's)."""
+    port, admin_port = free_port(), free_port()
+    proc, log = serve(tmp_path, "--workers", "2", "--listen", f"127.0.0.1:{port}",
+                      "--backend", f"{echo_backend[0]}:{echo_backend[1]}", "--admin", f"127.0.0.1:{admin_port}")
+    try:
+        wait_until(lambda: log.read_text().count("serving TLS 1.3 on") == 2, what="two workers serving")
+        clients = [tls_connect(port) for _ in range(12)]
+        for i, c in enumerate(clients):
+            c.sendall(b"hello %d" % i)
+            assert c.recv(64) == b"hello %d" % i
+        status, body = admin_get(admin_port, "/connections")
+        conns = json.loads(body)
+        assert status == 200 and len(conns) == 12
+        ids = [c["id"] for c in conns]
+        assert len(set(ids)) == 12 and all(re.fullmatch(r"[01]\.\d+", i) for i in ids), ids
+        assert {c["worker"] for c in conns} == {0, 1}, "SO_REUSEPORT put all 12 on one worker (p = 2^-11)"
+        status, metrics = admin_get(admin_port, "/metrics")
+        assert status == 200 and "ironsocket_workers_answering 2" in metrics
+        declared = [line.split()[2] for line in metrics.splitlines() if line.startswith("# TYPE ")]
+        assert len(declared) == len(set(declared)), "a family declared twice"
+        assert 'worker="0"' in metrics and 'worker="1"' in metrics
+        status, body = admin_get(admin_port, "/healthz")
+        assert status == 200 and "workers 2" in body, body
+
+        stop, probes, bad = threading.Event(), [0], []
+
+        def poll() -> None:
+            while not stop.is_set():
+                try:
+                    code, text = admin_get(admin_port, "/healthz")
+                    if code != 200:
+                        bad.append(text)
+                except OSError as exc:
+                    bad.append(repr(exc))
+                probes[0] += 1
+                time.sleep(0.01)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        try:
+            proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: "reload done: 2 workers upgraded in place" in log.read_text(), what="rolling reload")
+        finally:
+            stop.set()
+            poller.join(TIMEOUT)
+        assert not bad, bad[:3]
+        assert probes[0] > 10
+        for i, c in enumerate(clients):  # carried by the workers' upgrades
+            c.sendall(b"again %d" % i)
+            assert c.recv(64) == b"again %d" % i
+            c.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+        assert refused(admin_port)
+        assert "Traceback" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_merge_metrics_declares_each_family_once() -> None:
+    from ironsocket.workersum import merge_metrics
+
+    one = "# HELP a_total A.\n# TYPE a_total counter\na_total 1\n# HELP h H.\n# TYPE h histogram\n" \
+          'h_bucket{le="1"} 2\nh_sum 3\nh_count 2\n'
+    two = "# HELP a_total A.\n# TYPE a_total counter\na_total 5\n"
+    assert merge_metrics([(0, one), (1, two)]).splitlines() == [
+        "# HELP a_total A.", "# TYPE a_total counter", 'a_total{worker="0"} 1', 'a_total{worker="1"} 5',
+        "# HELP h H.", "# TYPE h histogram", 'h_bucket{worker="0",le="1"} 2', 'h_sum{worker="0"} 3',
+        'h_count{worker="0"} 2']
