@@ -163,7 +163,7 @@ def serve(
     group: Annotated[Optional[str], typer.Option(metavar="NAME", help="With --user: this group instead of the user's own.")] = None,
     pid_file: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Write the server's PID to this file (atomically, 0644; kept across upgrades and reloads, removed at a clean stop). A file naming a running ironsocket is refused, a stale one replaced. With --config, overrides its pid_file.")] = None,
     control_socket: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Unix socket for `ironsocket inspect-keys` and `ironsocket upgrade`. Default: <run dir>/ironsocket-<pid>.sock.")] = None,
-    workers: Annotated[int, typer.Option(metavar="N", help="Worker processes sharing the port (SO_REUSEPORT), to use every core. Each worker has its own control socket; the admin endpoint is the supervisor's, the sum of the workers'.")] = 1,
+    workers: Annotated[str, typer.Option(metavar="N|auto", help="Worker processes sharing the port (SO_REUSEPORT), to use every core (auto: one per CPU this process may run on). Each worker has its own control socket; the admin endpoint is the supervisor's, the sum of the workers'.")] = "1",
     reuse_port: Annotated[bool, typer.Option("--reuse-port", help="Set SO_REUSEPORT on the listener (set for each worker by --workers).")] = False,
     drain_timeout: Annotated[float, typer.Option(metavar="SECONDS", help="On SIGTERM/SIGINT, time connections may finish before they are closed with close_notify (SIGQUIT: no drain).")] = 10.0,
     upgrade_state_dump: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Debugging: at each upgrade also write the state document, traffic secrets and session ticket keys included, to this file (0600), for `inspect-keys --state`.")] = None,
@@ -250,7 +250,8 @@ def serve(
     secrets += [(p, what, False) for p, what in ((keylog, "keylog file"), (upgrade_state_dump, "upgrade state dump"))
                 if p is not None]
     drop_to = _privileges(user, group, read_again, secrets)
-    if workers > 1:  # with --user: each worker binds, then drops; the supervisor (no socket) stays root
+    workers_n = _worker_count(workers)
+    if workers_n > 1:  # with --user: each worker binds, then drops; the supervisor (no socket) stays root
         if any(config.listen[1] == 0 for config in configs):
             where = "--listen port" if config_file is None else "listen port in every [[listeners]] table"
             _fail(f"--workers needs a fixed {where} (with port 0 each worker would get its own)")
@@ -260,10 +261,10 @@ def serve(
         from .workers import main_argv, supervise, worker_argv
 
         where = ", ".join(f"{c.listen[0]}:{c.listen[1]}" for c in configs)
-        log.info("%d workers on %s (SO_REUSEPORT)", workers, where)
+        log.info("%d workers on %s (SO_REUSEPORT)", workers_n, where)
         pid_record = _claim_pid_file(pid_file)
         try:  # the supervisor's PID is the file's (the workers' argv lose --pid-file)
-            code = supervise(workers, worker_argv(main_argv()), admin=_supervisor_admin(admin_kw) if has_admin else None)
+            code = supervise(workers_n, worker_argv(main_argv()), admin=_supervisor_admin(admin_kw) if has_admin else None)
         except AdminError as exc:
             _fail(str(exc))
         finally:
@@ -334,6 +335,19 @@ def _privileges(user: str | None, group: str | None, files: list[Path],
     for warning in warnings:
         log.warning("%s", warning)
     return None if already(target) else target
+
+
+def _worker_count(text: str) -> int:
+    """``--workers``: a number ≥ 1, or ``auto`` (one per CPU of this process's affinity mask)."""
+    if text.strip().lower() == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    try:
+        n = int(text)
+    except ValueError:
+        _fail(f"--workers {text!r}: a number of workers or 'auto'")
+    if n < 1:
+        _fail(f"--workers {n}: at least 1")
+    return n
 
 
 def _supervisor_admin(admin_kw: dict) -> dict:

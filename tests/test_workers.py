@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from ironsocket import control
 from tests.helpers import CERTS, ROOT, client_context
 from tests import helpers
@@ -314,3 +316,28 @@ def test_merge_metrics_declares_each_family_once() -> None:
         "# HELP a_total A.", "# TYPE a_total counter", 'a_total{worker="0"} 1', 'a_total{worker="1"} 5',
         "# HELP h H.", "# TYPE h histogram", 'h_bucket{worker="0",le="1"} 2', 'h_sum{worker="0"} 3',
         'h_count{worker="0"} 2']
+
+
+def test_workers_auto_is_one_per_cpu(tmp_path: Path, echo_backend) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    proc, log = serve(tmp_path, "--workers", "auto", "--listen", f"127.0.0.1:{free_port()}",
+                      "--backend", f"{echo_backend[0]}:{echo_backend[1]}")
+    try:
+        wait_until(lambda: log.read_text().count("serving TLS 1.3 on") == cpus, what=f"{cpus} workers serving")
+        if cpus > 1:
+            assert f"{cpus} workers on 127.0.0.1:" in log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.mark.parametrize("value, message", [("0", "--workers 0: at least 1"), ("many", "--workers 'many': a number")])
+def test_bad_workers_is_one_line(value: str, message: str) -> None:
+    from tests.test_cli import one_line_error, run
+
+    result = run("serve", "--workers", value, "--listen", "127.0.0.1:9", "--backend", "127.0.0.1:9",
+                 "--cert", str(CERTS / "ecdsa-p256.pem"), "--key", str(CERTS / "ecdsa-p256.key"))
+    assert result.returncode == 2 and message in one_line_error(result)
