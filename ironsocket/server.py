@@ -331,6 +331,13 @@ class ProxyServer:
         hold every upgrade off. Raises UpgradeError (after resuming) if the pumps do not reach a
         safe point within ``park_deadline``."""
         self._hold_accept = True
+        # The accept loop parks first: once it has, no handshake can begin (one accepted just
+        # before would otherwise start after the count below reached 0, and be forked into the
+        # bridge half-done). The relay loops keep running: they finish the handshakes in flight.
+        self.control.pause()
+        if not self.control.wait_parked(park_deadline):
+            self.resume()
+            raise UpgradeError(f"the accept loop did not reach a safe point in {park_deadline:g}s")
         with self._lock:
             done = self._handshake_cond.wait_for(lambda: self._handshaking == 0, handshake_deadline)
             cut = [] if done else list(self._in_handshake.items())
@@ -341,13 +348,9 @@ class ProxyServer:
             with self._lock:
                 done = self._handshake_cond.wait_for(lambda: self._handshaking == 0, park_deadline)
             if not done:
-                self._hold_accept = False
+                self.resume()
                 raise UpgradeError(f"{self._handshaking} connections still between handshake and relay "
                                    f"after {handshake_deadline + park_deadline:g}s")
-        self.control.pause()
-        if not self.control.wait_parked(park_deadline):
-            self.resume()
-            raise UpgradeError(f"the accept loop did not reach a safe point in {park_deadline:g}s")
         if not self.engine.pause(park_deadline):
             self.resume()
             raise UpgradeError(f"the relay loops did not reach a safe point in {park_deadline:g}s")
