@@ -97,6 +97,9 @@ def _parse_list(text: str | None, table: dict, what: str) -> tuple:
     return tuple(out)
 
 
+_KEYLOG_OWNER: tuple[int, int] | None = None  # --user as root: (uid, gid) a new keylog file is given
+
+
 def _open_keylog(path: Path):
     from .secretfile import SecretFileError, open_secret
 
@@ -104,6 +107,10 @@ def _open_keylog(path: Path):
         handle = open_secret(path, append=True, what="keylog file", buffering=1)
     except SecretFileError as exc:
         _fail(str(exc))
+    if _KEYLOG_OWNER is not None and os.fstat(handle.fileno()).st_uid == 0:
+        # Root just made it (or it was root's): the user this process becomes must be able to
+        # open it again (an upgrade or reload runs as that user).
+        os.fchown(handle.fileno(), *_KEYLOG_OWNER)
     lock = threading.Lock()
 
     def write(line: str) -> None:
@@ -311,10 +318,13 @@ def _trust_user(user: str, group: str | None) -> None:
     from .privileges import PrivilegeError, resolve
     from .secretfile import trust_owner
 
+    global _KEYLOG_OWNER
     try:
-        trust_owner(resolve(user, group).uid)
+        target = resolve(user, group)
     except PrivilegeError as exc:
         _fail(str(exc))
+    trust_owner(target.uid)
+    _KEYLOG_OWNER = (target.uid, target.gid)
 
 
 def _privileges(user: str | None, group: str | None, files: list[Path],

@@ -19,7 +19,7 @@ import pytest
 from tests.helpers import CERTS, ROOT, assert_refused, serve_outcome
 from tests.test_cli import one_line_error, run
 from tests.test_lifecycle import CertServer
-from tests.test_upgrade import TIMEOUT, echo_backend, echo_once  # noqa: F401
+from tests.test_upgrade import TIMEOUT, echo_backend, echo_once, wait_until  # noqa: F401
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="--user needs root")
 NOBODY = pwd.getpwnam("nobody")
@@ -149,3 +149,19 @@ def test_with_workers_each_worker_drops_to_the_user(public_dir: Path, echo_backe
             proc.kill()
             proc.wait(5)
     assert "Traceback" not in log.read_text()
+
+
+def test_keylog_made_by_root_is_the_users(public_dir: Path, echo_backend) -> None:
+    """--keylog with --user: the file root creates is the user's (the pre-flight refused it,
+    owned by root, and an upgrade running as the user could not have opened it again)."""
+    cert, key = nobody_certs(public_dir)
+    keylog = public_dir / "keys.log"
+    server = CertServer(public_dir, echo_backend[1], cert, key, "--user", "nobody", "--keylog", str(keylog))
+    try:
+        server.wait_for(r"running as user nobody")
+        st = keylog.stat()
+        assert (st.st_uid, st.st_gid) == (NOBODY.pw_uid, NOBODY.pw_gid) and st.st_mode & 0o777 == 0o600
+        assert echo_once(server.port, b"logged") == b"logged"
+        wait_until(lambda: "CLIENT_TRAFFIC_SECRET_0" in keylog.read_text(), what="the keylog line")
+    finally:
+        server.close()
