@@ -376,6 +376,21 @@ V1_COMMIT = "f6592ee"  # the last ironsocket writing state version 1 (one listen
 DICT_COMMIT = "5c8f180"  # the last ironsocket whose document was dicts (before ironsocket.handover)
 
 
+def _serve_from(tree: Path, tmp_path: Path, backend_port: int) -> Server:
+    """`serve` started from another checkout ``tree`` (its own package, not ours), driven with
+    test_upgrade's Server helpers."""
+    log_path = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"IRONSOCKET_RUN_DIR": str(tmp_path)}
+    server = Server.__new__(Server)
+    server.log_path, server.control, server.log = log_path, tmp_path / "ctl.sock", log_path.open("w")
+    server.proc = subprocess.Popen(
+        [sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{backend_port}",
+         "--cert", str(CERTS / "ecdsa-p256.pem"), "--key", str(CERTS / "ecdsa-p256.key"),
+         "--control-socket", str(server.control)],
+        stdin=subprocess.DEVNULL, stdout=server.log, stderr=subprocess.STDOUT, env=env, cwd=tree)
+    return server
+
+
 def _v1_program(tmp: Path, commit: str = V1_COMMIT) -> Path:
     """That ironsocket's package, from this repository's history (skip without it)."""
     old = tmp / commit
@@ -408,14 +423,7 @@ def test_a_version_1_program_upgrades_to_this_one_and_is_rolled_back_to(tmp_path
     from tests.test_upgrade import flowing_streamer
 
     old = _v1_program(tmp_path)
-    log_path, ctl = tmp_path / "serve.log", tmp_path / "ctl.sock"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"IRONSOCKET_RUN_DIR": str(tmp_path)}
-    server = Server.__new__(Server)  # test_upgrade's helpers on a process started here
-    server.log_path, server.control, server.log = log_path, ctl, log_path.open("w")
-    server.proc = subprocess.Popen(
-        [sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{echo_backend[1]}",
-         "--cert", str(CERTS / "ecdsa-p256.pem"), "--key", str(CERTS / "ecdsa-p256.key"), "--control-socket", str(ctl)],
-        stdin=subprocess.DEVNULL, stdout=server.log, stderr=subprocess.STDOUT, env=env, cwd=old)
+    server = _serve_from(old, tmp_path, echo_backend[1])
     taken = socket.create_server(("127.0.0.1", 0))
     try:
         server.port = int(server.wait_for(r"serving TLS 1\.3 on [\d.]+:(\d+)").group(1))
@@ -453,14 +461,7 @@ def test_the_program_before_the_typed_document_upgrades_to_this_one_and_is_rolle
     from tests.test_upgrade import failing_program, flowing_streamer
 
     old = _v1_program(tmp_path, DICT_COMMIT)
-    log_path, ctl = tmp_path / "serve.log", tmp_path / "ctl.sock"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"IRONSOCKET_RUN_DIR": str(tmp_path)}
-    server = Server.__new__(Server)  # test_upgrade's helpers on a process started here
-    server.log_path, server.control, server.log = log_path, ctl, log_path.open("w")
-    server.proc = subprocess.Popen(
-        [sys.executable, "-m", "ironsocket", "serve", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{echo_backend[1]}",
-         "--cert", str(CERTS / "ecdsa-p256.pem"), "--key", str(CERTS / "ecdsa-p256.key"), "--control-socket", str(ctl)],
-        stdin=subprocess.DEVNULL, stdout=server.log, stderr=subprocess.STDOUT, env=env, cwd=old)
+    server = _serve_from(old, tmp_path, echo_backend[1])
     try:
         server.port = int(server.wait_for(r"serving TLS 1\.3 on [\d.]+:(\d+)").group(1))
         pid = server.proc.pid
