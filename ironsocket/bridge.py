@@ -192,10 +192,20 @@ class _Bridge:
             engine.resume()
         resumed_at = time.monotonic()
         self.sock.settimeout(TIMEOUT)  # once a request has begun, all of it comes at once
+        try:
+            return self._serve(resumed_at)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not drop what the loops relay
+            log.exception("upgrade bridge (pid %d): the hand-over failed", os.getpid())
+            return self._orphaned(exc)
+
+    def _serve(self, resumed_at: float) -> int:
+        """Answer the new program's requests until it says done (or is gone)."""
         first = True
+        poller = select.poll()  # not select(): the socket pair's fd is above 1024 with many connections
+        poller.register(self.sock.fileno(), select.POLLIN)
         while True:
             # The new program asks when it is ready: seconds here, minutes under emulation.
-            if not select.select([self.sock], [], [], 1.0)[0]:
+            if not poller.poll(1000):
                 continue
             try:
                 request, fds = recv_frame(self.sock)

@@ -243,10 +243,14 @@ class ControlServer:
     def _accept_loop(self) -> None:
         import select
 
+        poller = select.poll()  # not select(): after an upgrade our fd may be above 1024
+        poller.register(self._sock.fileno(), select.POLLIN)
         while not self._stop.is_set():
             try:
-                ready, _, _ = select.select([self._sock], [], [], 0.2)
+                ready = poller.poll(200)
             except (OSError, ValueError):
+                return  # closed under us
+            if any(mask & (select.POLLNVAL | select.POLLERR) for _, mask in ready):
                 return  # closed under us
             if not ready:
                 continue
