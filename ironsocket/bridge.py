@@ -56,7 +56,7 @@ from .handover import BridgeEntry, ConnectionEntry, StateError, connection_entry
 
 log = logging.getLogger("ironsocket.upgrade")
 
-BATCH_FDS = 64  # fds per hand-over message (a batch's connections wait for the batch; SCM_MAX_FD is 253)
+BATCH_FDS = 16  # fds per hand-over message: 8 userspace connections (a batch waits for all of it: docs/design.md "Pause length")
 TIMEOUT = 30.0  # one request and its answer, each way
 _HEADER = struct.Struct("!I")
 _MAX_FRAME = 256 << 20
