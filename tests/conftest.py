@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import re
 import subprocess
 import sys
@@ -160,3 +161,13 @@ def start_proxy(request: pytest.FixtureRequest) -> Iterator[Callable[..., ProxyP
     finally:
         for p in started:
             p.stop()
+
+
+@pytest.fixture
+def nofile_hard() -> Iterator[int]:
+    """The fd soft limit raised to the hard one for this test (and the servers it starts, which
+    inherit it): the VM's shell starts with 1,024. Yields the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    yield hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
