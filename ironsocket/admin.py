@@ -44,7 +44,7 @@ from . import backend as backend_mod
 from . import ktls
 from .connection import ConnectionInfo, describe
 from .counters import PROCESS
-from .relay import RecordMode
+from .relay import Direction, RecordMode
 
 log = logging.getLogger("ironsocket.admin")
 announce = logging.getLogger("ironsocket")  # the start-up line tests and operators grep for
@@ -89,8 +89,8 @@ def _listener_name(server) -> str:
 def connection_json(info: ConnectionInfo, now: float) -> dict[str, Any]:
     stats = info.relay.stats if info.relay is not None else None
     return describe(info) | {
-        "bytes_in": stats.bytes_from_client if stats is not None else 0,
-        "bytes_out": stats.bytes_to_client if stats is not None else 0,
+        "bytes_c2b": stats.bytes_c2b if stats is not None else 0,
+        "bytes_b2c": stats.bytes_b2c if stats is not None else 0,
         "age": round(now - info.started, 3),
     }
 
@@ -205,16 +205,16 @@ def metrics_text(servers: Sequence, tls_stat: Callable[[], dict[str, int]] = ktl
         for info in infos:
             stats = info.relay.stats if info.relay is not None else None
             if stats is not None and not info.closed:
-                live_in += stats.bytes_from_client
-                live_out += stats.bytes_to_client
+                live_in += stats.bytes_c2b
+                live_out += stats.bytes_b2c
         by_mode = {"handshake": 0} | {mode.value: 0 for mode in RecordMode}
         for info in infos:
             by_mode[info.mode.value if info.mode is not None else "handshake"] += 1
         conns += [({"listener": listener, "mode": mode}, n) for mode, n in by_mode.items()]
         ktls_sessions += [({"listener": listener, "mode": mode.value.removeprefix("ktls-")}, by_mode[mode.value])
                           for mode in RecordMode if mode is not RecordMode.USERSPACE]
-        bytes_total += [({"listener": listener, "direction": "in"}, closed[0] + live_in),
-                        ({"listener": listener, "direction": "out"}, closed[1] + live_out)]
+        bytes_total += [({"listener": listener, "direction": Direction.CLIENT_TO_BACKEND.value}, closed[0] + live_in),
+                        ({"listener": listener, "direction": Direction.BACKEND_TO_CLIENT.value}, closed[1] + live_out)]
         handshakes.append(({"listener": listener}, server.handshakes_ok))
         for alert, n in sorted(getattr(server, "handshake_failures", {}).items()):
             failures.append(({"listener": listener, "alert": alert}, n))
@@ -229,7 +229,7 @@ def metrics_text(servers: Sequence, tls_stat: Callable[[], dict[str, int]] = ktl
     m.family("ironsocket_listeners", "gauge", "Listeners served by this process.", [({}, len(servers))])
     m.family("ironsocket_connections", "gauge", "Live connections by record layer (handshake: not yet relaying).", conns)
     m.family("ironsocket_bytes_total", "counter",
-             "Plaintext bytes relayed: in = from clients to backends, out = from backends to clients.", bytes_total)
+             "Plaintext bytes relayed by direction: c2b = client to backend, b2c = backend to client.", bytes_total)
     m.family("ironsocket_handshakes_total", "counter", "Completed TLS handshakes.", handshakes)
     m.family("ironsocket_handshake_failures_total", "counter",
              "Failed TLS handshakes by the alert sent (received_X: the client's alert; none: timeout/EOF).", failures)

@@ -249,8 +249,8 @@ class ConnectionEntry:
     group: str | None  # the key exchange group's name (tls13.constants.Group)
     mode: RecordMode
     started: float  # Unix time
-    bytes_from_client: int
-    bytes_to_client: int
+    bytes_c2b: int
+    bytes_b2c: int
     c2b: PumpEntry
     b2c: PumpEntry
     tx: TrafficKeys  # ours: the server's application traffic keys, next rec_seq
@@ -289,7 +289,7 @@ class ConnectionEntry:
             "id": self.id, "client_fd": self.client_fd, "backend_fd": self.backend_fd,
             "client": list(self.client), "backend": list(self.backend or ()), "sni": self.sni, "alpn": self.alpn,
             "suite": self.suite.name, "group": self.group, "mode": self.mode.value, "started": self.started,
-            "bytes_from_client": self.bytes_from_client, "bytes_to_client": self.bytes_to_client,
+            "bytes_from_client": self.bytes_c2b, "bytes_to_client": self.bytes_b2c,  # wire keys since version 1
             "c2b": self.c2b.to_dict(), "b2c": self.b2c.to_dict(), "tx": _keys_to(self.tx), "rx": _keys_to(self.rx),
         }
         if self.userspace is not None:
@@ -321,8 +321,8 @@ class ConnectionEntry:
             id=conn_id, client_fd=o.typed("client_fd", int), backend_fd=o.typed("backend_fd", int),
             client=tuple(o.typed("client", list)), backend=tuple(backend) if backend else None,
             sni=o.optional("sni", str), alpn=o.optional("alpn", str), suite=suite, group=o.optional("group", str),
-            mode=mode, started=o.typed("started", float), bytes_from_client=o.typed("bytes_from_client", int),
-            bytes_to_client=o.typed("bytes_to_client", int), c2b=PumpEntry.from_obj(o.obj("c2b")),
+            mode=mode, started=o.typed("started", float), bytes_c2b=o.typed("bytes_from_client", int),
+            bytes_b2c=o.typed("bytes_to_client", int), c2b=PumpEntry.from_obj(o.obj("c2b")),
             b2c=PumpEntry.from_obj(o.obj("b2c")), tx=_keys_from(o.obj("tx")), rx=_keys_from(o.obj("rx")),
             userspace=UserspaceEntry.from_obj(o.obj("userspace")) if o.raw("userspace", None) is not None else None,
             ktls=KtlsEntry.from_obj(o.obj("ktls")) if o.raw("ktls", None) is not None else None)
@@ -348,8 +348,8 @@ def connection_entry(info: ConnectionInfo) -> ConnectionEntry:
         id=info.conn_id, client_fd=channel.sock.fileno(), backend_fd=relay.backend.fileno(),
         client=tuple(info.client_addr), backend=tuple(info.backend_addr) if info.backend_addr else None,
         sni=info.server_name, alpn=info.alpn_protocol, suite=channel.cipher_suite, group=info.group,
-        mode=channel.mode, started=relay.stats.started, bytes_from_client=relay.stats.bytes_from_client,
-        bytes_to_client=relay.stats.bytes_to_client, c2b=PumpEntry.of(relay.c2b), b2c=PumpEntry.of(relay.b2c),
+        mode=channel.mode, started=relay.stats.started, bytes_c2b=relay.stats.bytes_c2b,
+        bytes_b2c=relay.stats.bytes_b2c, c2b=PumpEntry.of(relay.c2b), b2c=PumpEntry.of(relay.b2c),
         tx=write, rx=read, userspace=userspace, ktls=ktls)
 
 

@@ -434,8 +434,8 @@ _PIPES = PipePool(PIPE_POOL_KEEP)
 # -- the relay ------------------------------------------------------------------------------------
 @dataclass
 class RelayStats:
-    bytes_from_client: int = 0
-    bytes_to_client: int = 0
+    bytes_c2b: int = 0
+    bytes_b2c: int = 0
     started: float = field(default_factory=time.time)
     last_activity: float = field(default_factory=time.monotonic)
     close_reason: str = ""
@@ -642,9 +642,9 @@ class Pump:
     def _moved(self, n: int) -> None:
         stats = self.relay.stats
         if self.direction is Direction.CLIENT_TO_BACKEND:
-            stats.bytes_from_client += n
+            stats.bytes_c2b += n
         else:
-            stats.bytes_to_client += n
+            stats.bytes_b2c += n
         stats.last_activity = time.monotonic()
 
     def _client_eof(self) -> bool:

@@ -658,14 +658,14 @@ class ProxyServer:
     def _log_close(self, info: ConnectionInfo, relay: Relay) -> None:
         s = relay.stats
         with self._lock:  # admin /metrics: bytes of closed connections (live ones are summed apart)
-            self.bytes_closed[0] += s.bytes_from_client
-            self.bytes_closed[1] += s.bytes_to_client
+            self.bytes_closed[0] += s.bytes_c2b
+            self.bytes_closed[1] += s.bytes_b2c
             info.closed = True
         # The access-log line: one per connection that reached the relay, in the chosen format.
         log.info("close", extra=fields(
             conn=info.ref, pid=os.getpid(), listener=self.listener_name, route=info.route,
             client=info.client_addr, sni=info.server_name, backend=info.backend_addr,
-            bytes_in=s.bytes_from_client, bytes_out=s.bytes_to_client,
+            bytes_c2b=s.bytes_c2b, bytes_b2c=s.bytes_b2c,
             duration=round(time.time() - s.started, 3), reason=s.close_reason))
 
     def connection_for_backend_peer(self, addr: tuple[str, int]) -> ConnectionInfo | None:

@@ -189,7 +189,7 @@ def _restore_connection(conn: ConnectionEntry, client: socket.socket, backend: s
                           server_name=conn.sni, alpn_protocol=conn.alpn, cipher_suite=suite.name,
                           group=conn.group, mode=conn.mode,
                           backend_addr=tuple(conn.backend) if conn.backend else None)
-    stats = RelayStats(bytes_from_client=conn.bytes_from_client, bytes_to_client=conn.bytes_to_client,
+    stats = RelayStats(bytes_c2b=conn.bytes_c2b, bytes_b2c=conn.bytes_b2c,
                        started=conn.started)
     relay = Relay(conn.id, channel, backend, engine=engine, idle_timeout=idle_timeout,
                   c2b=conn.c2b.state(), b2c=conn.b2c.state(), stats=stats)

@@ -102,7 +102,7 @@ def test_healthz_connections_metrics(proxy_with_admin) -> None:
         while True:
             _, ctype, body = get(base + "connections")
             conns = json.loads(body)
-            if conns and conns[0]["bytes_in"] >= 5000 and conns[0]["bytes_out"] >= 5000:
+            if conns and conns[0]["bytes_c2b"] >= 5000 and conns[0]["bytes_b2c"] >= 5000:
                 break
             assert time.monotonic() < deadline, body
             time.sleep(0.05)
@@ -120,8 +120,8 @@ def test_healthz_connections_metrics(proxy_with_admin) -> None:
         assert pick(m, "ironsocket_handshake_failures_total", alert="protocol_version") == 1
         assert pick(m, "ironsocket_connections", mode=c["mode"]) == 1
         assert pick(m, "ironsocket_connections") == 1
-        assert pick(m, "ironsocket_bytes_total", direction="in") == 5000
-        assert pick(m, "ironsocket_bytes_total", direction="out") == 5000
+        assert pick(m, "ironsocket_bytes_total", direction="c2b") == 5000
+        assert pick(m, "ironsocket_bytes_total", direction="b2c") == 5000
         ktls_live = pick(m, "ironsocket_ktls_sessions")
         assert ktls_live == (0 if c["mode"] == "userspace" else 1)
         kernel = [k for k in m if k[0] in ("ironsocket_kernel_tls_total", "ironsocket_kernel_tls_current")]
@@ -151,7 +151,7 @@ def test_healthz_connections_metrics(proxy_with_admin) -> None:
         time.sleep(0.05)
     m = metrics(base)
     assert pick(m, "ironsocket_connections") == 0
-    assert pick(m, "ironsocket_bytes_total", direction="in") == 5000
+    assert pick(m, "ironsocket_bytes_total", direction="c2b") == 5000
     with pytest.raises(urllib.error.HTTPError) as nf:
         get(base + "nope")
     assert nf.value.code == 404

@@ -25,4 +25,4 @@ def test_admin_view_is_the_description_plus_its_counters() -> None:
     """One set of names: the admin /connections view (and inspect-keys) start from `describe`."""
     info = ConnectionInfo(conn_id=3, client_addr=("127.0.0.1", 1), started=100.0)
     view = connection_json(info, now=101.5)
-    assert view == describe(info) | {"bytes_in": 0, "bytes_out": 0, "age": 1.5}
+    assert view == describe(info) | {"bytes_c2b": 0, "bytes_b2c": 0, "age": 1.5}

@@ -37,7 +37,7 @@ def userspace_conn(conn_id: int = 1, fds: tuple[int, int] = (10, 11)) -> Connect
     return ConnectionEntry(
         id=conn_id, client_fd=fds[0], backend_fd=fds[1], client=("127.0.0.1", 5000), backend=("127.0.0.1", 8080),
         sni="localhost", alpn="h2", suite=CipherSuite.TLS_AES_128_GCM_SHA256, group="X25519",
-        mode=RecordMode.USERSPACE, started=1700000000.5, bytes_from_client=12, bytes_to_client=34,
+        mode=RecordMode.USERSPACE, started=1700000000.5, bytes_c2b=12, bytes_b2c=34,
         c2b=PumpEntry(pending=b"half"), b2c=PumpEntry(done=True), tx=keys(3), rx=keys(4),
         userspace=UserspaceEntry(unprocessed=b"\x17\x03", plaintext=b"hi", out=b"", record_size_limit=None,
                                  read_closed=False, write_closed=True))
@@ -47,7 +47,7 @@ def ktls_conn(conn_id: int = 2, fds: tuple[int, ...] = (12, 13, 14, 15)) -> Conn
     return ConnectionEntry(
         id=conn_id, client_fd=fds[0], backend_fd=fds[1], client=("::1", 5001, 0, 0), backend=None,
         sni=None, alpn=None, suite=CipherSuite.TLS_CHACHA20_POLY1305_SHA256, group=None,
-        mode=RecordMode.KTLS_SW, started=1700000001.0, bytes_from_client=0, bytes_to_client=7,
+        mode=RecordMode.KTLS_SW, started=1700000001.0, bytes_c2b=0, bytes_b2c=7,
         c2b=PumpEntry(pipe=(fds[2], fds[3])), b2c=PumpEntry(), tx=keys(0), rx=keys(1),
         ktls=KtlsEntry(write_closed=False, tx_update_owed=True))
 

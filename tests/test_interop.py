@@ -368,7 +368,7 @@ def test_s_client_suite_and_group(start_proxy, suite: str, group: str) -> None:
     assert echoed_after_session_block(run) == data  # byte-exact, nothing extra
     proxy.wait_for_line(rf"conn=\d+ open .* sni=localhost .*suite={suite} group={GROUPS[group][1]} mode=userspace")
     # s_client sent close_notify when its stdin closed: the proxy saw an orderly close.
-    proxy.wait_for_line(rf"conn=\d+ close .*bytes_in={len(data)} bytes_out={len(data)} .*reason=closed by both sides")
+    proxy.wait_for_line(rf"conn=\d+ close .*bytes_c2b={len(data)} bytes_b2c={len(data)} .*reason=closed by both sides")
 
 
 # =============================================================================================
@@ -464,7 +464,7 @@ def test_gnutls_cli_echo(start_proxy) -> None:
     tail = run.stdout.partition(b"- Simple Client Mode:\n\n")[2]
     assert tail.startswith(data), run.describe()
     assert tail[len(data):] in (b"", b"- Peer has closed the GnuTLS connection\n"), run.describe()
-    proxy.wait_for_line(rf"conn=\d+ close .*bytes_in={len(data)} bytes_out={len(data)} .*reason=closed by both sides")
+    proxy.wait_for_line(rf"conn=\d+ close .*bytes_c2b={len(data)} bytes_b2c={len(data)} .*reason=closed by both sides")
 
 
 # =============================================================================================
@@ -488,7 +488,7 @@ def test_cpython_ssl_1mib_and_close_notify_both_ways(start_proxy) -> None:
         plain = tls.unwrap()
         plain.settimeout(TIMEOUT)
         assert plain.recv(1) == b""  # and then the TCP FIN: nothing after close_notify
-    proxy.wait_for_line(rf"conn=\d+ close .*bytes_in={1 << 20} bytes_out={1 << 20} .*reason=closed by both sides")
+    proxy.wait_for_line(rf"conn=\d+ close .*bytes_c2b={1 << 20} bytes_b2c={1 << 20} .*reason=closed by both sides")
 
 
 def test_half_close_server_keeps_sending_after_client_close_notify(start_proxy, echo_backend) -> None:
@@ -848,7 +848,7 @@ def test_client_data_pipelined_with_finished_is_relayed_once(start_proxy) -> Non
         got += client.read(lambda b: False)  # everything else until the server's close_notify
         assert client.server_closed
     assert got == data
-    proxy.wait_for_line(rf"conn=\d+ close .*bytes_in={len(data)} bytes_out={len(data)} ")
+    proxy.wait_for_line(rf"conn=\d+ close .*bytes_c2b={len(data)} bytes_b2c={len(data)} ")
 
 
 def test_client_data_and_close_notify_pipelined_with_finished(start_proxy) -> None:
@@ -864,7 +864,7 @@ def test_client_data_and_close_notify_pipelined_with_finished(start_proxy) -> No
         got = client.read(lambda b: False)
         assert client.server_closed, f"no close_notify from the server; got {got!r}"
     assert got == data
-    proxy.wait_for_line(rf"conn=\d+ close .*bytes_in={len(data)} bytes_out={len(data)} .*reason=closed by both sides")
+    proxy.wait_for_line(rf"conn=\d+ close .*bytes_c2b={len(data)} bytes_b2c={len(data)} .*reason=closed by both sides")
 
 
 @pytest.mark.parametrize("how", ["rst", "fin"])

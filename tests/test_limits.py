@@ -187,7 +187,7 @@ def test_one_way_client_traffic_keeps_the_connection(record_mode, thread_backend
         client.send(b"x" * 100)
         time.sleep(0.2)
     assert info.conn_id in server.connections and not info.relay.stats.close_reason
-    assert info.relay.stats.bytes_from_client > 0 and info.relay.stats.bytes_to_client == 0
+    assert info.relay.stats.bytes_c2b > 0 and info.relay.stats.bytes_b2c == 0
     start = time.monotonic()
     assert client.recv_until_close() == (b"", True)  # now idle: closed after ~1 s
     assert time.monotonic() - start <= 3.0
@@ -206,7 +206,7 @@ def test_one_way_backend_traffic_keeps_the_connection(record_mode, thread_backen
     client = RecordClient(server.address)
     client.handshake()
     assert client.recv_exact(5 * 15) == b"tick\n" * 15
-    assert only_connection(server).relay.stats.bytes_from_client == 0
+    assert only_connection(server).relay.stats.bytes_c2b == 0
     data, clean = client.recv_until_close()
     assert (data, clean) == (b"", True)
     client.close()

@@ -180,7 +180,7 @@ def test_every_line_of_a_real_run_parses(fmt: str, tmp_path: Path, echo_backend:
     listener = f"127.0.0.1:{run['port']}"
     if fmt == "text":
         closes = [re.search(r"conn=(\d+) close pid=(\d+) listener=(\S+) route=(\S+) client=(\S+) sni=(\S+) "
-                            r"backend=(\S+) bytes_in=(\d+) bytes_out=(\d+) duration=([\d.]+) reason=(.+)$", line)
+                            r"backend=(\S+) bytes_c2b=(\d+) bytes_b2c=(\d+) duration=([\d.]+) reason=(.+)$", line)
                   for line in lines if re.search(r"conn=\d+ close ", line)]
         assert len(closes) == 2 and all(closes), lines
         seen = {}
@@ -202,10 +202,10 @@ def test_every_line_of_a_real_run_parses(fmt: str, tmp_path: Path, echo_backend:
         assert (str(r["pid"]), r["listener"], r["route"], r["sni"], r["backend"]) == \
                (str(run["pid"]), listener, "listener", "localhost", backend), r
         assert float(r["duration"]) >= 0 and r["reason"], r
-        seen[r["client"]] = (int(r["bytes_in"]), int(r["bytes_out"]))
+        seen[r["client"]] = (int(r["bytes_c2b"]), int(r["bytes_b2c"]))
     assert seen == {f"{h}:{p}": (n, n) for (h, p), n in run["clients"].items()}
     if fmt == "json":  # numbers are numbers
-        assert all(isinstance(r["bytes_in"], int) and isinstance(r["conn"], int) for r in closes)
+        assert all(isinstance(r["bytes_c2b"], int) and isinstance(r["conn"], int) for r in closes)
     [plain] = [r for r in recs if r["msg"] == "handshake failed"]
     assert plain["reason"] == "plain HTTP request on the TLS port", plain
     assert all(str(r["pid"]) == str(run["pid"]) for r in recs)
@@ -229,7 +229,7 @@ def test_config_log_format_key(tmp_path: Path, echo_backend: tuple[str, int]) ->
     assert len(closes) == 2, lines
     backend = f"{echo_backend[0]}:{echo_backend[1]}"
     assert all((r["listener"], r["route"], r["backend"]) == ("edge", "localhost", backend) for r in closes), closes
-    assert sorted(r["bytes_in"] for r in closes) == [1234, 70_000]
+    assert sorted(r["bytes_c2b"] for r in closes) == [1234, 70_000]
 
 
 def test_bad_log_format_flag_is_refused_with_the_choices() -> None:
@@ -320,7 +320,7 @@ def test_access_line_of_a_connection_carried_over_an_upgrade(tmp_path: Path, ech
     recs = records("logfmt", server.text().splitlines())
     assert {r["pid"] for r in recs} == {str(server.proc.pid)}
     [close] = [r for r in recs if r["msg"] == "close"]
-    assert (close["client"], close["bytes_in"], close["bytes_out"], close["route"], close["sni"]) == \
+    assert (close["client"], close["bytes_c2b"], close["bytes_b2c"], close["route"], close["sni"]) == \
            (me, "7000", "7000", "listener", "localhost"), close
     assert sum(r["msg"].startswith("serving TLS 1.3 on") for r in recs) == 2  # one per program image
 

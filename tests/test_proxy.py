@@ -318,9 +318,9 @@ def test_app_data_in_the_same_segment_as_finished(record_mode, echo_backend, mak
 
 
 def only_connection_with_data(server: ProxyServer):
-    wait_until(lambda: any(i.relay is not None and i.relay.stats.bytes_from_client for i in server.connections.values()),
+    wait_until(lambda: any(i.relay is not None and i.relay.stats.bytes_c2b for i in server.connections.values()),
                what="a relayed connection with data")
-    return next(i for i in server.connections.values() if i.relay is not None and i.relay.stats.bytes_from_client)
+    return next(i for i in server.connections.values() if i.relay is not None and i.relay.stats.bytes_c2b)
 
 
 def test_client_fatal_alert_closes_both_sides(record_mode, echo_backend, make_proxy, caplog) -> None:
