@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import ssl
 import sys
 import tempfile
@@ -131,3 +132,92 @@ def assert_refused(started: bool, output: str, *needles: str) -> None:
     assert line.startswith("ironsocket: error: "), line
     for needle in needles:
         assert needle in line, line
+
+
+class RecordClient:
+    """CPython ssl over MemoryBIOs on a plain socket, counting records each way after the
+    handshake (one `send` of <= 16 KiB is exactly one record with OpenSSL)."""
+
+    def __init__(self, address: tuple[str, int], timeout: float = 20.0) -> None:
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = client_context().wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        self.records_sent = 0
+        self.records_received = 0
+        self._raw = bytearray()
+        self.handshake_done = False
+
+    def handshake(self, *, hold_finished: bool = False) -> bytes:
+        """Run the handshake; with ``hold_finished`` return the client's last flight unsent."""
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.outgoing.read())
+                data = self.sock.recv(65536)
+                if not data:
+                    raise ConnectionError("server closed during the handshake")
+                self.incoming.write(data)
+        self.handshake_done = True
+        flight = self.outgoing.read()
+        if hold_finished:
+            return flight
+        self.sock.sendall(flight)
+        return b""
+
+    def send(self, data: bytes, *, extra_prefix: bytes = b"") -> None:
+        for i in range(0, len(data), 16384):
+            self.tls.write(data[i : i + 16384])
+            self.records_sent += 1
+        self.sock.sendall(extra_prefix + self.outgoing.read())
+
+    def _pump(self) -> bool:
+        data = self.sock.recv(65536)
+        if not data:
+            return False
+        self._raw += data
+        while len(self._raw) >= 5:
+            total = 5 + int.from_bytes(self._raw[3:5], "big")
+            if len(self._raw) < total:
+                break
+            self.records_received += 1
+            self.incoming.write(bytes(self._raw[:total]))
+            del self._raw[:total]
+        return True
+
+    def recv_exact(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            try:
+                out += self.tls.read(n - len(out))
+            except ssl.SSLWantReadError:
+                if not self._pump():
+                    raise ConnectionError(f"EOF after {len(out)} of {n} bytes") from None
+        return bytes(out)
+
+    def recv_until_close(self) -> tuple[bytes, bool]:
+        """Read until the server's close_notify (True) or a bare EOF (False)."""
+        out = bytearray()
+        while True:
+            try:
+                chunk = self.tls.read(65536)
+                if not chunk:
+                    return bytes(out), True
+                out += chunk
+            except ssl.SSLZeroReturnError:
+                return bytes(out), True
+            except ssl.SSLWantReadError:
+                if not self._pump():
+                    return bytes(out), False
+
+    def close_notify(self) -> None:
+        try:
+            self.tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        self.sock.sendall(self.outgoing.read())
+        self.records_sent += 1
+
+    def close(self) -> None:
+        self.sock.close()

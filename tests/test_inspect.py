@@ -36,7 +36,8 @@ from ironsocket.relay import RecordMode
 from ironsocket.tls13.constants import CipherSuite
 from ironsocket.tls13.keyschedule import derive_traffic_keys
 from tests.helpers import ROOT
-from tests.test_proxy import RecordClient, record_mode, wait_until  # noqa: F401 - fixture
+from tests.helpers import RecordClient
+from tests.test_proxy import record_mode, wait_until  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.ktls
 
