@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import array
 import collections
+import dataclasses
+import gc
 import json
 import logging
 import os
@@ -50,6 +52,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .handover import BridgeEntry, ConnectionEntry, StateError, connection_entry
@@ -186,6 +189,7 @@ class _Bridge:
             signal.signal(sig, signal.SIG_IGN)  # an upgrade or reload is the new program's
         for sig in (signal.SIGTERM, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_DFL)
+        gc.disable()  # a collection here would stall every connection the bridge moves (heap.py)
         for engine in self.engines:
             engine.after_fork()
         for engine in self.engines:
@@ -225,6 +229,7 @@ class _Bridge:
         max_fds = max(6, min(max_fds, BATCH_FDS))
         chosen: list[tuple[Any, Any, int]] = []
         count = 0
+        asked_at = time.monotonic()
         if not all(engine.pause(5.0) for engine in self.engines):
             for engine in self.engines:
                 engine.resume()
@@ -247,11 +252,15 @@ class _Bridge:
         finally:
             for engine in self.engines:
                 engine.resume()
+        released_at = time.monotonic()
         entries = [(listener, connection_entry(info)) for info, _, listener in chosen]
         docs = [_batch_item(listener, entry) for listener, entry in entries]
         fds = [fd for _, entry in entries for fd in entry.fds]
         left = len(self.live)  # some may have ended meanwhile: the next answer skips them
-        message: dict[str, Any] = {"connections": docs, "left": left, "paused_at": paused_at}
+        # The bridge's part of the batch's wait (monotonic; the new program's clock is the same):
+        # parking the loops (asked → paused), releasing the batch, describing it (→ sent_at).
+        message: dict[str, Any] = {"connections": docs, "left": left, "paused_at": paused_at, "asked_at": asked_at,
+                                   "released_at": released_at, "sent_at": time.monotonic()}
         if resumed_at is not None:
             message["resumed_at"] = resumed_at
         if not docs and not left:
@@ -275,6 +284,33 @@ class _Bridge:
 
 
 # -- the new program's side -----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class BatchTimes:
+    """One batch's timeline (monotonic seconds; both processes read the same clock): its
+    connections wait from ``paused_at`` (the bridge's loops parked) to ``done_at`` (the last
+    one started here)."""
+
+    paused_at: float
+    released_at: float  # the bridge's loops run again (the batch is out of them)
+    sent_at: float  # described and sent
+    received_at: float  # here
+    done_at: float = 0.0  # rebuilt and started here
+
+    def describe(self) -> str:
+        parts = (("release", self.released_at - self.paused_at), ("describe", self.sent_at - self.released_at),
+                 ("transit", self.received_at - self.sent_at), ("rebuild", self.done_at - self.received_at))
+        return ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in parts)
+
+
+def _collections() -> int:
+    return sum(generation["collections"] for generation in gc.get_stats())
+
+
+def _float(reply: dict[str, Any], key: str, default: float) -> float:
+    value = reply.get(key, default)  # an older bridge sends paused_at only
+    return float(value) if isinstance(value, (int, float)) else default
+
+
 class BridgeClient:
     """The new program's end: `take` batches until `drained`, then `finish`."""
 
@@ -286,6 +322,7 @@ class BridgeClient:
         self.resumed_at: float | None = None  # when the bridge's loops ran again (monotonic)
         self.closed_bytes = [0, 0]
         self.longest_wait: float | None = None  # after `drain`: the longest a connection waited (s)
+        self.last_batch: BatchTimes | None = None  # the timeline of the last batch `take` received
 
     def take(self, max_fds: int = BATCH_FDS) -> tuple[list[tuple[int, ConnectionEntry]], float]:
         """One batch: (listener index, entry naming our fds) of each connection, and when the
@@ -295,6 +332,7 @@ class BridgeClient:
         try:
             send_frame(self.sock, {"op": "take", "max_fds": max_fds})
             reply, fds = recv_frame(self.sock)
+            received_at = time.monotonic()
         except (OSError, ValueError) as exc:
             raise BridgeError(f"the upgrade bridge (pid {self.pid}) did not answer: {exc}") from None
         try:
@@ -321,7 +359,10 @@ class BridgeClient:
         if not docs and not reply.get("left"):
             self.drained = True
             self.closed_bytes = list(reply.get("closed_bytes", [0, 0]))
-        return out, float(reply["paused_at"])
+        paused_at = float(reply["paused_at"])
+        self.last_batch = BatchTimes(paused_at=paused_at, released_at=_float(reply, "released_at", paused_at),
+                                     sent_at=_float(reply, "sent_at", paused_at), received_at=received_at)
+        return out, paused_at
 
     def finish(self, timeout: float = 5.0) -> None:
         """Tell the bridge to exit, and reap it (it is our child: we are the process that forked it)."""
@@ -357,6 +398,8 @@ class BridgeClient:
         fork's own pause counts too). Then tells the bridge to exit. If the bridge is gone, what
         it held is lost: said once, at critical, and the rest of the start-up goes on."""
         worst, batches, carried = 0.0, 0, 0
+        worst_batch: BatchTimes | None = None
+        collections = _collections()
         began = time.monotonic()
         while not self.drained:
             try:
@@ -368,15 +411,19 @@ class BridgeClient:
             for listener, conn in batch:
                 take(listener, conn)
                 carried += 1
-            worst = max(worst, time.monotonic() - batch_paused)
+            done_at = time.monotonic()
+            waited = done_at - batch_paused
+            if batch and waited > worst and self.last_batch is not None:
+                worst, worst_batch = waited, dataclasses.replace(self.last_batch, done_at=done_at)
             batches += bool(batch)
         fork_pause = None
         if self.resumed_at is not None and paused_at is not None:
             fork_pause = self.resumed_at - paused_at
         self.longest_wait = max(worst, fork_pause or 0.0)
-        log.info("upgrade: %d connections taken from the bridge (pid %d) in %d batches over %.1f ms; longest "
-                 "wait for a batch %.1f ms, for the fork %s", carried, self.pid, batches,
-                 (time.monotonic() - began) * 1000, worst * 1000,
+        log.info("upgrade: %d connections taken from the bridge (pid %d) in %d batches over %.1f ms, %d garbage "
+                 "collections meanwhile; longest wait for a batch %.1f ms%s, for the fork %s", carried, self.pid, batches,
+                 (time.monotonic() - began) * 1000, _collections() - collections, worst * 1000,
+                 f" ({worst_batch.describe()})" if worst_batch else "",
                  "-" if fork_pause is None else f"{fork_pause * 1000:.1f} ms")
         self.finish()
 

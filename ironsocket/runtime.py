@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import handover, logs, sdnotify, upgrade
+from . import handover, heap, logs, sdnotify, upgrade
 from .counters import PROCESS
 from .handover import Document, ListenerView, Sockets
 from .server import ProxyConfig, ProxyServer
@@ -352,6 +352,8 @@ class Runtime:
             self.control = ControlServer(self.control_socket, handlers)
 
     def _start_relay(self, doc: Document | None) -> None:
+        if not any(server.connections for server in self.servers):  # none adopted: ours is all loaded
+            heap.settle()
         for server in self.servers:
             server.start()  # from here bytes move: the adopted pumps and the accept loops run
         if self.bridge is not None:  # the previous program's fork relayed them until now
@@ -365,7 +367,8 @@ class Runtime:
                                               f"{listener}, which no listener here took over")
                 server.take_carried(conn)
 
-            self.bridge.drain(take, doc.paused_at_monotonic)
+            with heap.no_collection():  # a full collection inside a batch was most of its wait
+                self.bridge.drain(take, doc.paused_at_monotonic)
 
     def _start_confirm(self, doc: Document | None) -> None:
         global _restored
