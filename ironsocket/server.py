@@ -213,6 +213,7 @@ class ProxyServer:
         self._handshake_cond = threading.Condition(self._lock)
         self._adopted: list[tuple[ConnectionInfo, Relay]] = []
         self.adopted = False  # adopt() took over a previous program's listener and connections
+        self.parked_at: float | None = None  # (monotonic) when `pause` last parked the relay loops
         self.unstarted: list[ConnectionEntry] = []  # taken from a bridge, not started (for a rollback)
         self.carried = 0  # connections carried over the exec that started this program
         self.passed_listener = False  # listening on a socket systemd passed, not on config.listen
@@ -354,6 +355,7 @@ class ProxyServer:
         if not self.engine.pause(park_deadline):
             self.resume()
             raise UpgradeError(f"the relay loops did not reach a safe point in {park_deadline:g}s")
+        self.parked_at = time.monotonic()  # from here no byte moves: the connections' pause begins
 
     def resume(self) -> None:
         self._hold_accept = False

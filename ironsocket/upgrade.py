@@ -204,6 +204,7 @@ class Listener(Protocol):
     engine: Engine
     connections: dict[int, ConnectionInfo]
     bytes_closed: list[int]
+    parked_at: float | None
 
     def pause(self, handshake_deadline: float, park_deadline: float) -> None: ...
     def resume(self) -> None: ...
@@ -249,8 +250,11 @@ def perform(servers: Sequence[Listener], target: list[str], reply: socket.socket
             servers_paused.append(server)
         if _identity(target[0]) != identity:
             raise UpgradeError(f"{target[0]} changed after its start-up check; not running it")
+        # The connections' pause begins when the first listener's loops parked (until then,
+        # while handshakes finished, bytes moved).
+        parked = min((s.parked_at for s in servers if s.parked_at is not None), default=started)
         doc = document(servers, dataclasses.replace(sockets, reply_fd=reply.fileno() if reply is not None else None),
-                       previous_exec=current_program(), paused_at=started, connections=False)
+                       previous_exec=current_program(), paused_at=parked, connections=False)
         live = [(info, relay, index) for index, server in enumerate(servers)
                 for info, relay in server.live_connections()]
         if dump_path is not None:  # a debugging aid: the connections as they are at the fork
