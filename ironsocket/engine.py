@@ -22,7 +22,9 @@ writable for the other).
 Pausing (the exec upgrade): `Engine.pause()` asks every loop to stop at the top of its next
 iteration — between steps, so every pump is at a safe point — and returns once all have; the
 loops then touch nothing until `resume()`. Nothing else is needed: no pump can be "between two
-waits" while its loop is parked.
+waits" while its loop is parked. A relay given to a loop just before the pause still waits in the
+loop's inbox (``arrive``); `release` takes it from there too, so a relay the hand-over let go of
+never runs a step after the resume.
 
 Idle timeout: each loop scans its relays a few times per ``idle_timeout`` and aborts (with
 close_notify) those with no bytes either way for that long. While paused, no timer runs.
@@ -98,6 +100,7 @@ class Loop:
         self._ready: collections.deque[Pump] = collections.deque()
         self._inbox: collections.deque[Callable[[], None]] = collections.deque()
         self.relays: set[RelayLike] = set()
+        self._arriving: set[RelayLike] = set()  # given to this loop, not yet added (in the inbox)
         self._lock = threading.Lock()
         self._resumed = threading.Condition(self._lock)
         self._pause_wanted = False
@@ -115,6 +118,18 @@ class Loop:
     def call_soon(self, fn: Callable[[], None]) -> None:
         self._inbox.append(fn)
         self._wake()
+
+    def arrive(self, relay: RelayLike) -> None:
+        """Give ``relay`` to this loop (from any thread): its pumps start at the loop's next
+        turn, unless it is released first (`release`: a pause may come between the two)."""
+        with self._lock:
+            self._arriving.add(relay)
+        self.call_soon(functools.partial(self._arrived, relay))
+
+    def holds(self, relay: RelayLike) -> bool:
+        """Whether ``relay`` is this loop's, added or still arriving."""
+        with self._lock:
+            return relay in self.relays or relay in self._arriving
 
     def _wake(self) -> None:
         try:
@@ -159,6 +174,8 @@ class Loop:
         """(while parked) Let go of ``relay`` as if it had never been added: no registration, no
         pump queued. Its fds stay open; the caller hands them on."""
         assert self.parked or not self._thread.is_alive()
+        with self._lock:
+            self._arriving.discard(relay)  # still in the inbox: it will not be added
         self.forget(relay)  # its fds: no registration, no pump waiting on them
         if self._ready:
             pumps = set(relay.pumps())
@@ -176,6 +193,13 @@ class Loop:
         self._thread.start()
 
     # -- in the loop thread ----------------------------------------------------------------------
+    def _arrived(self, relay: RelayLike) -> None:
+        with self._lock:
+            if relay not in self._arriving:
+                return  # released while it waited in the inbox (`release`)
+            self._arriving.discard(relay)
+        self.add(relay)
+
     def add(self, relay: RelayLike) -> None:
         """(loop thread) Start ``relay``'s pumps: each runs its first step soon."""
         self.relays.add(relay)
@@ -329,7 +353,7 @@ class Engine:
         loop = self.next_loop()
         if idle_timeout:
             loop.set_idle_scan(idle_timeout / 4)
-        loop.call_soon(lambda: loop.add(relay))
+        loop.arrive(relay)
         return loop
 
     def set_idle_timeout(self, idle_timeout: float | None) -> None:
@@ -355,7 +379,7 @@ class Engine:
     def release(self, relay: RelayLike) -> None:
         """(while paused) ``relay`` leaves this engine (`Loop.release`)."""
         for loop in self.loops:
-            if relay in loop.relays:
+            if loop.holds(relay):
                 loop.release(relay)
 
     def after_fork(self) -> None:

@@ -145,7 +145,7 @@ class Handshake:
         loop = engine.next_loop()
         self._loop = loop
         loop.set_idle_scan(scan)
-        loop.call_soon(lambda: loop.add(self))
+        loop.arrive(self)
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on this handshake's loop thread (`cut` from another thread)."""
