@@ -6,7 +6,9 @@
 
 For each N in --connections: starts `tests/echo_backend.py` and a real
 `python -m ironsocket serve ... --control-socket CTL` (userspace record layer on a kernel
-without kTLS), opens N TLS 1.3 connections from --clients asyncio client processes, and on every
+without kTLS; kTLS inside `tools/vm/ktls-vm run -- python tools/bench/upgrade_stall.py ...`, where
+the section is its own, "VM", and the pause is also a ratio to a bare `python -c pass` started in
+the same boot: the guest's repo is read-only, so take the printed section from the output), opens N TLS 1.3 connections from --clients asyncio client processes, and on every
 connection streams 64-byte pings continuously (send, wait for the echo, verify every byte, next;
 --interval adds think time). After --warmup seconds it triggers --upgrades upgrades one after the
 other with `python -m ironsocket upgrade --socket CTL` and records, per upgrade:
@@ -60,7 +62,9 @@ sys.path.insert(0, str(HERE))
 from _procs import kill_everything, kill_group, spawn  # noqa: E402
 CERTS = ROOT / "fixtures" / "certs"
 PING = 64
-SECTION = "upgrade-stall"
+IN_VM = os.environ.get("IRONSOCKET_IN_VM") == "1"  # set by tools/vm/ktls-vm in the guest
+PLACE = "VM" if IN_VM else "host"
+SECTION = "upgrade-stall-vm" if IN_VM else "upgrade-stall"  # one section each in docs/benchmarks.md
 BEGIN = f"<!-- bench:{SECTION} begin (written by tools/bench/upgrade_stall.py; edits inside are overwritten) -->"
 END = f"<!-- bench:{SECTION} end -->"
 
@@ -290,9 +294,10 @@ def run_one(n: int, a, tmp: Path, backend_port: int) -> dict:
     clients = None
     res: dict = {"n": n, "servers": k_servers, "upgrades": [], "baseline": [], "lost": 0, "mismatch": 0, "errors": []}
     try:
-        ports = [int(wait_log(slog, r"serving TLS 1\.3 on [\d.]+:(\d+)", srv, a.timeout).group(1))
-                 for slog, srv in zip(slogs, servers)]
-        port = ports[0]
+        serving = [wait_log(slog, r"serving TLS 1\.3 on [\d.]+:(\d+), record layer: ([\w-]+)", srv, a.timeout)
+                   for slog, srv in zip(slogs, servers)]
+        port = int(serving[0].group(1))
+        res["layer"] = serving[0].group(2)
         pids = [srv.pid for srv in servers]
         log(f"N={n}: server pid(s) {pids} on port {port}; connecting")
         t_conn = time.monotonic()
@@ -413,7 +418,10 @@ def trio(xs: list[float]) -> str:
 
 
 def render(results: list[dict], a, env: dict, command: str, load0: str, load1: str, costs: dict) -> str:
-    L = [f"### host: {env['date']}", "", f"`{command}`", "",
+    # In the VM (software emulation) absolute times say little: the pause is also given as a
+    # ratio to a bare interpreter start measured in the same boot.
+    bare = costs.get("python -c pass")
+    L = [f"### {PLACE}: {env['date']}", "", f"`{command}`", "",
          f"kernel `{env['kernel']}` · CPU {env['cpu']} · Python {env['python']} · {env['ssl']} · "
          f"load average at start / end: {load0} / {load1} (other jobs on this machine show up here)", "",
          f"Each connection: 64-byte ping, wait for the echo, verify, next"
@@ -432,11 +440,12 @@ def render(results: list[dict], a, env: dict, command: str, load0: str, load1: s
          "| connections | server threads | upgrades | upgrade command ms | quiesce ms (`paused in`) | pause ms (`resumed after`) "
          "| exec → restored ms (log) | largest client stall ms (median / max) | baseline gap ms (median / max) "
          "| longest round-trip ms, upgrade (median / max) | baseline round-trip ms (median / max) "
-         "| round-trips | lost | mismatched |",
-         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+         "| round-trips | lost | mismatched |" + (" pause ÷ `python -c pass` (median / max) | largest stall ÷ `python -c pass` |"
+                                                if bare else ""),
+         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if bare else "")]
     for r in results:
         if "error" in r:
-            L.append(f"| {r['n']} | | failed: {r['error']} | | | | | | | | | | | |")
+            L.append(f"| {r['n']} | | failed: {r['error']} | | | | | | | | | | | |" + (" | |" if bare else ""))
             continue
         gaps = [g for u in r["upgrades"] for g in u["gaps_ms"]]
         rtt = [x for u in r["upgrades"] for x in u["rtt_ms"]]
@@ -448,15 +457,21 @@ def render(results: list[dict], a, env: dict, command: str, load0: str, load1: s
 
         stall, bl = mm(gaps), mm(base)
         threads = " / ".join(str(t) for t in r.get("threads", [])) or "—"
-        label = f"{r['n']}" + (f" ({r['servers']} processes)" if r.get("servers", 1) > 1 else "")
+        label = (f"{r['n']}" + (f" ({r['servers']} processes)" if r.get("servers", 1) > 1 else "")
+                 + (f", {r['layer']}" if r.get("layer") else ""))
+        ratios = ""
+        if bare:
+            paused = r["resumed_ms"]
+            ratios = (f" {statistics.median(paused) / bare:.2f} / {max(paused) / bare:.2f} |" if paused else " — |") + \
+                     (f" {max(gaps) / bare:.2f} |" if gaps else " — |")
         L.append(f"| {label} | {threads} | {len(r['upgrades'])} | {trio([u['wall_ms'] for u in r['upgrades']])} "
                  f"| {trio(r['paused_ms'])} | {trio(r['resumed_ms'])} "
                  f"| {trio([p['exec_to_restored_ms'] for p in r['phases']])} | {stall} | {bl} "
                  f"| {mm(rtt)} | {mm(base_rtt)} "
-                 f"| {r.get('rtts', 0)} | {r['lost']} | {r['mismatch']} |")
+                 f"| {r.get('rtts', 0)} | {r['lost']} | {r['mismatch']} |" + ratios)
     L.append("")
     if costs:
-        L.append("Start-up of a fresh interpreter on the same host (median of 3, wall ms): "
+        L.append(f"Start-up of a fresh interpreter on the same {PLACE} (median of 3, wall ms): "
                  + " · ".join(f"`{k}` {v:.0f}" for k, v in costs.items()) + ".")
         L.append("")
     errs = [e for r in results for e in r.get("errors", [])]
