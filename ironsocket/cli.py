@@ -254,6 +254,10 @@ def serve(
             _fail(str(exc))
         typer.echo(check_report())
         raise typer.Exit(0)
+    from . import lifeline
+
+    if not lifeline.hold():  # a --workers worker: SIGTERM when the supervisor dies (again in every image)
+        raise typer.Exit(1)
     secrets += [(p, what, False) for p, what in ((keylog, "keylog file"), (upgrade_state_dump, "upgrade state dump"))
                 if p is not None]
     drop_to = _privileges(user, group, read_again, secrets)
@@ -301,6 +305,10 @@ def serve(
             _release_pid_file(pid_record)
             _fail(f"--user {drop_to.user}: {getattr(exc, 'strerror', None) or exc}")
         log.info("running as user %s (uid %d, gid %d)", drop_to.user, drop_to.uid, drop_to.gid)
+        if not lifeline.hold():  # the kernel cleared the parent-death signal with the credentials
+            runtime.stop()
+            _release_pid_file(pid_record)
+            raise typer.Exit(1)
     log.info("control socket %s (ironsocket inspect-keys / upgrade --pid %d)", runtime.control.path, os.getpid())
     for i, server in enumerate(runtime.servers):
         host, port = server.address
