@@ -14,6 +14,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from .connection import conn_ref
+
 Lookup = Callable[[tuple[str, int]], Any]
 
 
@@ -30,7 +32,7 @@ class _Handler(BaseHTTPRequestHandler):
             "SNI": getattr(info, "server_name", None),
             "ALPN": getattr(info, "alpn_protocol", None),
             "record layer": getattr(getattr(info, "mode", None), "value", None),
-            "connection id": getattr(info, "conn_id", None),
+            "connection id": conn_ref(info.conn_id) if info is not None else None,  # W.N in a worker
         }
         body = "<!doctype html><title>ironsocket</title><h1>ironsocket demo backend</h1><table>"
         body += "".join(

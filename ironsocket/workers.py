@@ -132,9 +132,12 @@ class _Supervisor:
     def spawn(self, i: int) -> None:
         # The worker index names its connections (``conn=<worker>.<n>``: unique per machine).
         argv = [*self.argv, "--admin", f"unix:{self.admin_sockets[i]}"] if self.admin_sockets else self.argv
+        # The demo certificate (no --cert): made once here, the same memfd for every worker.
+        from .selfsigned import shared_fds
+
         # The worker asks for SIGTERM when we die (lifeline.py); it checks our PID against its parent.
         env = self.env | {ENV_WORKER: str(i), lifeline.ENV_SUPERVISOR: str(os.getpid())}
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, pass_fds=shared_fds())
         self.workers[i] = proc
         log.info("worker %d started, pid %d", i, proc.pid)
 

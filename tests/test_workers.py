@@ -343,9 +343,65 @@ def test_bad_workers_is_one_line(value: str, message: str) -> None:
     assert result.returncode == 2 and message in one_line_error(result)
 
 
+def serve_demo(tmp: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """`serve --workers ...` in demo mode (no --cert, no --backend)."""
+    log = tmp / "serve.log"
+    env = os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(tmp)}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ironsocket", "serve", *args], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    return proc, log
+
+
 def worker_pids(text: str) -> dict[int, int]:
     """worker index -> pid, from the supervisor's "worker N started, pid P" lines (the last of each)."""
     return {int(i): int(p) for i, p in re.findall(r"worker (\d+) started, pid (\d+)", text)}
+
+
+def demo_request(port: int) -> tuple[str, str]:
+    """(sha256 of the served leaf certificate, the demo page's connection id) of one connection."""
+    import hashlib
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            der = tls.getpeercert(binary_form=True)
+            assert der
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nAccept: text/plain\r\nConnection: close\r\n\r\n")
+            page = b""
+            while chunk := tls.recv(4096):
+                page += chunk
+    found = re.search(rb"connection id: (\S+)", page)
+    assert found, page
+    return hashlib.sha256(der).hexdigest(), found.group(1).decode()
+
+
+def test_demo_workers_share_one_certificate(tmp_path: Path) -> None:
+    """Issue 13.6 with --workers: the supervisor makes the demo certificate once and passes its
+    memfd to the workers, so connections that land on different workers see the same one."""
+    port = free_port()
+    proc, log = serve_demo(tmp_path, "--workers", "2", "--listen", f"127.0.0.1:{port}")
+    try:
+        wait_until(lambda: log.read_text().count("serving TLS 1.3 on") == 2, what="two workers serving")
+        pids = worker_pids(log.read_text())
+        seen: dict[int, str] = {}  # worker pid -> fingerprint
+        for _ in range(200):  # SO_REUSEPORT spreads by hash: two workers within a few tries
+            fingerprint, conn_id = demo_request(port)
+            seen.setdefault(pids[int(conn_id.split(".")[0])], fingerprint)
+            if len(seen) == 2:
+                break
+        assert len(seen) == 2, f"every connection landed on one worker: {seen}"
+        assert len(set(seen.values())) == 1, f"workers serve different certificates: {seen}"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert "Traceback" not in log.read_text()
 
 
 def gone(pid: int) -> bool:
