@@ -7,7 +7,8 @@ An upgrade (`upgrade.perform`), a rollback (`upgrade.roll_back_live`) and the br
 that program reads it back. Both sides use the frozen dataclasses of this module, and only this
 module spells the document's JSON keys:
 
-- `Document`: format and version, the process (``pid``, ``created``, ``previous_exec``), the
+- `Document`: format and version, the process (``pid``, ``created``, ``previous_exec``, the
+  ``pid_file`` it holds: `pidfile`), the
   sockets carried besides the listeners (`Sockets`: admin, control, demo, the requester's
   ``reply_fd``), the bridge (`BridgeEntry`), and one `ListenerEntry` per `ProxyServer`, in order.
 - `ListenerEntry`: name, listening fd and address, id counter, `Counters`, session ticket keys,
@@ -549,6 +550,7 @@ class Document:
     sockets: Sockets = field(default_factory=Sockets)
     bridge: BridgeEntry | None = None
     from_version: int | None = None  # read from a version-1 document: a rollback writes version 1
+    pid_file: str | None = None  # the process's PID file now (`pidfile`); absent before: None
 
     def __post_init__(self) -> None:
         if not self.listeners:
@@ -594,6 +596,8 @@ class Document:
             "admin_fd": self.sockets.admin_fd, "reply_fd": self.sockets.reply_fd,
             "bridge": {"fd": self.bridge.fd, "pid": self.bridge.pid} if self.bridge is not None else None,
         }
+        if self.pid_file is not None:  # written only when set: a document without it is what older code wrote
+            out["pid_file"] = self.pid_file
         if version == STATE_VERSION:
             out["listeners"] = [entry.to_dict() for entry in self.listeners]
         elif version == LEGACY_VERSION:
@@ -639,7 +643,7 @@ class Document:
                    previous_exec=tuple(previous) if previous is not None else None,
                    sockets=Sockets(control_fd=o.optional("control_fd", int), demo_fd=o.optional("demo_fd", int),
                                    admin_fd=o.optional("admin_fd", int), reply_fd=o.optional("reply_fd", int)),
-                   bridge=bridge, from_version=from_version)
+                   bridge=bridge, from_version=from_version, pid_file=o.optional("pid_file", str))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Document:

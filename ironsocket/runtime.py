@@ -104,6 +104,15 @@ def upgrade_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def inherited_pid_file() -> tuple[Path | None, bool] | None:
+    """In a program exec'd by an upgrade or a rollback: (the PID file the previous program held,
+    whether this is a rollback). None in a fresh start."""
+    if _inherited is None or _restored:
+        return None
+    path = _inherited[0].pid_file
+    return (Path(path) if path is not None else None), upgrade.ENV_FAILED in os.environ
+
+
 ENV_LISTENERS = "IRONSOCKET_UPGRADE_LISTENERS"
 """For the pre-flight check child: the running program's listeners (`handover.ListenerView`:
 name, listen, connections), so that a configuration the restore would refuse is refused before the exec."""
@@ -224,6 +233,7 @@ class Runtime:
         self.admin_allow_remote = admin_allow_remote
         self.control_socket = control_socket
         self.state_dump = state_dump
+        self.pid_file: Path | None = None  # the PID file this process holds (cli: `pidfile.claim`)
         self.servers: list[ProxyServer] = []
         self.owners: list[Any] = []  # during a restore: who holds each listener entry (rollback)
         self.bridge: Any = None  # bridge.BridgeClient: the previous program's fork holds connections
@@ -450,7 +460,8 @@ class Runtime:
             upgrade.perform(self.servers, upgrade.target_program(exec_path), reply=conn.sock if conn else None,
                             sockets=sockets, check_env={ENV_LISTENERS: listeners_for_check(self.servers)}, dump_path=str(self.state_dump) if self.state_dump else None,
                             also_pause=[self.admin] if self.admin else [],
-                            progress=self._progress(conn, reason))
+                            progress=self._progress(conn, reason),
+                            pid_file=str(self.pid_file) if self.pid_file is not None else None)
         except Exception as exc:  # noqa: BLE001 - on the main thread now: a bug must not end the process
             if not isinstance(exc, upgrade.UpgradeError):
                 log.debug("upgrade: unexpected error", exc_info=True)  # the traceback at --log-level debug

@@ -222,14 +222,16 @@ Progress: TypeAlias = Callable[[str, dict[str, Any]], None]
 def perform(servers: Sequence[Listener], target: list[str], reply: socket.socket | None = None,
             sockets: Sockets = Sockets(), dump_path: str | None = None,
             also_pause: Sequence[Any] = (), progress: Progress | None = None,
-            check_env: dict[str, str] | None = None) -> None:
+            check_env: dict[str, str] | None = None, pid_file: str | None = None) -> None:
     """Check, quiesce, snapshot and exec. Returns only if the upgrade did not happen (raises
     UpgradeError with the reason after resuming everything). ``servers``: every listener's
     `ProxyServer`, carried in this order; ``sockets``: the program's other sockets carried.
     ``also_pause``: other services whose listener is carried (the admin endpoint), paused with
     the servers (``pause()``: finish what is in progress, take nothing new) and resumed if the
     exec does not happen. ``check_env``: for the
-    check child (what it must verify the new configuration against: `runtime.ENV_LISTENERS`)."""
+    check child (what it must verify the new configuration against: `runtime.ENV_LISTENERS`).
+    ``pid_file``: the PID file this process holds (the new program moves it if its
+    configuration names another one, `pidfile`)."""
     tell = progress or (lambda phase, details: None)
     identity = _identity(target[0])  # the file the check runs: exec'd only if still the same
     tell("check", {"program": " ".join(target)})
@@ -254,7 +256,7 @@ def perform(servers: Sequence[Listener], target: list[str], reply: socket.socket
         # while handshakes finished, bytes moved).
         parked = min((s.parked_at for s in servers if s.parked_at is not None), default=started)
         doc = document(servers, dataclasses.replace(sockets, reply_fd=reply.fileno() if reply is not None else None),
-                       previous_exec=current_program(), paused_at=parked, connections=False)
+                       previous_exec=current_program(), paused_at=parked, connections=False, pid_file=pid_file)
         live = [(info, relay, index) for index, server in enumerate(servers)
                 for info, relay in server.live_connections()]
         if dump_path is not None:  # a debugging aid: the connections as they are at the fork
@@ -298,14 +300,15 @@ def _identity(path: str) -> tuple[int, ...] | None:
 
 
 def document(servers: Sequence[Any], sockets: Sockets, *, previous_exec: Sequence[str] | None,
-             paused_at: float, connections: bool = True, bridged: BridgeEntry | None = None) -> Document:
+             paused_at: float, connections: bool = True, bridged: BridgeEntry | None = None,
+             pid_file: str | None = None) -> Document:
     """The state document of paused servers (anything with ``snapshot()`` → a `ListenerEntry`:
     a `ProxyServer`, a `resume.Early`, a `Carried` entry), as it is at this moment
     (``connections`` False: `ProxyServer`s only, whose connections a bridge is about to hold)."""
     entries = [server.snapshot() if connections else server.snapshot(connections=False) for server in servers]
     return Document(listeners=tuple(entries), pid=os.getpid(), created=time.time(), paused_at_monotonic=paused_at,
                     previous_exec=tuple(previous_exec) if previous_exec is not None else None, sockets=sockets,
-                    bridge=bridged)
+                    bridge=bridged, pid_file=pid_file)
 
 
 def exec_with_state(target: list[str] | tuple[str, ...], doc: Document, *, failed: str | None = None,
@@ -382,7 +385,9 @@ def roll_back_live(servers: Sequence[Any], sockets: Sockets, bridged: BridgeEntr
         server.pause(HANDSHAKE_DEADLINE, PARK_DEADLINE)
     # previous_exec None: if the previous program cannot restore either, there is nowhere to go
     # (going back and forth would never end).
-    now = document(servers, sockets, previous_exec=None, paused_at=time.monotonic(), bridged=bridged)
+    # pid_file: the one we inherited (a rollback keeps the previous program's PID file)
+    now = document(servers, sockets, previous_exec=None, paused_at=time.monotonic(), bridged=bridged,
+                   pid_file=doc.pid_file)
     # the previous program reads version 1 only: write that (StateError if it cannot hold the state)
     version = LEGACY_VERSION if doc.from_version == LEGACY_VERSION else STATE_VERSION
     now.to_dict(version)

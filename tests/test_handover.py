@@ -9,6 +9,7 @@ tests/test_bridge.py and tests/test_config_upgrade.py.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import socket
@@ -323,3 +324,12 @@ def test_a_leaf_module_and_no_server_upgrade_cycle() -> None:
             "import ironsocket.upgrade; b = 'ironsocket.server' in sys.modules; print(sorted(a), b)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["[]", "False"], out.stdout + out.stderr
+
+
+def test_the_pid_file_is_carried_and_optional() -> None:
+    """``pid_file`` (the PID file the process holds: a reload that changes it moves it) is
+    written only when set, so a document without one is what the code before it wrote."""
+    doc = dataclasses.replace(full_document(), pid_file="/run/is.pid")
+    assert Document.from_json(doc.to_json()).pid_file == "/run/is.pid"
+    assert Document.from_dict(copy.deepcopy(MAIN_DOCUMENT)).pid_file is None
+    assert "pid_file" not in json.loads(full_document().to_json())
