@@ -254,6 +254,10 @@ def serve(
             _fail(str(exc))
         typer.echo(check_report())
         raise typer.Exit(0)
+    from . import lifeline
+
+    if not lifeline.hold():  # a --workers worker: SIGTERM when the supervisor dies (again in every image)
+        raise typer.Exit(1)
     secrets += [(p, what, False) for p, what in ((keylog, "keylog file"), (upgrade_state_dump, "upgrade state dump"))
                 if p is not None]
     drop_to = _privileges(user, group, read_again, secrets)
@@ -279,17 +283,27 @@ def serve(
         raise typer.Exit(code)
     from .control import ControlError
 
+    pid_file, moved_from = _pid_file_path(pid_file)
     pid_record = _claim_pid_file(pid_file)  # after the check child's exit: it has none
     runtime = Runtime(configs, demo=demo, control_socket=control_socket, state_dump=upgrade_state_dump, **admin_kw)
+    runtime.pid_file = pid_record.path if pid_record is not None else None  # for the next upgrade's document
     runtime.install_signals()  # before start: a signal during a restore must not be the default (death)
     try:
-        runtime.start()  # stops what it started on failure (a restore keeps it for the rollback)
+        try:
+            runtime.start()  # stops what it started on failure (a restore keeps it for the rollback)
+        except BaseException:
+            if pid_record is not None and not pid_record.kept:  # an exec'd program's rollback keeps its own
+                _release_pid_file(pid_record)
+            raise
     except (StartupError, AdminError, ControlError) as exc:
         from .launch import explain_startup_error
 
-        if pid_record is not None and not pid_record.kept:  # an exec'd program's rollback keeps it
-            _release_pid_file(pid_record)
         _fail(explain_startup_error(str(exc)))
+    if moved_from is not None:  # a reload that changed pid_file: restored, so the old file goes
+        from .pidfile import PidFile
+
+        _release_pid_file(PidFile(path=moved_from, pid=os.getpid(), kept=True))
+        log.info("pid file moved from %s to %s", moved_from, pid_file if pid_file is not None else "(none)")
     assert runtime.control is not None
     if drop_to is not None:  # everything is bound and loaded: no more need of root
         from .privileges import PrivilegeError, drop
@@ -301,6 +315,10 @@ def serve(
             _release_pid_file(pid_record)
             _fail(f"--user {drop_to.user}: {getattr(exc, 'strerror', None) or exc}")
         log.info("running as user %s (uid %d, gid %d)", drop_to.user, drop_to.uid, drop_to.gid)
+        if not lifeline.hold():  # the kernel cleared the parent-death signal with the credentials
+            runtime.stop()
+            _release_pid_file(pid_record)
+            raise typer.Exit(1)
     log.info("control socket %s (ironsocket inspect-keys / upgrade --pid %d)", runtime.control.path, os.getpid())
     for i, server in enumerate(runtime.servers):
         host, port = server.address
@@ -371,6 +389,26 @@ def _supervisor_admin(admin_kw: dict) -> dict:
         where = {"listen": admin_kw.get("admin_listen"), "unix": admin_kw.get("admin_unix")}
         where = {k: v for k, v in where.items() if v is not None}
     return where | {"allow_remote": bool(admin_kw.get("admin_allow_remote"))}
+
+
+def _pid_file_path(configured: Path | None) -> tuple[Path | None, Path | None]:
+    """(the PID file to claim, the previous program's to remove once restored). A worker of
+    ``--workers`` has none (the supervisor's, also when a --config file names one); a program
+    exec'd by an upgrade or reload whose configuration names another path moves it; a rollback
+    keeps the file the previous program had."""
+    from .connection import ENV_WORKER
+
+    if os.environ.get(ENV_WORKER):
+        return None, None
+    inherited = runtime_mod.inherited_pid_file()
+    if inherited is None:  # a fresh start
+        return configured, None
+    previous, rolled_back = inherited
+    if rolled_back:
+        return previous, None
+    if previous is not None and (configured is None or configured.absolute() != previous.absolute()):
+        return configured, previous
+    return configured, None
 
 
 def _claim_pid_file(path: Path | None) -> PidFile | None:

@@ -7,9 +7,12 @@ An upgrade (`upgrade.perform`), a rollback (`upgrade.roll_back_live`) and the br
 that program reads it back. Both sides use the frozen dataclasses of this module, and only this
 module spells the document's JSON keys:
 
-- `Document`: format and version, the process (``pid``, ``created``, ``previous_exec``), the
+- `Document`: format and version, the process (``pid``, ``created``, ``previous_exec``, the
+  ``pid_file`` it holds: `pidfile`), the
   sockets carried besides the listeners (`Sockets`: admin, control, demo, the requester's
-  ``reply_fd``), the bridge (`BridgeEntry`), and one `ListenerEntry` per `ProxyServer`, in order.
+  ``reply_fd``), the bridge (`BridgeEntry`), the demo backend's connections
+  (`DemoConnectionEntry`: socket, partial request, unsent answer), and one `ListenerEntry` per
+  `ProxyServer`, in order.
 - `ListenerEntry`: name, listening fd and address, id counter, `Counters`, session ticket keys,
   ``bridged`` (how many connections the bridge holds) and ``connections``: the `ConnectionEntry`
   of each connection the document carries itself (a rollback's, a version-1 program's).
@@ -524,6 +527,27 @@ class BridgeEntry:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DemoConnectionEntry:
+    """One connection of the built-in demo backend (`demo.DemoBackend`), between two turns of
+    its loop: the bytes received that are not a whole request yet, the answer not yet written,
+    and whether to close once it is."""
+
+    fd: int
+    received: bytes = field(default=b"", repr=False)  # application data: never in a log
+    unsent: bytes = field(default=b"", repr=False)
+    close_after: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fd": self.fd, "received": _b64(self.received), "unsent": _b64(self.unsent),
+                "close_after": self.close_after}
+
+    @classmethod
+    def from_obj(cls, o: _Obj) -> DemoConnectionEntry:
+        return cls(fd=o.typed("fd", int), received=o.b64("received"), unsent=o.b64("unsent"),
+                   close_after=o.typed("close_after", bool, False))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Sockets:
     """The program's own sockets carried besides the listeners (fd numbers survive the exec)."""
 
@@ -549,6 +573,8 @@ class Document:
     sockets: Sockets = field(default_factory=Sockets)
     bridge: BridgeEntry | None = None
     from_version: int | None = None  # read from a version-1 document: a rollback writes version 1
+    pid_file: str | None = None  # the process's PID file now (`pidfile`); absent before: None
+    demo_connections: tuple[DemoConnectionEntry, ...] = ()  # the demo backend's (its listener: ``sockets``)
 
     def __post_init__(self) -> None:
         if not self.listeners:
@@ -568,6 +594,7 @@ class Document:
             fds.append(entry.listener_fd)
             for conn in entry.connections:
                 fds += conn.fds
+        fds += [conn.fd for conn in self.demo_connections]
         return fds
 
     def check_fds(self) -> None:
@@ -578,6 +605,8 @@ class Document:
                 _expect(fd, FdKind.SOCKET, name)
         if self.bridge is not None:
             _expect(self.bridge.fd, FdKind.SOCKET, "bridge fd")
+        for n, demo in enumerate(self.demo_connections):
+            _expect(demo.fd, FdKind.SOCKET, f"demo_connections[{n}] fd")
         for n, entry in enumerate(self.listeners):
             label = f"listener {entry.name or n}"
             _expect(entry.listener_fd, FdKind.SOCKET, f"{label} listener_fd")
@@ -594,6 +623,11 @@ class Document:
             "admin_fd": self.sockets.admin_fd, "reply_fd": self.sockets.reply_fd,
             "bridge": {"fd": self.bridge.fd, "pid": self.bridge.pid} if self.bridge is not None else None,
         }
+        # Written only when set: a document without them is what the code before them wrote.
+        if self.pid_file is not None:
+            out["pid_file"] = self.pid_file
+        if self.demo_connections:
+            out["demo_connections"] = [conn.to_dict() for conn in self.demo_connections]
         if version == STATE_VERSION:
             out["listeners"] = [entry.to_dict() for entry in self.listeners]
         elif version == LEGACY_VERSION:
@@ -639,7 +673,8 @@ class Document:
                    previous_exec=tuple(previous) if previous is not None else None,
                    sockets=Sockets(control_fd=o.optional("control_fd", int), demo_fd=o.optional("demo_fd", int),
                                    admin_fd=o.optional("admin_fd", int), reply_fd=o.optional("reply_fd", int)),
-                   bridge=bridge, from_version=from_version)
+                   bridge=bridge, from_version=from_version, pid_file=o.optional("pid_file", str),
+                   demo_connections=tuple(DemoConnectionEntry.from_obj(c) for c in o.objects("demo_connections", [])))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Document:

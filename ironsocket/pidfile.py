@@ -16,8 +16,14 @@ not the program image:
   naming its own PID and leaves it as it is (`PidFile.kept`): it never rewrites it (after
   ``--user`` it may not be allowed to) and never removes it if its start-up fails (the rollback
   execs the previous program, which keeps serving under the same PID).
+- **Reload to another path**: the hand-over document names the file the previous program held
+  (``pid_file``). A new program whose configuration names another path claims that one, and
+  once its restore is confirmed `release`s the old one (only if it still names this process).
+  If its start-up fails it removes the file it wrote; a program exec'd by a rollback keeps the
+  document's path (``cli._pid_file_path``).
 - **Clean stop** (`release`): the file is removed if it still names this process. With
-  ``--workers N`` only the supervisor has one (the workers' command lines lose ``--pid-file``).
+  ``--workers N`` only the supervisor has one (the workers' command lines lose ``--pid-file``, and
+  they ignore a configuration file's ``pid_file``).
 """
 
 from __future__ import annotations

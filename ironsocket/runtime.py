@@ -96,12 +96,22 @@ def upgrade_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
                 held = bridge.document() if bridge is not None and not bridge.drained else None  # it holds the rest
                 # the previous program's own sockets, as it handed them over (the fd numbers
                 # survive exec; nothing here closed them)
-                upgrade.roll_back_live(owners, doc.sockets, held, doc, fd, reason)
+                upgrade.roll_back_live(owners, doc.sockets, held, doc, fd, reason,
+                                       demo=_live.demo if _live is not None else None)
             else:  # nothing adopted, nothing moved: the document is still exact
                 upgrade.rollback(doc, fd, reason)
             raise
 
     return wrapper
+
+
+def inherited_pid_file() -> tuple[Path | None, bool] | None:
+    """In a program exec'd by an upgrade or a rollback: (the PID file the previous program held,
+    whether this is a rollback). None in a fresh start."""
+    if _inherited is None or _restored:
+        return None
+    path = _inherited[0].pid_file
+    return (Path(path) if path is not None else None), upgrade.ENV_FAILED in os.environ
 
 
 ENV_LISTENERS = "IRONSOCKET_UPGRADE_LISTENERS"
@@ -224,6 +234,7 @@ class Runtime:
         self.admin_allow_remote = admin_allow_remote
         self.control_socket = control_socket
         self.state_dump = state_dump
+        self.pid_file: Path | None = None  # the PID file this process holds (cli: `pidfile.claim`)
         self.servers: list[ProxyServer] = []
         self.owners: list[Any] = []  # during a restore: who holds each listener entry (rollback)
         self.bridge: Any = None  # bridge.BridgeClient: the previous program's fork holds connections
@@ -279,11 +290,14 @@ class Runtime:
         from .demo import DemoBackend
 
         lookup = lambda addr: self.server.connection_for_backend_peer(addr) if self.server else None  # noqa: E731
-        self.demo = DemoBackend(lookup, fd=doc.sockets.demo_fd if doc else None)
-        self.demo.start()
+        # Its listener and connections come from the document; its loop starts at ``relay``.
+        self.demo = DemoBackend(lookup, fd=doc.sockets.demo_fd if doc else None,
+                                carried=doc.demo_connections if doc else ())
         self.configs[0] = dataclasses.replace(self.configs[0], backend=self.demo.address)
         if doc is None:
             log.info("no --backend given: built-in demo backend on %s:%d", *self.demo.address)
+        else:
+            log.info("upgrade: built-in demo backend carried with %d connections", self.demo.connections)
 
     def _start_proxy(self, doc: Document | None) -> None:
         from .server import StartupError
@@ -369,6 +383,12 @@ class Runtime:
 
             with heap.no_collection():  # a full collection inside a batch was most of its wait
                 self.bridge.drain(take, doc.paused_at_monotonic)
+        # Last: its carried connections move from here, and its pages find every connection
+        # (all taken from the bridge now).
+        if self.demo is not None:
+            self.demo.start()
+        elif doc is not None:  # demo connections of a previous program without one: nobody serves them
+            self._stale_fds += [conn.fd for conn in doc.demo_connections]
 
     def _start_confirm(self, doc: Document | None) -> None:
         global _restored
@@ -450,7 +470,9 @@ class Runtime:
             upgrade.perform(self.servers, upgrade.target_program(exec_path), reply=conn.sock if conn else None,
                             sockets=sockets, check_env={ENV_LISTENERS: listeners_for_check(self.servers)}, dump_path=str(self.state_dump) if self.state_dump else None,
                             also_pause=[self.admin] if self.admin else [],
-                            progress=self._progress(conn, reason))
+                            progress=self._progress(conn, reason),
+                            pid_file=str(self.pid_file) if self.pid_file is not None else None,
+                            demo=self.demo)
         except Exception as exc:  # noqa: BLE001 - on the main thread now: a bug must not end the process
             if not isinstance(exc, upgrade.UpgradeError):
                 log.debug("upgrade: unexpected error", exc_info=True)  # the traceback at --log-level debug

@@ -5,8 +5,10 @@ pinned it (``curl --pinnedpubkey``, a browser exception) keep working across upg
 reloads. `demo_credential` keeps the PEM (certificate and key) in a sealed memfd that is
 deliberately *not* close-on-exec, so it survives every exec of the same PID (upgrade, reload,
 rollback), and names it in ``$IRONSOCKET_DEMO_CERT_FD``; the exec'd program reads it back.
-Never on disk; children started with ``close_fds`` (the upgrade's check child, ``--workers``)
-do not get the fd and make their own.
+Never on disk. With ``--workers N`` the supervisor makes it once and passes the memfd to every
+worker (`shared_fds`, ``pass_fds``: the same fd number, named by the same variable), so every
+worker serves the same certificate, and keeps it across its own upgrades. Other children
+started with ``close_fds`` (the upgrade's check child) do not get the fd and make their own.
 """
 
 from __future__ import annotations
@@ -44,7 +46,14 @@ def demo_credential() -> Credential:
     return credential_from_objects([cert], key, source="embedded self-signed")
 
 
-def _carried() -> Credential | None:
+def shared_fds() -> tuple[int, ...]:
+    """The demo certificate's memfd, if this process has one (for a child's ``pass_fds``: the
+    ``--workers`` supervisor gives it to every worker), else nothing."""
+    fd = _carried_fd()
+    return () if fd is None else (fd,)
+
+
+def _carried_fd() -> int | None:
     text = os.environ.get(ENV_FD, "")
     if not text.isdigit():
         return None
@@ -52,6 +61,16 @@ def _carried() -> Credential | None:
     try:  # the fd must be our memfd (in a child without it, that number may be anything or nothing)
         if os.readlink(f"/proc/self/fd/{fd}") != f"/memfd:{_MEMFD_NAME} (deleted)":
             return None
+    except OSError:
+        return None
+    return fd
+
+
+def _carried() -> Credential | None:
+    fd = _carried_fd()
+    if fd is None:
+        return None
+    try:
         pem = os.pread(fd, 1 << 16, 0)
         cert = x509.load_pem_x509_certificate(pem)
         key = serialization.load_pem_private_key(pem, password=None)

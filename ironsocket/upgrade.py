@@ -71,8 +71,8 @@ from . import bridge, ktls
 from .connection import ConnectionInfo
 from .engine import Engine
 from .handover import (
-    LEGACY_VERSION, STATE_FORMAT, STATE_VERSION, BridgeEntry, ConnectionEntry, Document, ListenerEntry, Sockets,
-    StateError, connection_entry, write_memfd,
+    LEGACY_VERSION, STATE_FORMAT, STATE_VERSION, BridgeEntry, ConnectionEntry, DemoConnectionEntry, Document,
+    ListenerEntry, Sockets, StateError, connection_entry, write_memfd,
 )
 from .relay import KtlsChannel, Relay, RelayStats, UserspaceChannel
 from .tls13.constants import Group
@@ -214,6 +214,14 @@ class Listener(Protocol):
     def take_carried(self, conn: ConnectionEntry) -> None: ...
 
 
+class DemoLoop(Protocol):
+    """What an upgrade needs of the built-in demo backend (`demo.DemoBackend`)."""
+
+    def pause(self, deadline: float) -> None: ...
+    def resume(self) -> None: ...
+    def snapshot(self) -> tuple[DemoConnectionEntry, ...]: ...
+
+
 Progress: TypeAlias = Callable[[str, dict[str, Any]], None]
 """``progress(phase, details)``: told as each phase of `perform` begins (``check``, ``quiesce``,
 ``exec``), for `ironsocket upgrade` to print them as they happen."""
@@ -222,14 +230,18 @@ Progress: TypeAlias = Callable[[str, dict[str, Any]], None]
 def perform(servers: Sequence[Listener], target: list[str], reply: socket.socket | None = None,
             sockets: Sockets = Sockets(), dump_path: str | None = None,
             also_pause: Sequence[Any] = (), progress: Progress | None = None,
-            check_env: dict[str, str] | None = None) -> None:
+            check_env: dict[str, str] | None = None, pid_file: str | None = None,
+            demo: DemoLoop | None = None) -> None:
     """Check, quiesce, snapshot and exec. Returns only if the upgrade did not happen (raises
     UpgradeError with the reason after resuming everything). ``servers``: every listener's
     `ProxyServer`, carried in this order; ``sockets``: the program's other sockets carried.
     ``also_pause``: other services whose listener is carried (the admin endpoint), paused with
     the servers (``pause()``: finish what is in progress, take nothing new) and resumed if the
     exec does not happen. ``check_env``: for the
-    check child (what it must verify the new configuration against: `runtime.ENV_LISTENERS`)."""
+    check child (what it must verify the new configuration against: `runtime.ENV_LISTENERS`).
+    ``pid_file``: the PID file this process holds (the new program moves it if its
+    configuration names another one, `pidfile`). ``demo``: the built-in demo backend, paused
+    with the rest and its connections carried in the document."""
     tell = progress or (lambda phase, details: None)
     identity = _identity(target[0])  # the file the check runs: exec'd only if still the same
     tell("check", {"program": " ".join(target)})
@@ -241,7 +253,8 @@ def perform(servers: Sequence[Listener], target: list[str], reply: socket.socket
     try:
         tell("quiesce", {"listeners": len(servers),
                          "connections": sum(len(server.connections) for server in servers)})
-        for service in also_pause:  # first: their wait (up to a poll interval) is not the connections' pause
+        for service in [*also_pause, *([demo] if demo is not None else [])]:
+            # first: their wait (up to a poll interval) is not the connections' pause
             service.pause(PARK_DEADLINE)
             paused.append(service)
         started = time.monotonic()
@@ -254,7 +267,8 @@ def perform(servers: Sequence[Listener], target: list[str], reply: socket.socket
         # while handshakes finished, bytes moved).
         parked = min((s.parked_at for s in servers if s.parked_at is not None), default=started)
         doc = document(servers, dataclasses.replace(sockets, reply_fd=reply.fileno() if reply is not None else None),
-                       previous_exec=current_program(), paused_at=parked, connections=False)
+                       previous_exec=current_program(), paused_at=parked, connections=False, pid_file=pid_file,
+                       demo=demo.snapshot() if demo is not None else ())
         live = [(info, relay, index) for index, server in enumerate(servers)
                 for info, relay in server.live_connections()]
         if dump_path is not None:  # a debugging aid: the connections as they are at the fork
@@ -298,14 +312,15 @@ def _identity(path: str) -> tuple[int, ...] | None:
 
 
 def document(servers: Sequence[Any], sockets: Sockets, *, previous_exec: Sequence[str] | None,
-             paused_at: float, connections: bool = True, bridged: BridgeEntry | None = None) -> Document:
+             paused_at: float, connections: bool = True, bridged: BridgeEntry | None = None,
+             pid_file: str | None = None, demo: Sequence[DemoConnectionEntry] = ()) -> Document:
     """The state document of paused servers (anything with ``snapshot()`` → a `ListenerEntry`:
     a `ProxyServer`, a `resume.Early`, a `Carried` entry), as it is at this moment
     (``connections`` False: `ProxyServer`s only, whose connections a bridge is about to hold)."""
     entries = [server.snapshot() if connections else server.snapshot(connections=False) for server in servers]
     return Document(listeners=tuple(entries), pid=os.getpid(), created=time.time(), paused_at_monotonic=paused_at,
                     previous_exec=tuple(previous_exec) if previous_exec is not None else None, sockets=sockets,
-                    bridge=bridged)
+                    bridge=bridged, pid_file=pid_file, demo_connections=tuple(demo))
 
 
 def exec_with_state(target: list[str] | tuple[str, ...], doc: Document, *, failed: str | None = None,
@@ -367,11 +382,13 @@ class Carried:
 
 
 def roll_back_live(servers: Sequence[Any], sockets: Sockets, bridged: BridgeEntry | None, doc: Document,
-                   state_fd: int, reason: str) -> None:
+                   state_fd: int, reason: str, demo: DemoLoop | None = None) -> None:
     """After a failure in a program that has adopted the connections (and may have moved bytes):
     pause them, write the state as it is *now* and exec the previous program with it. The old
     document would rewind sequence numbers (a nonce used twice) and replay bytes. ``sockets``:
-    the program's own as it inherited them; ``bridged``: the bridge, if it still holds some."""
+    the program's own as it inherited them; ``bridged``: the bridge, if it still holds some;
+    ``demo``: the demo backend built from the document (None: not built yet, the document's
+    demo connections are passed on as they came)."""
     previous = doc.previous_exec
     if not previous:
         log.critical("upgrade: restore failed (%s) and there is no program to roll back to; "
@@ -380,9 +397,14 @@ def roll_back_live(servers: Sequence[Any], sockets: Sockets, bridged: BridgeEntr
     log.error("upgrade: restore failed: %s; rolling back to %s with the current state", reason, " ".join(previous))
     for server in servers:
         server.pause(HANDSHAKE_DEADLINE, PARK_DEADLINE)
+    if demo is not None:
+        demo.pause(PARK_DEADLINE)
+    demo_now = demo.snapshot() if demo is not None else doc.demo_connections
     # previous_exec None: if the previous program cannot restore either, there is nowhere to go
     # (going back and forth would never end).
-    now = document(servers, sockets, previous_exec=None, paused_at=time.monotonic(), bridged=bridged)
+    # pid_file: the one we inherited (a rollback keeps the previous program's PID file)
+    now = document(servers, sockets, previous_exec=None, paused_at=time.monotonic(), bridged=bridged,
+                   pid_file=doc.pid_file, demo=demo_now)
     # the previous program reads version 1 only: write that (StateError if it cannot hold the state)
     version = LEGACY_VERSION if doc.from_version == LEGACY_VERSION else STATE_VERSION
     now.to_dict(version)

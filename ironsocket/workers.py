@@ -8,7 +8,10 @@ The parent only supervises, and never touches a connection:
   the supervisor waits until that worker reports the upgrade done, then the next. One worker at a
   time is paused, so the port always has acceptors; a worker whose upgrade is refused (a broken
   certificate fails the pre-flight check) stops the roll: the others keep the current program;
-- a worker that dies unexpectedly is restarted after a second.
+- a worker that dies unexpectedly is restarted after a second;
+- if the supervisor itself dies (even by SIGKILL), every worker gets SIGTERM from the kernel
+  (``PR_SET_PDEATHSIG``, set by the worker itself: `lifeline`) and stops: no orphan keeps
+  serving the port.
 
 How a worker reports: the supervisor is its systemd. It binds an AF_UNIX datagram socket and
 gives it to the workers as ``$NOTIFY_SOCKET``; each worker sends ``READY=1`` once serving,
@@ -34,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import sdnotify
+from . import lifeline, sdnotify
 from .connection import ENV_WORKER
 
 log = logging.getLogger("ironsocket.workers")
@@ -129,7 +132,12 @@ class _Supervisor:
     def spawn(self, i: int) -> None:
         # The worker index names its connections (``conn=<worker>.<n>``: unique per machine).
         argv = [*self.argv, "--admin", f"unix:{self.admin_sockets[i]}"] if self.admin_sockets else self.argv
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=self.env | {ENV_WORKER: str(i)})
+        # The demo certificate (no --cert): made once here, the same memfd for every worker.
+        from .selfsigned import shared_fds
+
+        # The worker asks for SIGTERM when we die (lifeline.py); it checks our PID against its parent.
+        env = self.env | {ENV_WORKER: str(i), lifeline.ENV_SUPERVISOR: str(os.getpid())}
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, pass_fds=shared_fds())
         self.workers[i] = proc
         log.info("worker %d started, pid %d", i, proc.pid)
 

@@ -9,6 +9,7 @@ tests/test_bridge.py and tests/test_config_upgrade.py.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import socket
@@ -323,3 +324,32 @@ def test_a_leaf_module_and_no_server_upgrade_cycle() -> None:
             "import ironsocket.upgrade; b = 'ironsocket.server' in sys.modules; print(sorted(a), b)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["[]", "False"], out.stdout + out.stderr
+
+
+def test_the_pid_file_is_carried_and_optional() -> None:
+    """``pid_file`` (the PID file the process holds: a reload that changes it moves it) is
+    written only when set, so a document without one is what the code before it wrote."""
+    doc = dataclasses.replace(full_document(), pid_file="/run/is.pid")
+    assert Document.from_json(doc.to_json()).pid_file == "/run/is.pid"
+    assert Document.from_dict(copy.deepcopy(MAIN_DOCUMENT)).pid_file is None
+    assert "pid_file" not in json.loads(full_document().to_json())
+
+
+def test_the_demo_backends_connections_are_carried_and_optional() -> None:
+    """``demo_connections`` (the built-in demo backend's: socket, partial request, unsent
+    answer) round-trip, are named by ``fds`` (so they survive the exec), and are written only
+    when there are some: a document without them reads as none."""
+    from ironsocket.handover import DemoConnectionEntry
+
+    demo = (DemoConnectionEntry(fd=20, received=b"GET / HT", unsent=b"HTTP/1.1 200 OK\r\n", close_after=True),
+            DemoConnectionEntry(fd=21))
+    doc = dataclasses.replace(full_document(), demo_connections=demo)
+    back = Document.from_json(doc.to_json())
+    assert back.demo_connections == demo and {20, 21} <= set(back.fds)
+    assert "GET" not in repr(back.demo_connections)  # application data: never in a log
+    assert Document.from_dict(copy.deepcopy(MAIN_DOCUMENT)).demo_connections == ()
+    assert "demo_connections" not in json.loads(full_document().to_json())
+    bad = json.loads(doc.to_json())
+    bad["demo_connections"][0]["fd"] = "20"
+    with pytest.raises(StateError, match=r"demo_connections\[0\]\.fd: int expected"):
+        Document.from_dict(bad)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ironsocket.workers import worker_argv
-from tests.helpers import assert_refused, serve_outcome
+from tests.helpers import ROOT, assert_refused, serve_outcome
 from tests.test_upgrade import TIMEOUT, Server, echo_backend  # noqa: F401
 
 
@@ -114,6 +114,76 @@ def test_with_workers_the_supervisor_writes_it(tmp_path: Path, echo_backend) -> 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 0
         assert not pid_file.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_a_reload_that_changes_pid_file_moves_it_and_a_rollback_keeps_it(tmp_path: Path, echo_backend) -> None:
+    """Issue 13.9 leftover: a SIGHUP whose new configuration names another pid_file left the old
+    file behind. The new program writes the new file and removes the old one (it still names
+    us); a new program that fails and rolls back leaves the previous program's file, and not
+    its own."""
+    from tests.test_config_upgrade import ConfigServer, set_cert, write_config
+    from tests.test_upgrade import failing_program
+
+    for name in ("web", "api"):
+        set_cert(tmp_path, name, "ecdsa-p256")
+    config = write_config(tmp_path, echo_backend[1])
+    body = config.read_text()
+    config.write_text('pid_file = "a.pid"\n' + body)
+    server = ConfigServer(tmp_path, config)
+    try:
+        pid = server.proc.pid
+        assert (tmp_path / "a.pid").read_text() == f"{pid}\n"
+        config.write_text('pid_file = "b.pid"\n' + body)
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for(r"reload done \(SIGHUP\)")
+        assert (tmp_path / "b.pid").read_text() == f"{pid}\n"
+        assert not (tmp_path / "a.pid").exists(), "the old pid file was left behind"
+        server.wait_for(r"pid file moved from \S*a\.pid to \S*b\.pid")
+
+        step_file = tmp_path / "fail-at"
+        step_file.write_text("relay")
+        config.write_text('pid_file = "c.pid"\n' + body)
+        result = server.upgrade("--exec", str(failing_program(tmp_path, step_file)))
+        assert result.returncode != 0 and "rolled back" in result.stderr, result.stdout + result.stderr
+        server.wait_for(r"upgrade: restored \d+ connections", count=2)  # the reload, the rollback
+        assert server.proc.pid == pid and server.proc.poll() is None
+        assert (tmp_path / "b.pid").read_text() == f"{pid}\n"  # the rollback kept the previous program's
+        assert not (tmp_path / "c.pid").exists(), "the failed program's pid file was left behind"
+
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(TIMEOUT) == 0
+        assert not (tmp_path / "b.pid").exists()
+    finally:
+        server.close()
+    assert "Traceback" not in server.text()
+
+
+def test_with_workers_a_config_pid_file_is_the_supervisors_only(tmp_path: Path, echo_backend) -> None:
+    """With --workers and a --config file naming pid_file, the workers (which read the same file)
+    must not claim it: it names the supervisor, a running ironsocket, and they were refused."""
+    from tests.test_config_upgrade import set_cert, write_config
+    from tests.test_workers import free_port, wait_until
+
+    for name in ("web", "api"):
+        set_cert(tmp_path, name, "ecdsa-p256")
+    config = write_config(tmp_path, echo_backend[1], ports={"web": free_port(), "api": free_port()})
+    config.write_text('pid_file = "is.pid"\n' + config.read_text())
+    log = tmp_path / "serve.log"
+    env = os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(tmp_path)}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ironsocket", "serve", "--config", str(config), "--workers", "2"],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        wait_until(lambda: log.read_text().count("serving TLS 1.3 on") == 4, what="two workers serving two listeners")
+        assert (tmp_path / "is.pid").read_text() == f"{proc.pid}\n"
+        assert "error" not in log.read_text(), log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+        assert not (tmp_path / "is.pid").exists()
     finally:
         if proc.poll() is None:
             proc.kill()

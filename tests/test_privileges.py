@@ -165,3 +165,38 @@ def test_keylog_made_by_root_is_the_users(public_dir: Path, echo_backend) -> Non
         wait_until(lambda: "CLIENT_TRAFFIC_SECRET_0" in keylog.read_text(), what="the keylog line")
     finally:
         server.close()
+
+
+def test_workers_as_the_user_still_die_with_their_supervisor(public_dir: Path, echo_backend) -> None:
+    """The kernel clears PR_SET_PDEATHSIG when the credentials change: a worker sets it again
+    after dropping to the user (ironsocket/lifeline.py), so a SIGKILLed supervisor still takes
+    its workers with it."""
+    from tests.test_workers import free_port, gone, refused, wait_until, worker_pids
+
+    cert, key = nobody_certs(public_dir)
+    log = public_dir / "serve.log"
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ironsocket", "serve", "--workers", "2", "--listen",
+                                 f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{echo_backend[1]}", "--cert", str(cert),
+                                 "--key", str(key), "--user", "nobody", "--drain-timeout", "1"],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env=os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(public_dir)})
+    pids: set[int] = set()
+    try:
+        wait_until(lambda: log.read_text().count("running as user nobody") == 2, what="two workers as nobody")
+        pids = set(worker_pids(log.read_text()).values())
+        assert len(pids) == 2 and all(status_ids(pid, "Uid") == [NOBODY.pw_uid] * 4 for pid in pids)
+        proc.kill()
+        proc.wait(TIMEOUT)
+        for pid in pids:
+            wait_until(lambda: gone(pid), what=f"worker {pid} (as nobody) gone after its supervisor")
+        assert refused(port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        for pid in pids:  # the workers we started, if the test failed
+            if not gone(pid):
+                os.kill(pid, 9)
+    assert "Traceback" not in log.read_text()

@@ -341,3 +341,127 @@ def test_bad_workers_is_one_line(value: str, message: str) -> None:
     result = run("serve", "--workers", value, "--listen", "127.0.0.1:9", "--backend", "127.0.0.1:9",
                  "--cert", str(CERTS / "ecdsa-p256.pem"), "--key", str(CERTS / "ecdsa-p256.key"))
     assert result.returncode == 2 and message in one_line_error(result)
+
+
+def serve_demo(tmp: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """`serve --workers ...` in demo mode (no --cert, no --backend)."""
+    log = tmp / "serve.log"
+    env = os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(tmp)}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ironsocket", "serve", *args], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    return proc, log
+
+
+def worker_pids(text: str) -> dict[int, int]:
+    """worker index -> pid, from the supervisor's "worker N started, pid P" lines (the last of each)."""
+    return {int(i): int(p) for i, p in re.findall(r"worker (\d+) started, pid (\d+)", text)}
+
+
+def demo_request(port: int) -> tuple[str, str]:
+    """(sha256 of the served leaf certificate, the demo page's connection id) of one connection."""
+    import hashlib
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            der = tls.getpeercert(binary_form=True)
+            assert der
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nAccept: text/plain\r\nConnection: close\r\n\r\n")
+            page = b""
+            while chunk := tls.recv(4096):
+                page += chunk
+    found = re.search(rb"connection id: (\S+)", page)
+    assert found, page
+    return hashlib.sha256(der).hexdigest(), found.group(1).decode()
+
+
+def test_demo_workers_share_one_certificate(tmp_path: Path) -> None:
+    """Issue 13.6 with --workers: the supervisor makes the demo certificate once and passes its
+    memfd to the workers, so connections that land on different workers see the same one."""
+    port = free_port()
+    proc, log = serve_demo(tmp_path, "--workers", "2", "--listen", f"127.0.0.1:{port}")
+    try:
+        wait_until(lambda: log.read_text().count("serving TLS 1.3 on") == 2, what="two workers serving")
+        pids = worker_pids(log.read_text())
+        seen: dict[int, str] = {}  # worker pid -> fingerprint
+        for _ in range(200):  # SO_REUSEPORT spreads by hash: two workers within a few tries
+            fingerprint, conn_id = demo_request(port)
+            seen.setdefault(pids[int(conn_id.split(".")[0])], fingerprint)
+            if len(seen) == 2:
+                break
+        assert len(seen) == 2, f"every connection landed on one worker: {seen}"
+        assert len(set(seen.values())) == 1, f"workers serve different certificates: {seen}"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert "Traceback" not in log.read_text()
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (gone, or a zombie nobody reaped: the orphans' reaper may not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_workers_die_with_their_supervisor_also_after_an_upgrade(tmp_path: Path, echo_backend) -> None:
+    """Issue 13.2 leftover: a SIGKILLed supervisor used to leave its workers serving the port.
+    Each worker sets PR_SET_PDEATHSIG itself (ironsocket/lifeline.py), in every image: after a
+    rolling upgrade (same worker PIDs, parent still the supervisor, not killed by it), a SIGKILL
+    of the supervisor makes every worker exit and the port is no longer served."""
+    port = free_port()
+    proc, log = serve(tmp_path, "--workers", "2", "--listen", f"127.0.0.1:{port}",
+                      "--backend", f"{echo_backend[0]}:{echo_backend[1]}", "--drain-timeout", "1")
+    pids: set[int] = set()
+    try:
+        wait_until(lambda: log.read_text().count("serving TLS 1.3 on") == 2, what="two workers serving")
+        pids = set(worker_pids(log.read_text()).values())
+        assert len(pids) == 2 and all(parent_of(pid) == proc.pid for pid in pids)
+        proc.send_signal(signal.SIGUSR2)  # every worker execs its new program: same PID, same parent
+        wait_until(lambda: "upgrade done: 2 workers upgraded in place" in log.read_text(),
+                   what="the rolling upgrade")
+        assert set(worker_pids(log.read_text()).values()) == pids  # none restarted
+        assert all(not gone(pid) and parent_of(pid) == proc.pid for pid in pids)
+        c = tls_connect(port)
+        c.sendall(b"after the upgrade")
+        assert c.recv(64) == b"after the upgrade"
+        c.close()
+
+        proc.kill()  # SIGKILL: the supervisor forwards nothing
+        proc.wait(TIMEOUT)
+        for pid in pids:
+            wait_until(lambda: gone(pid), what=f"worker {pid} gone after its supervisor")
+        assert refused(port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        for pid in pids:  # the workers we started (through the supervisor), if the test failed
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert "Traceback" not in log.read_text()
+
+
+def test_a_worker_whose_supervisor_is_already_gone_stops() -> None:
+    """The supervisor may die before the worker set PR_SET_PDEATHSIG: then its parent is not the
+    PID the supervisor gave it, and `hold` says stop."""
+    code = "from ironsocket import lifeline; print(lifeline.hold())"
+    env = os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_SUPERVISOR_PID": "1"}  # not our parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    assert out.stdout.strip() == "False" and "the supervisor (pid 1) is gone" in out.stderr, out
+    env["IRONSOCKET_SUPERVISOR_PID"] = str(os.getpid())  # the parent it expects
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    assert out.stdout.strip() == "True", out
