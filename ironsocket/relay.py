@@ -56,7 +56,7 @@ import socket
 import termios
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -341,47 +341,6 @@ def _keys(cipher_suite: CipherSuite, secret: bytes) -> TrafficKeys:
     return TrafficKeys(traffic_secret=secret, key=key, iv=iv, rec_seq=0)
 
 
-class BufferPool:
-    """Read buffers lent for one read at a time, so an idle connection holds none (two 64 KiB
-    buffers per connection were most of its memory)."""
-
-    def __init__(self, size: int, keep: int = 64) -> None:
-        self.size, self.keep = size, keep
-        self._free: list[bytearray] = []
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def borrow(self) -> Iterator[memoryview]:
-        with self._lock:
-            buf = self._free.pop() if self._free else None
-        if buf is None:
-            buf = bytearray(self.size)
-        view = memoryview(buf)
-        try:
-            yield view
-        finally:
-            view.release()
-            with self._lock:
-                if len(self._free) < self.keep:
-                    self._free.append(buf)
-
-
-_BUFFERS = BufferPool(READ_SIZE)
-
-
-def _recv_pooled(sock: socket.socket, consume: Callable[[memoryview], object]) -> int:
-    """One ``recv_into`` a pooled buffer, whose bytes go to ``consume`` (it must copy them: the
-    buffer goes back to the pool). Bytes read, 0 at EOF, -1 if there was nothing to read."""
-    with _BUFFERS.borrow() as view:
-        try:
-            n = sock.recv_into(view)
-        except BlockingIOError:
-            return -1
-        if n:  # at EOF there is nothing to hand on (a Session closed for writing refuses even b"")
-            consume(view[:n])
-        return n
-
-
 class PipePool:
     """Splice pipes lent to a pump only while bytes are in it, so an idle kTLS connection holds
     its two sockets and nothing else (two pipes per connection were 4 of its 6 fds, and the fd
@@ -628,6 +587,7 @@ class Pump:
     what it can without blocking, ``state`` is all it holds between two steps."""
 
     direction: Direction
+    stable_fds = True  # engine.Pump: the relay's sockets, for its life; every wait keeps engine's rule
 
     def __init__(self, relay: Relay) -> None:
         self.relay: Relay = relay
@@ -776,7 +736,12 @@ class SpliceToBackend(_KernelRecords):
 
 
 class OpenToBackend(_UserspaceRecords):
-    """Userspace, client → backend: records opened by the `tls13.Session`, plaintext written."""
+    """Userspace, client → backend: records opened by the `tls13.Session`, plaintext written.
+
+    One step: one read of the client socket, then every record it completed opened and its
+    plaintext written to the backend at once; a read shorter than asked left the socket empty,
+    so the step then waits for it without a second read (the rule of `engine`'s edge-triggered
+    registrations)."""
 
     direction = Direction.CLIENT_TO_BACKEND
 
@@ -790,28 +755,46 @@ class OpenToBackend(_UserspaceRecords):
 
     def _step(self) -> bool:
         state, channel = self.state, self.channel
+        backend = self.relay.backend
         if state.pending:
-            return self._write_pending(self.relay.backend)
+            return self._write_pending(backend)
         if channel.out and not channel.flush():  # e.g. our answer to a KeyUpdate
             _wait(channel.sock.fileno(), select.POLLOUT)
-        event = channel.session.next_event()
-        if isinstance(event, ApplicationData):
-            state.pending += event.data
-            self._moved(len(event.data))
+        session = channel.session
+        drained = False
+        event = session.next_event()
+        if event is NEED_DATA:
+            sock = channel.sock
+            try:
+                data = sock.recv(READ_SIZE)
+            except BlockingIOError:
+                _wait(sock.fileno(), select.POLLIN)
+            if not data:
+                channel.truncated = True
+                return self._client_eof()
+            session.receive_data(data)
+            drained = len(data) < READ_SIZE
+            event = session.next_event()
+        while type(event) is ApplicationData:
+            payload = event.data
+            self._moved(len(payload))
+            try:
+                n = backend.send(payload)
+            except BlockingIOError:
+                state.pending += payload
+                _wait(backend.fileno(), select.POLLOUT)
+            if n < len(payload):
+                state.pending += memoryview(payload)[n:]
+                return False
+            event = session.next_event()
+        if event is NEED_DATA:
+            if drained:  # the socket was empty after our read: its next byte raises an edge
+                _wait(channel.sock.fileno(), select.POLLIN)
             return False
         if isinstance(event, ConnectionClosed):
             return self._client_eof()
         if isinstance(event, KeyUpdateReceived):
             channel.queue_pending_session_output()  # flushed first on the next steps
-            return False
-        if event is not NEED_DATA:
-            return False
-        n = _recv_pooled(channel.sock, channel.session.receive_data)
-        if n < 0:
-            _wait(channel.sock.fileno(), select.POLLIN)
-        if n == 0:
-            channel.truncated = True
-            return self._client_eof()
         return False
 
 
@@ -845,7 +828,8 @@ class SpliceToClient(_KernelRecords):
 
 class SealToClient(_UserspaceRecords):
     """Userspace, backend → client: what the backend sends is sealed into the channel's
-    outgoing stream (`UserspaceChannel.queue`), which this pump writes."""
+    outgoing stream (`UserspaceChannel.queue`), which this pump writes in the same step; a read
+    shorter than asked left the backend socket empty, so the step then waits for it."""
 
     direction = Direction.BACKEND_TO_CLIENT
 
@@ -858,12 +842,19 @@ class SealToClient(_UserspaceRecords):
         if state.done:
             _shutdown(channel.sock, socket.SHUT_WR)
             return True
-        n = _recv_pooled(self.relay.backend, channel.queue)  # queue seals into channel.out
-        if n < 0:
-            _wait(self.relay.backend.fileno(), select.POLLIN)
-        if n == 0:
+        backend = self.relay.backend
+        try:
+            data = backend.recv(READ_SIZE)
+        except BlockingIOError:
+            _wait(backend.fileno(), select.POLLIN)
+        if not data:
             channel.send_close_notify()
             state.done = True  # flushed on the next steps, then SHUT_WR
             return False
-        self._moved(n)
+        channel.queue(data)  # sealed into channel.out
+        self._moved(len(data))
+        if not channel.flush():
+            _wait(channel.sock.fileno(), select.POLLOUT)
+        if len(data) < READ_SIZE:  # the backend socket was empty after our read
+            _wait(backend.fileno(), select.POLLIN)
         return False
