@@ -68,13 +68,20 @@ _BROKEN = select.EPOLLERR | select.EPOLLHUP
 
 
 class WaitFor(Exception):
-    """Raised by a step: it cannot go on until ``fd`` has one of ``events`` (POLLIN/POLLOUT)."""
+    """Raised by a step: it cannot go on until ``fd`` has one of ``events`` (POLLIN/POLLOUT).
+    ``WaitFor(fd, events)``: the two are its ``args`` (no Python ``__init__``: one per wait)."""
 
-    __slots__ = ("fd", "events")
+    __slots__ = ()
 
-    def __init__(self, fd: int, events: int) -> None:
-        self.fd = fd
-        self.events = events
+    @property
+    def fd(self) -> int:
+        fd: int = self.args[0]
+        return fd
+
+    @property
+    def events(self) -> int:
+        events: int = self.args[1]
+        return events
 
 
 class Pump(Protocol):
@@ -286,7 +293,8 @@ class Loop:
                     pump.finished(None)
                     return
             except WaitFor as wait:
-                self._wait(pump, wait.fd, wait.events)
+                fd, events = wait.args
+                self._wait(pump, fd, events)
                 return
             except BaseException as exc:  # noqa: BLE001 - the pump decides what it means
                 pump.finished(exc)

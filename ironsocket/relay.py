@@ -79,6 +79,8 @@ SPLICE_CHUNK = 256 * 1024
 PIPE_SIZE = 256 * 1024
 F_SETPIPE_SZ = 1031
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
+monotonic = time.monotonic
 
 
 class RecordMode(enum.Enum):
@@ -670,12 +672,18 @@ class _KernelRecords(Pump):
 
 
 class _UserspaceRecords(Pump):
-    """A pump of a userspace connection: the `tls13.Session` seals and opens."""
+    """A pump of a userspace connection: the `tls13.Session` seals and opens. Its step runs
+    once per record or two of every connection: what it touches is in its own fields (the
+    sockets and their fds live as long as the relay, which closes them only after its pumps)."""
 
     def __init__(self, relay: Relay) -> None:
         super().__init__(relay)
         assert isinstance(relay.client, UserspaceChannel)
         self.channel: UserspaceChannel = relay.client
+        self.session = relay.client.session
+        self.sock, self.backend = relay.client.sock, relay.backend
+        self.sock_fd, self.backend_fd = self.sock.fileno(), self.backend.fileno()
+        self.stats = relay.stats
 
 
 class SpliceToBackend(_KernelRecords):
@@ -754,21 +762,19 @@ class OpenToBackend(_UserspaceRecords):
             raise
 
     def _step(self) -> bool:
-        state, channel = self.state, self.channel
-        backend = self.relay.backend
+        state, channel, backend = self.state, self.channel, self.backend
         if state.pending:
             return self._write_pending(backend)
         if channel.out and not channel.flush():  # e.g. our answer to a KeyUpdate
-            _wait(channel.sock.fileno(), select.POLLOUT)
-        session = channel.session
+            raise WaitFor(self.sock_fd, POLLOUT)
+        session = self.session
         drained = False
         event = session.next_event()
         if event is NEED_DATA:
-            sock = channel.sock
             try:
-                data = sock.recv(READ_SIZE)
+                data = self.sock.recv(READ_SIZE)
             except BlockingIOError:
-                _wait(sock.fileno(), select.POLLIN)
+                raise WaitFor(self.sock_fd, POLLIN) from None
             if not data:
                 channel.truncated = True
                 return self._client_eof()
@@ -777,19 +783,21 @@ class OpenToBackend(_UserspaceRecords):
             event = session.next_event()
         while type(event) is ApplicationData:
             payload = event.data
-            self._moved(len(payload))
+            stats = self.stats
+            stats.bytes_c2b += len(payload)
+            stats.last_activity = monotonic()
             try:
                 n = backend.send(payload)
             except BlockingIOError:
                 state.pending += payload
-                _wait(backend.fileno(), select.POLLOUT)
+                raise WaitFor(self.backend_fd, POLLOUT) from None
             if n < len(payload):
                 state.pending += memoryview(payload)[n:]
                 return False
             event = session.next_event()
         if event is NEED_DATA:
             if drained:  # the socket was empty after our read: its next byte raises an edge
-                _wait(channel.sock.fileno(), select.POLLIN)
+                raise WaitFor(self.sock_fd, POLLIN)
             return False
         if isinstance(event, ConnectionClosed):
             return self._client_eof()
@@ -837,24 +845,25 @@ class SealToClient(_UserspaceRecords):
         state, channel = self.state, self.channel
         if channel.out:
             if not channel.flush():
-                _wait(channel.sock.fileno(), select.POLLOUT)
+                raise WaitFor(self.sock_fd, POLLOUT)
             return False
         if state.done:
-            _shutdown(channel.sock, socket.SHUT_WR)
+            _shutdown(self.sock, socket.SHUT_WR)
             return True
-        backend = self.relay.backend
         try:
-            data = backend.recv(READ_SIZE)
+            data = self.backend.recv(READ_SIZE)
         except BlockingIOError:
-            _wait(backend.fileno(), select.POLLIN)
+            raise WaitFor(self.backend_fd, POLLIN) from None
         if not data:
             channel.send_close_notify()
             state.done = True  # flushed on the next steps, then SHUT_WR
             return False
         channel.queue(data)  # sealed into channel.out
-        self._moved(len(data))
+        stats = self.stats
+        stats.bytes_b2c += len(data)
+        stats.last_activity = monotonic()
         if not channel.flush():
-            _wait(channel.sock.fileno(), select.POLLOUT)
+            raise WaitFor(self.sock_fd, POLLOUT)
         if len(data) < READ_SIZE:  # the backend socket was empty after our read
-            _wait(backend.fileno(), select.POLLIN)
+            raise WaitFor(self.backend_fd, POLLIN)
         return False

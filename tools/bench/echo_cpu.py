@@ -37,10 +37,10 @@ TICK = os.sysconf("SC_CLK_TCK")
 MSG = b"p" * 64
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime+stime of process ``pid`` (all its threads), in seconds."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of process ``pid`` (all its threads), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def settings(tmp: Path) -> ib.Settings:
@@ -115,8 +115,8 @@ def ping_pong(socks: list[socket.socket], round_trips: int) -> None:
         raise errors[0]
 
 
-def measure(port: int, pid: int, conns: int, round_trips: int) -> float:
-    """Server CPU µs per round trip with ``conns`` connections busy at once."""
+def measure(port: int, pid: int, conns: int, round_trips: int) -> tuple[float, float]:
+    """Server CPU µs per round trip with ``conns`` connections busy at once: (user, system)."""
     socks = open_conns(port, conns)
     try:
         per_conn = max(1, round_trips // conns)
@@ -124,7 +124,7 @@ def measure(port: int, pid: int, conns: int, round_trips: int) -> float:
         c0 = cpu_seconds(pid)
         ping_pong(socks, per_conn)
         c1 = cpu_seconds(pid)
-        return (c1 - c0) * 1e6 / (per_conn * conns)
+        return ((c1[0] - c0[0]) * 1e6 / (per_conn * conns), (c1[1] - c0[1]) * 1e6 / (per_conn * conns))
     finally:
         for s in socks:
             s.close()
@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     conns = [int(x) for x in a.conns.split(",")]
     trees: list[Path | None] = [None, *(t.resolve() for t in a.tree)]
-    results: dict[tuple[str, int], list[float]] = {}
+    results: dict[tuple[str, int], list[tuple[float, float]]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="echo-cpu-"))
     try:
         for rep in range(a.repeat):
@@ -148,15 +148,19 @@ def main(argv: list[str]) -> int:
                 name = str(tree) if tree else "this tree"
                 with echo_server(tmp, tree) as (port, pid):
                     for n in conns:
-                        us = measure(port, pid, n, a.round_trips)
-                        results.setdefault((name, n), []).append(us)
-                        print(f"[{rep + 1}/{a.repeat}] {name}, {n} conn: {us:.1f} µs server CPU per round trip", flush=True)
+                        user, system = measure(port, pid, n, a.round_trips)
+                        results.setdefault((name, n), []).append((user, system))
+                        print(f"[{rep + 1}/{a.repeat}] {name}, {n} conn: {user + system:.1f} µs server CPU per round trip "
+                              f"(user {user:.1f}, system {system:.1f})", flush=True)
     finally:
         kill_everything()
     print()
-    print(f"server CPU µs per 64-byte round trip ({a.round_trips} round trips × {a.repeat}; median [min–max]):")
+    print(f"server CPU µs per 64-byte round trip ({a.round_trips} round trips × {a.repeat}; median [min–max]; "
+          "user / system medians):")
     for (name, n), v in results.items():
-        print(f"  {name:>40}  {n:>3} conn: {statistics.median(v):6.1f}  [{min(v):.1f}–{max(v):.1f}]")
+        total = [u + s for u, s in v]
+        print(f"  {name:>40}  {n:>3} conn: {statistics.median(total):6.1f}  [{min(total):.1f}–{max(total):.1f}]  "
+              f"user {statistics.median(u for u, _ in v):.1f} / system {statistics.median(s for _, s in v):.1f}")
     return 0
 
 
