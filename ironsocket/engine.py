@@ -226,7 +226,7 @@ class Loop:
         # The hot path of every relay: what it touches per iteration is in locals.
         poll = self._epoll.poll
         ready, inbox, waiting_on = self._ready, self._inbox, self._waiting
-        edge, wake_r, run_pump = self._edge, self._wake_r, self._run_pump
+        edge, wake_r, budget = self._edge, self._wake_r, range(STEP_BUDGET)
         monotonic = time.monotonic
         try:
             while self._running:
@@ -237,7 +237,25 @@ class Loop:
                 for _ in range(len(ready)):
                     if self._pause_wanted:
                         break
-                    run_pump(ready.popleft())
+                    pump = ready.popleft()
+                    for _ in budget:
+                        try:
+                            if pump.step():
+                                pump.finished(None)
+                                break
+                        except WaitFor as wait:
+                            fd, events = wait.args
+                            waiting = waiting_on.get(fd)
+                            if waiting is not None and fd in edge:
+                                waiting[pump] = events  # registered for good: nothing to arm
+                            else:
+                                self._wait(pump, fd, events)
+                            break
+                        except BaseException as exc:  # noqa: BLE001 - the pump decides what it means
+                            pump.finished(exc)
+                            break
+                    else:
+                        ready.append(pump)  # still busy: after the others
                 if ready or inbox:
                     timeout = 0.0
                 else:
@@ -258,10 +276,10 @@ class Loop:
                         ready.extend(waiting)
                         del waiting_on[fd]
                     else:
-                        woken = [p for p, events in waiting.items() if events & mask]
-                        for pump in woken:
-                            del waiting[pump]
-                        ready.extend(woken)
+                        for pump, events in list(waiting.items()):
+                            if events & mask:
+                                del waiting[pump]
+                                ready.append(pump)
                 if monotonic() >= self._next_scan:
                     self._scan_idle()
         except Exception:  # noqa: BLE001 - a bug in the loop itself: say so loudly
@@ -285,21 +303,6 @@ class Loop:
                 pass
         except BlockingIOError:
             pass
-
-    def _run_pump(self, pump: Pump) -> None:
-        for _ in range(STEP_BUDGET):
-            try:
-                if pump.step():
-                    pump.finished(None)
-                    return
-            except WaitFor as wait:
-                fd, events = wait.args
-                self._wait(pump, fd, events)
-                return
-            except BaseException as exc:  # noqa: BLE001 - the pump decides what it means
-                pump.finished(exc)
-                return
-        self._ready.append(pump)  # still busy: after the others
 
     def _wait(self, pump: Pump, fd: int, events: int) -> None:
         waiting = self._waiting.get(fd)

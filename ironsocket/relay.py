@@ -754,14 +754,6 @@ class OpenToBackend(_UserspaceRecords):
     direction = Direction.CLIENT_TO_BACKEND
 
     def step(self) -> bool:
-        try:
-            return self._step()
-        except RemoteProtocolError:
-            self.channel.queue_pending_session_output()  # the alert the Session queued
-            self.channel.flush()
-            raise
-
-    def _step(self) -> bool:
         state, channel, backend = self.state, self.channel, self.backend
         if state.pending:
             return self._write_pending(backend)
@@ -769,32 +761,37 @@ class OpenToBackend(_UserspaceRecords):
             raise WaitFor(self.sock_fd, POLLOUT)
         session = self.session
         drained = False
-        event = session.next_event()
-        if event is NEED_DATA:
-            try:
-                data = self.sock.recv(READ_SIZE)
-            except BlockingIOError:
-                raise WaitFor(self.sock_fd, POLLIN) from None
-            if not data:
-                channel.truncated = True
-                return self._client_eof()
-            session.receive_data(data)
-            drained = len(data) < READ_SIZE
+        try:  # (free unless raised)
             event = session.next_event()
-        while type(event) is ApplicationData:
-            payload = event.data
-            stats = self.stats
-            stats.bytes_c2b += len(payload)
-            stats.last_activity = monotonic()
-            try:
-                n = backend.send(payload)
-            except BlockingIOError:
-                state.pending += payload
-                raise WaitFor(self.backend_fd, POLLOUT) from None
-            if n < len(payload):
-                state.pending += memoryview(payload)[n:]
-                return False
-            event = session.next_event()
+            if event is NEED_DATA:
+                try:
+                    data = self.sock.recv(READ_SIZE)
+                except BlockingIOError:
+                    raise WaitFor(self.sock_fd, POLLIN) from None
+                if not data:
+                    channel.truncated = True
+                    return self._client_eof()
+                session.receive_data(data)
+                drained = len(data) < READ_SIZE
+                event = session.next_event()
+            while type(event) is ApplicationData:
+                payload = event.data
+                stats = self.stats
+                stats.bytes_c2b += len(payload)
+                stats.last_activity = monotonic()
+                try:
+                    n = backend.send(payload)
+                except BlockingIOError:
+                    state.pending += payload
+                    raise WaitFor(self.backend_fd, POLLOUT) from None
+                if n < len(payload):
+                    state.pending += memoryview(payload)[n:]
+                    return False
+                event = session.next_event()
+        except RemoteProtocolError:
+            channel.queue_pending_session_output()  # the alert the Session queued
+            channel.flush()
+            raise
         if event is NEED_DATA:
             if drained:  # the socket was empty after our read: its next byte raises an edge
                 raise WaitFor(self.sock_fd, POLLIN)
