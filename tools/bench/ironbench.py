@@ -19,7 +19,8 @@ in front of the SAME plain backend, started fresh per contender:
 
 Tests (--quick shortens all of them; --tests runs only the named ones, e.g. `--tests latency`;
 --rounds N runs the contenders N times in turn, --ironsocket-tree DIR adds another tree's
-ironsocket to each round: old and new side by side, alternating):
+ironsocket to each round: old and new side by side, alternating; --ironsocket-workers N one with
+--workers N):
   1 (bulk) MiB/s, 1 and 16 streams, download (backend→client) and upload (client→backend);
     for every contender the CPU seconds its processes spent per GB relayed (utime+stime)
   2 (handshakes) full and resumed handshakes/s with N concurrent client processes (tools/bench/handshakes.py's client;
@@ -519,9 +520,12 @@ def combined_pem(s: Settings) -> Path:
     return path
 
 
-def start_peer(name: str, backend_port: int, s: Settings, tree: Path | None = None) -> Contender:
-    """Start one contender; ``tree``: ironsocket from that source tree instead of this one."""
+def start_peer(name: str, backend_port: int, s: Settings, tree: Path | str | None = None) -> Contender:
+    """Start one contender; ``tree``: ironsocket from that source tree instead of this one, or
+    (a str) this one with ``--workers tree``."""
     c = Contender(name, name)
+    workers = tree if isinstance(tree, str) else None
+    tree = None if isinstance(tree, str) else tree
     logf = s.tmp / f"{name}.log"
     d = s.tmp / name
     d.mkdir(exist_ok=True)
@@ -534,13 +538,16 @@ def start_peer(name: str, backend_port: int, s: Settings, tree: Path | None = No
                 "--backend", f"127.0.0.1:{backend_port}", "--cert", str(CERT), "--key", str(KEY),
                 "--ciphers", SUITE, "--groups", "x25519", "--log-level", "warning",
                 "--max-connections", "30000", "--idle-timeout", "0", "--handshake-timeout", "60"]
+        if workers:
+            argv += ["--workers", workers]
         env = None
         if tree is not None:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(tree), os.environ.get("PYTHONPATH")))))
         c.proc = spawn(argv, logf, env=env)
         wait_port(c.port, c.proc, logf, s.startup_timeout)  # at --log-level warning it says nothing
         layer = "kTLS" if ktls.probe().available else "userspace"
-        c.note, c.label = f"record layer: {layer}", f"ironsocket ({layer})" + (f" @{tree}" if tree else "")
+        c.note, c.label = f"record layer: {layer}", (f"ironsocket ({layer})" + (f" @{tree}" if tree else "")
+                                                     + (f" --workers {workers}" if workers else ""))
         return c
     c.port = free_port()
     if name == "stunnel":
@@ -1264,6 +1271,9 @@ def main(argv: list[str]) -> int:
                     help=f"comma list of the tests to run, from {','.join(TESTS)} (default: all), e.g. --tests latency")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the contenders this many times in turn (rows labelled #1, #2, ...): the spread of one machine")
+    ap.add_argument("--ironsocket-workers", metavar="N|auto",
+                    help="also run ironsocket with --workers N (worker processes on one port, as nginx's "
+                         "worker_processes auto), after the others, in every round")
     ap.add_argument("--ironsocket-tree", action="append", default=[], metavar="DIR",
                     help="also run the ironsocket of this source tree (e.g. `git archive main` unpacked), labelled with DIR, "
                          "after this tree's, in every round")
@@ -1271,8 +1281,10 @@ def main(argv: list[str]) -> int:
     tests = frozenset(t.strip() for t in a.tests.split(",") if t.strip())
     if unknown := tests - set(TESTS):
         ap.error(f"unknown test(s) {', '.join(sorted(unknown))}; choose from {','.join(TESTS)}")
-    if a.markdown_out and not a.apply_markdown and (tests != set(TESTS) or a.rounds > 1 or a.ironsocket_tree):
-        ap.error("--markdown-out writes the whole table: not with --tests, --rounds or --ironsocket-tree")
+    if a.markdown_out and not a.apply_markdown and (tests != set(TESTS) or a.rounds > 1 or a.ironsocket_tree
+                                                    or a.ironsocket_workers):
+        ap.error("--markdown-out writes the whole table: not with --tests, --rounds, --ironsocket-tree "
+                 "or --ironsocket-workers")
     if a.apply_markdown:
         if not a.markdown_out:
             ap.error("--apply-markdown needs --markdown-out")
@@ -1353,6 +1365,8 @@ def main(argv: list[str]) -> int:
         if "ironsocket" in names:
             at = names.index("ironsocket") + 1
             runs[at:at] = [("ironsocket", Path(t).resolve()) for t in a.ironsocket_tree]
+            if a.ironsocket_workers:
+                runs.insert(at, ("ironsocket", a.ironsocket_workers))
         for round_no in range(1, s.rounds + 1):
             for name, tree in runs:
                 backend, bport, _ = start_backend(s)
