@@ -26,6 +26,7 @@ from .limits import MAX_CONSECUTIVE_EMPTY_RECORDS, MAX_KEY_UPDATES_WITHOUT_DATA,
 # -- KeyUpdate (§4.6.3), as the record layers send it ------------------------------------------------
 KEY_UPDATE_NOT_REQUESTED = bytes((HandshakeType.KEY_UPDATE, 0, 0, 1, 0))
 KEY_UPDATE_REQUESTED = bytes((HandshakeType.KEY_UPDATE, 0, 0, 1, 1))
+_APPLICATION_DATA = int(ContentType.APPLICATION_DATA)
 
 
 def parse_key_update(message: bytes) -> bool:
@@ -52,7 +53,10 @@ class PeerRecords:
 
     def record(self, inner_type: int, content: bytes) -> Event | None:
         """One opened record (its TLSInnerPlaintext type and content)."""
-        if inner_type == ContentType.APPLICATION_DATA:
+        if inner_type == _APPLICATION_DATA:  # per record: an int, not an Enum attribute
+            if content and not self._handshake_buffer:
+                self._empty_records = self.key_updates_without_data = 0
+                return ApplicationData(data=content)
             return self._application_data(content)
         if inner_type == ContentType.ALERT:
             return self._alert(content)

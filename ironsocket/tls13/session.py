@@ -26,6 +26,8 @@ from .limits import WRITE_KEY_UPDATE_MARGIN
 from .post_handshake import KEY_UPDATE_NOT_REQUESTED, KEY_UPDATE_REQUESTED, PeerRecords
 from .records import HEADER_SIZE, MAX_PLAINTEXT, RecordProtection, SequenceExhausted, split_record
 
+_APPLICATION_DATA = int(ContentType.APPLICATION_DATA)  # per record: an int, not an Enum attribute
+
 
 class Session:
     """Application data both ways over userspace AEAD, with close_notify and KeyUpdate."""
@@ -57,6 +59,8 @@ class Session:
     def next_event(self) -> Event | type[NEED_DATA]:
         """Next event from buffered records; raise `RemoteProtocolError` on a protocol error
         (the fatal alert is already queued in `data_to_send()`)."""
+        if not self._buffer and not self._pending_plaintext and not self.errored:
+            return NEED_DATA  # the common answer, without the framing below
         if self._pending_plaintext:
             data, self._pending_plaintext = self._pending_plaintext, b""
             return ApplicationData(data=data)
@@ -71,7 +75,7 @@ class Session:
                     return NEED_DATA
                 outer_type, header, total = framed
                 body = memoryview(self._buffer)[HEADER_SIZE:total]
-                if outer_type != ContentType.APPLICATION_DATA:
+                if outer_type != _APPLICATION_DATA:
                     body.release()
                     raise AlertUnexpectedMessage(f"plaintext {ContentType(outer_type).name} record after the handshake")
                 try:
@@ -137,10 +141,15 @@ class Session:
 
         Raises `LocalProtocolError` after our close_notify/alert, `RecordLimitReached` if the
         write key is exhausted and cannot be updated (the fatal alert is then queued)."""
-        view = memoryview(data)
         with self._write_lock:
             if self.write_closed:
                 raise LocalProtocolError("send after close_notify")
+            write = self._write
+            if 0 < len(data) <= self.max_fragment and write.records_left() > WRITE_KEY_UPDATE_MARGIN:
+                # One record, far from the key's limit (every echo): the loop below, once.
+                self._send_buffer += write.seal(_APPLICATION_DATA, data)
+                return
+            view = memoryview(data)
             try:
                 for i in range(0, len(view), self.max_fragment):
                     if self._write.records_left() <= WRITE_KEY_UPDATE_MARGIN:

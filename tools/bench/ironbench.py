@@ -17,15 +17,19 @@ in front of the SAME plain backend, started fresh per contender:
             own ceiling is printed first ("TLS client alone": the same clients against a TLS
             listener inside the backend, no proxy).
 
-Tests (--quick shortens all of them):
-  1 bulk MiB/s, 1 and 16 streams, download (backend→client) and upload (client→backend);
+Tests (--quick shortens all of them; --tests runs only the named ones, e.g. `--tests latency`;
+--rounds N runs the contenders N times in turn, --ironsocket-tree DIR adds another tree's
+ironsocket to each round: old and new side by side, alternating; --ironsocket-workers N one with
+--workers N):
+  1 (bulk) MiB/s, 1 and 16 streams, download (backend→client) and upload (client→backend);
     for every contender the CPU seconds its processes spent per GB relayed (utime+stime)
-  2 full and resumed handshakes/s with N concurrent client processes (tools/bench/handshakes.py's client;
+  2 (handshakes) full and resumed handshakes/s with N concurrent client processes (tools/bench/handshakes.py's client;
     every contender with its default session tickets)
-  3 64-byte echo ping-pong latency p50/p99 on kept-alive connections (1 and 16 connections)
-  4 RSS per idle connection at 1,000 and 10,000 connections (whole process group of the proxy)
-  5 the limit (only where the kernel has kTLS): a loopback TCP pair with kTLS TX on one end and
+  3 (latency) 64-byte echo ping-pong latency p50/p99 on kept-alive connections (1 and 16 connections)
+  4 (idle) RSS per idle connection at 1,000 and 10,000 connections (whole process group of the proxy)
+  5 (limit) the limit (only where the kernel has kTLS): a loopback TCP pair with kTLS TX on one end and
     kTLS RX on the other, os.sendfile in, recv_into out, no proxy
+  (crypto) AES-128-GCM alone, OpenSSL and the kernel's
 
 Profiles: --profile samples ironsocket's Python with py-spy; --perf records the whole machine
 with perf (kernel included: with kTLS the relayed bytes never reach Python) during every
@@ -70,6 +74,7 @@ CERTS = ROOT / "fixtures" / "certs"
 CERT, KEY, CA = CERTS / "ecdsa-p256.pem", CERTS / "ecdsa-p256.key", CERTS / "ca.pem"
 SUITE, GROUP = "TLS_AES_128_GCM_SHA256", "X25519"
 PEERS = ("stunnel", "haproxy", "nginx", "ironsocket")
+TESTS = ("bulk", "handshakes", "latency", "idle", "limit", "crypto")  # --tests: the numbered tests above, and crypto alone
 MiB = 1 << 20
 IN_VM = os.environ.get("IRONSOCKET_IN_VM") == "1"
 VM_DEFAULT_KERNEL = "6.1"  # tools/vm/ktls-vm's default
@@ -469,6 +474,8 @@ class Settings:
     perf: bool = False
     startup_timeout: float = 60.0
     nofile: int = 20000
+    tests: frozenset[str] = frozenset(TESTS)
+    rounds: int = 1
 
 
 @dataclass
@@ -513,8 +520,12 @@ def combined_pem(s: Settings) -> Path:
     return path
 
 
-def start_peer(name: str, backend_port: int, s: Settings) -> Contender:
+def start_peer(name: str, backend_port: int, s: Settings, tree: Path | str | None = None) -> Contender:
+    """Start one contender; ``tree``: ironsocket from that source tree instead of this one, or
+    (a str) this one with ``--workers tree``."""
     c = Contender(name, name)
+    workers = tree if isinstance(tree, str) else None
+    tree = None if isinstance(tree, str) else tree
     logf = s.tmp / f"{name}.log"
     d = s.tmp / name
     d.mkdir(exist_ok=True)
@@ -527,10 +538,16 @@ def start_peer(name: str, backend_port: int, s: Settings) -> Contender:
                 "--backend", f"127.0.0.1:{backend_port}", "--cert", str(CERT), "--key", str(KEY),
                 "--ciphers", SUITE, "--groups", "x25519", "--log-level", "warning",
                 "--max-connections", "30000", "--idle-timeout", "0", "--handshake-timeout", "60"]
-        c.proc = spawn(argv, logf)
+        if workers:
+            argv += ["--workers", workers]
+        env = None
+        if tree is not None:
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(tree), os.environ.get("PYTHONPATH")))))
+        c.proc = spawn(argv, logf, env=env)
         wait_port(c.port, c.proc, logf, s.startup_timeout)  # at --log-level warning it says nothing
         layer = "kTLS" if ktls.probe().available else "userspace"
-        c.note, c.label = f"record layer: {layer}", f"ironsocket ({layer})"
+        c.note, c.label = f"record layer: {layer}", (f"ironsocket ({layer})" + (f" @{tree}" if tree else "")
+                                                     + (f" --workers {workers}" if workers else ""))
         return c
     c.port = free_port()
     if name == "stunnel":
@@ -933,8 +950,9 @@ def fmt(v, spec: str = ".0f") -> str:
 def run_contender(c: Contender, s: Settings, profile_dir: Path | None) -> None:
     r = c.results
     stat0 = tls_stat()
-    log(f"{c.label}: bulk")
-    for direction in ("down", "up"):
+    if "bulk" in s.tests:
+        log(f"{c.label}: bulk")
+    for direction in ("down", "up") if "bulk" in s.tests else ():
         for streams in (1, 16):
             prof = perf = None
             if profile_dir is not None and c.name == "ironsocket" and streams == 1:
@@ -948,7 +966,7 @@ def run_contender(c: Contender, s: Settings, profile_dir: Path | None) -> None:
             b = r[f"{direction}{streams}"]
             log(f"  {direction} × {streams}: {fmt(b.get('MiBps'))} MiB/s, {fmt(b.get('cpu_s_per_GB'), '.2f')} CPU s/GB"
                 + (f"; errors: {b['errors'][:2]}" if b.get("errors") else ""))
-    if c.tls:
+    if c.tls and "handshakes" in s.tests:
         log(f"{c.label}: handshakes ({s.hs_workers} clients × {s.hs_dur:g}s)")
         try:
             r["hs"] = measure_handshakes(c, s)
@@ -957,15 +975,16 @@ def run_contender(c: Contender, s: Settings, profile_dir: Path | None) -> None:
                 raise
             r["hs"] = {"errors": str(exc)}
         log(f"  {r['hs']}")
-    log(f"{c.label}: latency")
-    for conns in (1, 16):
+    if "latency" in s.tests:
+        log(f"{c.label}: latency")
+    for conns in (1, 16) if "latency" in s.tests else ():
         try:
             r[f"lat{conns}"] = measure_latency(c, conns, s)
         except Exception as exc:  # noqa: BLE001
             r[f"lat{conns}"] = {"errors": [str(exc)]}
         log(f"  {conns} conn: p50 {fmt(r[f'lat{conns}'].get('p50_us'))} µs, p99 {fmt(r[f'lat{conns}'].get('p99_us'))} µs"
             + (f"; errors: {r[f'lat{conns}']['errors'][:2]}" if r[f"lat{conns}"].get("errors") else ""))
-    if c.pgid:
+    if c.pgid and "idle" in s.tests:
         log(f"{c.label}: idle memory at {', '.join(map(str, s.idle_counts))} connections")
         try:
             r["idle"] = measure_idle(c, s)
@@ -1002,7 +1021,10 @@ def render(contenders: list[Contender], limit: dict | None, crypto: dict, s: Set
          "process group per GB relayed (1 stream). Same machine for clients, contender and backend.", "",
          "| contender | down 1 | down 16 | up 1 | up 16 | CPU s/GB down | CPU s/GB up | kTLS TX/RX sessions |",
          "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for c in contenders:
+    if "bulk" not in s.tests:
+        del L[-4:]
+        L.append(f"Tests run: {', '.join(t for t in TESTS if t in s.tests)} (`--tests`).")
+    for c in contenders if "bulk" in s.tests else ():
         r = c.results
 
         def mb(k: str) -> str:
@@ -1065,6 +1087,31 @@ def render(contenders: list[Contender], limit: dict | None, crypto: dict, s: Set
     if errs:
         L += ["", "Errors seen:", *errs[:20]]
     return "\n".join(L) + "\n"
+
+
+def latency_ratios(contenders: list[Contender]) -> str:
+    """Each ironsocket row's echo p50/p99 as a multiple of the best peer's in the same round
+    (issue 15 asks p50 <= 1.5x and p99 <= 2x with 16 connections)."""
+    rounds: dict[str, list[Contender]] = {}
+    for c in contenders:
+        if c.name in PEERS:
+            m = re.search(r" #(\d+)$", c.label)
+            rounds.setdefault(m.group(1) if m else "", []).append(c)
+    L = []
+    for rnd, cs in rounds.items():
+        peers = [c for c in cs if c.name != "ironsocket"]
+        for c in cs:
+            if c.name != "ironsocket":
+                continue
+            cells = []
+            for conns in (1, 16):
+                for q in ("p50_us", "p99_us"):
+                    best = min((p.results.get(f"lat{conns}", {}).get(q) for p in peers), key=lambda v: v or 1e18,
+                               default=None)
+                    mine = c.results.get(f"lat{conns}", {}).get(q)
+                    cells.append(f"{q[:3]}@{conns} {mine / best:.2f}x" if mine and best else f"{q[:3]}@{conns} —")
+            L.append(f"{c.label} vs best peer of its round: " + ", ".join(cells))
+    return "\n".join(L)
 
 
 BEGIN = "<!-- bench:{} begin (written by tools/bench/run; edits inside are overwritten) -->"
@@ -1220,7 +1267,24 @@ def main(argv: list[str]) -> int:
                          "a non-default kernel writes its own 'VM <version>' section")
     ap.add_argument("--apply-markdown", type=Path, metavar="LOG",
                     help="take the markdown section printed in LOG (a captured VM run) into --markdown-out")
+    ap.add_argument("--tests", default=",".join(TESTS),
+                    help=f"comma list of the tests to run, from {','.join(TESTS)} (default: all), e.g. --tests latency")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the contenders this many times in turn (rows labelled #1, #2, ...): the spread of one machine")
+    ap.add_argument("--ironsocket-workers", metavar="N|auto",
+                    help="also run ironsocket with --workers N (worker processes on one port, as nginx's "
+                         "worker_processes auto), after the others, in every round")
+    ap.add_argument("--ironsocket-tree", action="append", default=[], metavar="DIR",
+                    help="also run the ironsocket of this source tree (e.g. `git archive main` unpacked), labelled with DIR, "
+                         "after this tree's, in every round")
     a = ap.parse_args(argv)
+    tests = frozenset(t.strip() for t in a.tests.split(",") if t.strip())
+    if unknown := tests - set(TESTS):
+        ap.error(f"unknown test(s) {', '.join(sorted(unknown))}; choose from {','.join(TESTS)}")
+    if a.markdown_out and not a.apply_markdown and (tests != set(TESTS) or a.rounds > 1 or a.ironsocket_tree
+                                                    or a.ironsocket_workers):
+        ap.error("--markdown-out writes the whole table: not with --tests, --rounds, --ironsocket-tree "
+                 "or --ironsocket-workers")
     if a.apply_markdown:
         if not a.markdown_out:
             ap.error("--apply-markdown needs --markdown-out")
@@ -1255,7 +1319,8 @@ def main(argv: list[str]) -> int:
     s = Settings(quick=a.quick, bulk_dur=2.0 if a.quick else 5.0, warm=0.5 if a.quick else 1.0,
                  hs_dur=3.0 if a.quick else 5.0, hs_workers=2 if a.quick else max(2, 2 * ncpu),
                  lat_dur=2.0 if a.quick else 4.0, idle_counts=idle, procs=max(2, ncpu), ktls=has_ktls, tmp=tmp,
-                 profile=a.profile, perf=a.perf, startup_timeout=300.0 if IN_VM else 60.0, nofile=nofile)
+                 profile=a.profile, perf=a.perf, startup_timeout=300.0 if IN_VM else 60.0, nofile=nofile,
+                 tests=tests, rounds=max(1, a.rounds))
     if IN_VM:
         s.warm = max(s.warm, 1.0)
     command = "tools/bench/run " + shlex.join(argv) if argv else "tools/bench/run"
@@ -1283,39 +1348,52 @@ def main(argv: list[str]) -> int:
             try:
                 base = Contender("backend", "backend alone (plain TCP client, no TLS)", port=bport, tls=False)
                 client = Contender("client", "TLS client alone (TLS to the backend's own listener, no proxy)", port=btls)
-                for c in (base, client):
+                for c in (base, client) if tests & {"bulk", "latency"} else ():
                     log(f"baseline: {c.label}")
-                    for direction in ("down", "up"):
+                    for direction in ("down", "up") if "bulk" in tests else ():
                         for streams in (1, 16):
                             c.results[f"{direction}{streams}"] = measure_bulk(c, direction, streams, s)
                             log(f"  {direction} × {streams}: {fmt(c.results[f'{direction}{streams}']['MiBps'])} MiB/s")
-                    for conns in (1, 16):
+                    for conns in (1, 16) if "latency" in tests else ():
                         c.results[f"lat{conns}"] = measure_latency(c, conns, s)
+                        log(f"  {conns} conn: p50 {fmt(c.results[f'lat{conns}'].get('p50_us'))} µs, "
+                            f"p99 {fmt(c.results[f'lat{conns}'].get('p99_us'))} µs")
                     contenders.append(c)
             finally:
                 kill_group(backend)
-        for name in names:
-            backend, bport, _ = start_backend(s)
-            try:
+        runs = [(n, None) for n in names]
+        if "ironsocket" in names:
+            at = names.index("ironsocket") + 1
+            runs[at:at] = [("ironsocket", Path(t).resolve()) for t in a.ironsocket_tree]
+            if a.ironsocket_workers:
+                runs.insert(at, ("ironsocket", a.ironsocket_workers))
+        for round_no in range(1, s.rounds + 1):
+            for name, tree in runs:
+                backend, bport, _ = start_backend(s)
                 try:
-                    c = start_peer(name, bport, s)
-                except Exception as exc:  # noqa: BLE001
-                    log(f"{name}: could not start: {exc}")
-                    continue
-                try:
-                    run_contender(c, s, profile_dir)
-                    contenders.append(c)
+                    try:
+                        c = start_peer(name, bport, s, tree)
+                    except Exception as exc:  # noqa: BLE001
+                        log(f"{name}: could not start: {exc}")
+                        continue
+                    if s.rounds > 1:
+                        c.label += f" #{round_no}"
+                    try:
+                        run_contender(c, s, profile_dir)
+                        contenders.append(c)
+                    finally:
+                        kill_group(c.proc)
                 finally:
-                    kill_group(c.proc)
-            finally:
-                kill_group(backend)
-        if has_ktls:
+                    kill_group(backend)
+        if has_ktls and "limit" in tests:
+
             log("the limit: kTLS socket pair")
             limit = ktls_limit(s)
             log(f"  {limit}")
-        log("crypto alone: OpenSSL and the kernel's AES-128-GCM")
-        crypto = crypto_speed(1.0 if a.quick else 3.0)
-        log(f"  {crypto}")
+        if "crypto" in tests:
+            log("crypto alone: OpenSSL and the kernel's AES-128-GCM")
+            crypto = crypto_speed(1.0 if a.quick else 3.0)
+            log(f"  {crypto}")
     finally:
         kill_everything()
     env["load1"] = loadavg()
@@ -1323,6 +1401,9 @@ def main(argv: list[str]) -> int:
     section = render(contenders, limit, crypto, s, command, env)
     print()
     print(section)
+    if "latency" in tests and (ratios := latency_ratios(contenders)):
+        print(ratios)
+        print()
     if a.profile:
         for f in sorted(tmp.glob("ironsocket-*.txt")):
             print(f"py-spy profile of ironsocket serve, {f.stem} (active threads, 250 Hz, --nonblocking):")
