@@ -15,21 +15,9 @@ kernel — splice, AES-GCM of kTLS, a socket write — the other can run Python)
 one loop for its life. A loop waits in ``epoll_wait`` for the fds its pumps wait on, then runs
 the steps of the pumps whose fds are ready; a pump that keeps making progress is put back at the
 end of the ready queue after ``STEP_BUDGET`` steps, so one bulk transfer cannot starve the
-others. One fd can be waited on by both pumps of a relay for different events (the client
-socket: readable for one, writable for the other).
-
-Registrations. A pump whose fds never change while it runs (``stable_fds``: the relay's pumps,
-whose sockets live as long as the relay) has each fd registered once, edge-triggered for both
-directions (``EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET``), and never modified: waiting costs
-no ``epoll_ctl``. An edge that no pump waits for is dropped, which is safe because of the rule
-every such pump keeps: it waits for readable only after a read that found nothing (EAGAIN) or
-read less than it asked for (the socket was empty then) *in the same step*, and for writable
-only after a write that did not take everything (EAGAIN, or the kernel set SOCK_NOSPACE); any
-byte that arrives or any space that frees after that point raises a new edge, which the next
-``epoll_wait`` reports (the loop is one thread: a wait is recorded before it polls again).
-Other pumps (a handshake, whose backend socket may be closed and replaced by the next address
-while it waits) get one-shot registrations (``EPOLLONESHOT``), re-armed with ``modify`` for
-each wait, as a closed fd number may be reused by another socket.
+others. Registrations are one-shot (``EPOLLONESHOT``): an fd fires once per wait, and one fd can
+be waited on by both pumps of a relay for different events (the client socket: readable for one,
+writable for the other).
 
 Pausing (the exec upgrade): `Engine.pause()` asks every loop to stop at the top of its next
 iteration — between steps, so every pump is at a safe point — and returns once all have; the
@@ -64,33 +52,21 @@ log = logging.getLogger("ironsocket.engine")
 STEP_BUDGET = 16  # steps a pump may run in a row before the others get their turn
 DEFAULT_LOOPS = 2
 _ONESHOT = select.EPOLLONESHOT  # pumps wait for poll(2)'s POLLIN/POLLOUT: the same bits as epoll's
-# A stable pump's fd: registered once for both directions, edge-triggered (see the module doc).
-_EDGE = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
-_BROKEN = select.EPOLLERR | select.EPOLLHUP
 
 
 class WaitFor(Exception):
-    """Raised by a step: it cannot go on until ``fd`` has one of ``events`` (POLLIN/POLLOUT).
-    ``WaitFor(fd, events)``: the two are its ``args`` (no Python ``__init__``: one per wait)."""
+    """Raised by a step: it cannot go on until ``fd`` has one of ``events`` (POLLIN/POLLOUT)."""
 
-    __slots__ = ()
+    __slots__ = ("fd", "events")
 
-    @property
-    def fd(self) -> int:
-        fd: int = self.args[0]
-        return fd
-
-    @property
-    def events(self) -> int:
-        events: int = self.args[1]
-        return events
+    def __init__(self, fd: int, events: int) -> None:
+        self.fd = fd
+        self.events = events
 
 
 class Pump(Protocol):
     """What a loop runs: `step()` (see the module doc) and `finished(exc)` when it has ended
-    (``exc``: the exception that ended it, or None when the step returned True). A pump class
-    may set ``stable_fds = True`` (its fds stay the same sockets while it runs, and it keeps
-    the edge-triggered rule of the module doc): its fds are then registered once."""
+    (``exc``: the exception that ended it, or None when the step returned True)."""
 
     relay: RelayLike
 
@@ -120,8 +96,7 @@ class Loop:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._waiting: dict[int, dict[Pump, int]] = {}  # fd → {pump: events it waits for}
-        self._registered: set[int] = set()  # fds in the epoll set (one-shot or edge-triggered)
-        self._edge: set[int] = set()  # of those, the edge-triggered ones (registered for good)
+        self._registered: set[int] = set()
         self._ready: collections.deque[Pump] = collections.deque()
         self._inbox: collections.deque[Callable[[], None]] = collections.deque()
         self.relays: set[RelayLike] = set()
@@ -204,9 +179,7 @@ class Loop:
         self.forget(relay)  # its fds: no registration, no pump waiting on them
         if self._ready:
             pumps = set(relay.pumps())
-            kept = [p for p in self._ready if p not in pumps]
-            self._ready.clear()  # the same deque: the loop thread holds it in a local
-            self._ready.extend(kept)
+            self._ready = collections.deque(p for p in self._ready if p not in pumps)
 
     def after_fork(self) -> None:
         """(in a child forked while this loop was parked) A thread of its own again, with fresh
@@ -238,7 +211,6 @@ class Loop:
         self.relays.discard(relay)
         for fd in relay.fds():
             self._waiting.pop(fd, None)
-            self._edge.discard(fd)
             if fd in self._registered:
                 self._registered.discard(fd)
                 try:
@@ -247,64 +219,22 @@ class Loop:
                     pass
 
     def _run(self) -> None:
-        # The hot path of every relay: what it touches per iteration is in locals.
-        poll = self._epoll.poll
-        ready, inbox, waiting_on = self._ready, self._inbox, self._waiting
-        edge, wake_r, budget = self._edge, self._wake_r, range(STEP_BUDGET)
-        monotonic = time.monotonic
         try:
             while self._running:
-                if self._pause_wanted:
-                    self._park_if_asked()
-                while inbox:
-                    inbox.popleft()()
-                for _ in range(len(ready)):
-                    if self._pause_wanted:
-                        break
-                    pump = ready.popleft()
-                    for _ in budget:
-                        try:
-                            if pump.step():
-                                pump.finished(None)
-                                break
-                        except WaitFor as wait:
-                            fd, events = wait.args
-                            waiting = waiting_on.get(fd)
-                            if waiting is not None and fd in edge:
-                                waiting[pump] = events  # registered for good: nothing to arm
-                            else:
-                                self._wait(pump, fd, events)
-                            break
-                        except BaseException as exc:  # noqa: BLE001 - the pump decides what it means
-                            pump.finished(exc)
-                            break
-                    else:
-                        ready.append(pump)  # still busy: after the others
-                if ready or inbox:
-                    timeout = 0.0
-                else:
-                    timeout = max(0.0, self._next_scan - monotonic())
+                self._park_if_asked()
+                self._drain_inbox()
+                self._run_ready()
+                timeout = 0.0 if self._ready or self._inbox else self._until_scan()
                 try:
-                    events = poll(timeout)
+                    events = self._epoll.poll(timeout)
                 except InterruptedError:
                     continue
                 for fd, mask in events:
-                    waiting = waiting_on.get(fd)
-                    if waiting is None:
-                        if fd == wake_r:
-                            self._drain_wake()
-                        continue  # an edge nobody waits for (see the module doc)
-                    if fd not in edge:
-                        self._fire(fd, mask)
-                    elif mask & _BROKEN:
-                        ready.extend(waiting)
-                        del waiting_on[fd]
+                    if fd == self._wake_r:
+                        self._drain_wake()
                     else:
-                        for pump, events in list(waiting.items()):
-                            if events & mask:
-                                del waiting[pump]
-                                ready.append(pump)
-                if monotonic() >= self._next_scan:
+                        self._fire(fd, mask)
+                if time.monotonic() >= self._next_scan:
                     self._scan_idle()
         except Exception:  # noqa: BLE001 - a bug in the loop itself: say so loudly
             log.exception("relay loop %s crashed", self.name)
@@ -321,6 +251,10 @@ class Loop:
         # The pause may have been long: no idle timeout counts it.
         self._next_scan = time.monotonic() + self._idle_scan
 
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            self._inbox.popleft()()
+
     def _drain_wake(self) -> None:
         try:
             while os.read(self._wake_r, 4096):
@@ -328,26 +262,29 @@ class Loop:
         except BlockingIOError:
             pass
 
-    def _wait(self, pump: Pump, fd: int, events: int) -> None:
-        waiting = self._waiting.get(fd)
-        if waiting is None:
-            waiting = self._waiting[fd] = {}
-        waiting[pump] = events
-        if fd in self._edge:
-            return  # registered for good
-        if getattr(pump, "stable_fds", False):
+    def _run_ready(self) -> None:
+        for _ in range(len(self._ready)):
+            if self._pause_wanted:
+                return
+            self._run_pump(self._ready.popleft())
+
+    def _run_pump(self, pump: Pump) -> None:
+        for _ in range(STEP_BUDGET):
             try:
-                if fd in self._registered:  # one-shot until now (a handshake's): for good from here
-                    self._epoll.modify(fd, _EDGE)
-                else:
-                    self._epoll.register(fd, _EDGE)
-                    self._registered.add(fd)
-                self._edge.add(fd)
-            except OSError:
-                self._waiting.pop(fd, None)
-                self._registered.discard(fd)
-                self._ready.extend(waiting)  # the fd is gone: let the pumps find out by running
-            return
+                if pump.step():
+                    pump.finished(None)
+                    return
+            except WaitFor as wait:
+                self._wait(pump, wait.fd, wait.events)
+                return
+            except BaseException as exc:  # noqa: BLE001 - the pump decides what it means
+                pump.finished(exc)
+                return
+        self._ready.append(pump)  # still busy: after the others
+
+    def _wait(self, pump: Pump, fd: int, events: int) -> None:
+        waiting = self._waiting.setdefault(fd, {})
+        waiting[pump] = events
         self._arm(fd, waiting)
 
     def _arm(self, fd: int, waiting: dict[Pump, int]) -> None:
@@ -370,7 +307,7 @@ class Loop:
         waiting = self._waiting.get(fd)
         if not waiting:
             return
-        broken = mask & _BROKEN
+        broken = mask & (select.EPOLLERR | select.EPOLLHUP)
         woken = [p for p, events in waiting.items() if broken or events & mask]
         for pump in woken:
             del waiting[pump]
@@ -379,6 +316,9 @@ class Loop:
             self._arm(fd, waiting)  # one-shot: re-arm for the pumps still waiting
         else:
             del self._waiting[fd]
+
+    def _until_scan(self) -> float:
+        return max(0.0, self._next_scan - time.monotonic())
 
     def _scan_idle(self) -> None:
         now = time.monotonic()

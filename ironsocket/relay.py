@@ -56,7 +56,7 @@ import socket
 import termios
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -79,8 +79,6 @@ SPLICE_CHUNK = 256 * 1024
 PIPE_SIZE = 256 * 1024
 F_SETPIPE_SZ = 1031
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
-monotonic = time.monotonic
 
 
 class RecordMode(enum.Enum):
@@ -343,18 +341,45 @@ def _keys(cipher_suite: CipherSuite, secret: bytes) -> TrafficKeys:
     return TrafficKeys(traffic_secret=secret, key=key, iv=iv, rec_seq=0)
 
 
-_READ_BUFFERS = threading.local()
+class BufferPool:
+    """Read buffers lent for one read at a time, so an idle connection holds none (two 64 KiB
+    buffers per connection were most of its memory)."""
+
+    def __init__(self, size: int, keep: int = 64) -> None:
+        self.size, self.keep = size, keep
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[memoryview]:
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+        if buf is None:
+            buf = bytearray(self.size)
+        view = memoryview(buf)
+        try:
+            yield view
+        finally:
+            view.release()
+            with self._lock:
+                if len(self._free) < self.keep:
+                    self._free.append(buf)
 
 
-def _read_view() -> memoryview:
-    """This thread's read buffer (a loop thread runs one step at a time): a userspace pump
-    reads into it and hands on a copy of what it read (an idle connection holds no buffer, and a
-    64 KiB ``recv`` per read would allocate and free 64 KiB each time: page faults in bulk)."""
-    try:
-        view: memoryview = _READ_BUFFERS.view
-    except AttributeError:
-        view = _READ_BUFFERS.view = memoryview(bytearray(READ_SIZE))
-    return view
+_BUFFERS = BufferPool(READ_SIZE)
+
+
+def _recv_pooled(sock: socket.socket, consume: Callable[[memoryview], object]) -> int:
+    """One ``recv_into`` a pooled buffer, whose bytes go to ``consume`` (it must copy them: the
+    buffer goes back to the pool). Bytes read, 0 at EOF, -1 if there was nothing to read."""
+    with _BUFFERS.borrow() as view:
+        try:
+            n = sock.recv_into(view)
+        except BlockingIOError:
+            return -1
+        if n:  # at EOF there is nothing to hand on (a Session closed for writing refuses even b"")
+            consume(view[:n])
+        return n
 
 
 class PipePool:
@@ -603,7 +628,6 @@ class Pump:
     what it can without blocking, ``state`` is all it holds between two steps."""
 
     direction: Direction
-    stable_fds = True  # engine.Pump: the relay's sockets, for its life; every wait keeps engine's rule
 
     def __init__(self, relay: Relay) -> None:
         self.relay: Relay = relay
@@ -686,18 +710,12 @@ class _KernelRecords(Pump):
 
 
 class _UserspaceRecords(Pump):
-    """A pump of a userspace connection: the `tls13.Session` seals and opens. Its step runs
-    once per record or two of every connection: what it touches is in its own fields (the
-    sockets and their fds live as long as the relay, which closes them only after its pumps)."""
+    """A pump of a userspace connection: the `tls13.Session` seals and opens."""
 
     def __init__(self, relay: Relay) -> None:
         super().__init__(relay)
         assert isinstance(relay.client, UserspaceChannel)
         self.channel: UserspaceChannel = relay.client
-        self.session = relay.client.session
-        self.sock, self.backend = relay.client.sock, relay.backend
-        self.sock_fd, self.backend_fd = self.sock.fileno(), self.backend.fileno()
-        self.stats = relay.stats
 
 
 class SpliceToBackend(_KernelRecords):
@@ -758,63 +776,42 @@ class SpliceToBackend(_KernelRecords):
 
 
 class OpenToBackend(_UserspaceRecords):
-    """Userspace, client → backend: records opened by the `tls13.Session`, plaintext written.
-
-    One step: one read of the client socket, then every record it completed opened and its
-    plaintext written to the backend at once; a read shorter than asked left the socket empty,
-    so the step then waits for it without a second read (the rule of `engine`'s edge-triggered
-    registrations)."""
+    """Userspace, client → backend: records opened by the `tls13.Session`, plaintext written."""
 
     direction = Direction.CLIENT_TO_BACKEND
 
     def step(self) -> bool:
-        state, channel, backend = self.state, self.channel, self.backend
-        if state.pending:
-            return self._write_pending(backend)
-        if channel.out and not channel.flush():  # e.g. our answer to a KeyUpdate
-            raise WaitFor(self.sock_fd, POLLOUT)
-        session = self.session
-        drained = False
-        try:  # (free unless raised)
-            event = session.next_event()
-            if event is NEED_DATA:
-                view = _read_view()
-                try:
-                    n = self.sock.recv_into(view)
-                except BlockingIOError:
-                    raise WaitFor(self.sock_fd, POLLIN) from None
-                if not n:
-                    channel.truncated = True
-                    return self._client_eof()
-                session.receive_data(view[:n])  # copied into the Session's buffer
-                drained = n < READ_SIZE
-                event = session.next_event()
-            while type(event) is ApplicationData:
-                payload = event.data
-                stats = self.stats
-                stats.bytes_c2b += len(payload)
-                stats.last_activity = monotonic()
-                try:
-                    n = backend.send(payload)
-                except BlockingIOError:
-                    state.pending += payload
-                    raise WaitFor(self.backend_fd, POLLOUT) from None
-                if n < len(payload):
-                    state.pending += memoryview(payload)[n:]
-                    return False
-                event = session.next_event()
+        try:
+            return self._step()
         except RemoteProtocolError:
-            channel.queue_pending_session_output()  # the alert the Session queued
-            channel.flush()
+            self.channel.queue_pending_session_output()  # the alert the Session queued
+            self.channel.flush()
             raise
-        if event is NEED_DATA:
-            if drained:  # the socket was empty after our read: its next byte raises an edge
-                raise WaitFor(self.sock_fd, POLLIN)
+
+    def _step(self) -> bool:
+        state, channel = self.state, self.channel
+        if state.pending:
+            return self._write_pending(self.relay.backend)
+        if channel.out and not channel.flush():  # e.g. our answer to a KeyUpdate
+            _wait(channel.sock.fileno(), select.POLLOUT)
+        event = channel.session.next_event()
+        if isinstance(event, ApplicationData):
+            state.pending += event.data
+            self._moved(len(event.data))
             return False
         if isinstance(event, ConnectionClosed):
             return self._client_eof()
         if isinstance(event, KeyUpdateReceived):
             channel.queue_pending_session_output()  # flushed first on the next steps
+            return False
+        if event is not NEED_DATA:
+            return False
+        n = _recv_pooled(channel.sock, channel.session.receive_data)
+        if n < 0:
+            _wait(channel.sock.fileno(), select.POLLIN)
+        if n == 0:
+            channel.truncated = True
+            return self._client_eof()
         return False
 
 
@@ -848,8 +845,7 @@ class SpliceToClient(_KernelRecords):
 
 class SealToClient(_UserspaceRecords):
     """Userspace, backend → client: what the backend sends is sealed into the channel's
-    outgoing stream (`UserspaceChannel.queue`), which this pump writes in the same step; a read
-    shorter than asked left the backend socket empty, so the step then waits for it."""
+    outgoing stream (`UserspaceChannel.queue`), which this pump writes."""
 
     direction = Direction.BACKEND_TO_CLIENT
 
@@ -857,26 +853,17 @@ class SealToClient(_UserspaceRecords):
         state, channel = self.state, self.channel
         if channel.out:
             if not channel.flush():
-                raise WaitFor(self.sock_fd, POLLOUT)
+                _wait(channel.sock.fileno(), select.POLLOUT)
             return False
         if state.done:
-            _shutdown(self.sock, socket.SHUT_WR)
+            _shutdown(channel.sock, socket.SHUT_WR)
             return True
-        view = _read_view()
-        try:
-            n = self.backend.recv_into(view)
-        except BlockingIOError:
-            raise WaitFor(self.backend_fd, POLLIN) from None
-        if not n:
+        n = _recv_pooled(self.relay.backend, channel.queue)  # queue seals into channel.out
+        if n < 0:
+            _wait(self.relay.backend.fileno(), select.POLLIN)
+        if n == 0:
             channel.send_close_notify()
             state.done = True  # flushed on the next steps, then SHUT_WR
             return False
-        channel.queue(view[:n])  # sealed (copied) into channel.out
-        stats = self.stats
-        stats.bytes_b2c += n
-        stats.last_activity = monotonic()
-        if not channel.flush():
-            raise WaitFor(self.sock_fd, POLLOUT)
-        if n < READ_SIZE:  # the backend socket was empty after our read
-            raise WaitFor(self.backend_fd, POLLIN)
+        self._moved(n)
         return False
