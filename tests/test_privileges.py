@@ -171,7 +171,8 @@ def test_workers_as_the_user_still_die_with_their_supervisor(public_dir: Path, e
     """The kernel clears PR_SET_PDEATHSIG when the credentials change: a worker sets it again
     after dropping to the user (ironsocket/lifeline.py), so a SIGKILLed supervisor still takes
     its workers with it."""
-    from tests.test_workers import free_port, gone, refused, wait_until, worker_pids
+    from tests.test_workers import (free_port, kill_leftovers, kill_supervisor_expect_workers_gone, wait_until,
+                                    worker_pids)
 
     cert, key = nobody_certs(public_dir)
     log = public_dir / "serve.log"
@@ -187,16 +188,7 @@ def test_workers_as_the_user_still_die_with_their_supervisor(public_dir: Path, e
         wait_until(lambda: log.read_text().count("running as user nobody") == 2, what="two workers as nobody")
         pids = set(worker_pids(log.read_text()).values())
         assert len(pids) == 2 and all(status_ids(pid, "Uid") == [NOBODY.pw_uid] * 4 for pid in pids)
-        proc.kill()
-        proc.wait(TIMEOUT)
-        for pid in pids:
-            wait_until(lambda: gone(pid), what=f"worker {pid} (as nobody) gone after its supervisor")
-        assert refused(port)
+        kill_supervisor_expect_workers_gone(proc, pids, port)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        for pid in pids:  # the workers we started, if the test failed
-            if not gone(pid):
-                os.kill(pid, 9)
+        kill_leftovers(proc, pids)
     assert "Traceback" not in log.read_text()

@@ -417,6 +417,25 @@ def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+def kill_supervisor_expect_workers_gone(proc: subprocess.Popen, pids: set[int], port: int) -> None:
+    """SIGKILL the supervisor (it forwards nothing): every worker must exit and the port go quiet."""
+    proc.kill()
+    proc.wait(TIMEOUT)
+    for pid in pids:
+        wait_until(lambda: gone(pid), what=f"worker {pid} gone after its supervisor")
+    assert refused(port)
+
+
+def kill_leftovers(proc: subprocess.Popen, pids: set[int]) -> None:
+    """(a test's finally) The supervisor and the workers we started through it, if still there."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(5)
+    for pid in pids:
+        if not gone(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_workers_die_with_their_supervisor_also_after_an_upgrade(tmp_path: Path, echo_backend) -> None:
     """Issue 13.2 leftover: a SIGKILLed supervisor used to leave its workers serving the port.
     Each worker sets PR_SET_PDEATHSIG itself (ironsocket/lifeline.py), in every image: after a
@@ -440,18 +459,9 @@ def test_workers_die_with_their_supervisor_also_after_an_upgrade(tmp_path: Path,
         assert c.recv(64) == b"after the upgrade"
         c.close()
 
-        proc.kill()  # SIGKILL: the supervisor forwards nothing
-        proc.wait(TIMEOUT)
-        for pid in pids:
-            wait_until(lambda: gone(pid), what=f"worker {pid} gone after its supervisor")
-        assert refused(port)
+        kill_supervisor_expect_workers_gone(proc, pids, port)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        for pid in pids:  # the workers we started (through the supervisor), if the test failed
-            if not gone(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_leftovers(proc, pids)
     assert "Traceback" not in log.read_text()
 
 
