@@ -276,11 +276,9 @@ def test_workers_with_config_reload_every_worker_and_name_connections_per_machin
         set_cert(tmp_path, name, "ecdsa-p256")
     ports = {name: free_port() for name in NAMES}
     config = write_config(tmp_path, echo_backend[1], ports=ports)
-    log = tmp_path / "serve.log"
-    env = os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(tmp_path)}
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "ironsocket", "serve", "--config", str(config), "--workers", "2"],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    from tests.test_workers import spawn_serve
+
+    proc, log = spawn_serve(tmp_path, "--config", str(config), "--workers", "2")
     try:
         wait_until(lambda: "all 2 workers serving" in log.read_text(), what="two workers serving")
         sockets = control.find_servers(tmp_path)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ironsocket.workers import worker_argv
-from tests.helpers import ROOT, assert_refused, serve_outcome
+from tests.helpers import assert_refused, serve_outcome
 from tests.test_upgrade import TIMEOUT, Server, echo_backend  # noqa: F401
 
 
@@ -166,17 +166,13 @@ def test_with_workers_a_config_pid_file_is_the_supervisors_only(tmp_path: Path, 
     """With --workers and a --config file naming pid_file, the workers (which read the same file)
     must not claim it: it names the supervisor, a running ironsocket, and they were refused."""
     from tests.test_config_upgrade import set_cert, write_config
-    from tests.test_workers import free_port, wait_until
+    from tests.test_workers import free_port, spawn_serve, wait_until
 
     for name in ("web", "api"):
         set_cert(tmp_path, name, "ecdsa-p256")
     config = write_config(tmp_path, echo_backend[1], ports={"web": free_port(), "api": free_port()})
     config.write_text('pid_file = "is.pid"\n' + config.read_text())
-    log = tmp_path / "serve.log"
-    env = os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(tmp_path)}
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "ironsocket", "serve", "--config", str(config), "--workers", "2"],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    proc, log = spawn_serve(tmp_path, "--config", str(config), "--workers", "2")
     try:
         wait_until(lambda: log.read_text().count("serving TLS 1.3 on") == 4, what="two workers serving two listeners")
         assert (tmp_path / "is.pid").read_text() == f"{proc.pid}\n"

@@ -34,12 +34,18 @@ wait_until = functools.partial(helpers.wait_until, timeout=TIMEOUT)
 
 
 def serve(tmp: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+    """`serve` with the test certificate and ``args``."""
+    return spawn_serve(tmp, "--cert", str(CERTS / "ecdsa-p256.pem"), "--key", str(CERTS / "ecdsa-p256.key"), *args,
+                       env=env)
+
+
+def spawn_serve(tmp: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+    """`python -m ironsocket serve ARGS`, its run dir ``tmp``, its output in ``tmp``/serve.log."""
     log = tmp / "serve.log"
     env = os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(tmp)} | (env or {})
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "ironsocket", "serve", "--cert", str(CERTS / "ecdsa-p256.pem"),
-                                 "--key", str(CERTS / "ecdsa-p256.key"), *args], stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen([sys.executable, "-m", "ironsocket", "serve", *args], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     return proc, log
 
 
@@ -343,16 +349,6 @@ def test_bad_workers_is_one_line(value: str, message: str) -> None:
     assert result.returncode == 2 and message in one_line_error(result)
 
 
-def serve_demo(tmp: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
-    """`serve --workers ...` in demo mode (no --cert, no --backend)."""
-    log = tmp / "serve.log"
-    env = os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(tmp)}
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "ironsocket", "serve", *args], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    return proc, log
-
-
 def worker_pids(text: str) -> dict[int, int]:
     """worker index -> pid, from the supervisor's "worker N started, pid P" lines (the last of each)."""
     return {int(i): int(p) for i, p in re.findall(r"worker (\d+) started, pid (\d+)", text)}
@@ -383,7 +379,7 @@ def test_demo_workers_share_one_certificate(tmp_path: Path) -> None:
     """Issue 13.6 with --workers: the supervisor makes the demo certificate once and passes its
     memfd to the workers, so connections that land on different workers see the same one."""
     port = free_port()
-    proc, log = serve_demo(tmp_path, "--workers", "2", "--listen", f"127.0.0.1:{port}")
+    proc, log = spawn_serve(tmp_path, "--workers", "2", "--listen", f"127.0.0.1:{port}")
     try:
         wait_until(lambda: log.read_text().count("serving TLS 1.3 on") == 2, what="two workers serving")
         pids = worker_pids(log.read_text())
