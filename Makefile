@@ -14,7 +14,7 @@ serve: setup
 # Static checks (pyproject.toml [tool.mypy], [tool.ruff]), the host suite (userspace record
 # layer, real clients), then the kTLS suite inside the VM on Debian's 6.1, then only the rekey
 # and record-size tests (marker ktls7) on a 7.x kernel (tools/vm/ktls-vm --kernel 7).
-KTLS_61 = tools/vm/ktls-vm run -- python -m pytest -m "ktls and not ktls7" -p no:cacheprovider
+KTLS_61 = tools/vm/ktls-vm run --timeout 3600 -- python -m pytest -m "ktls and not ktls7" -p no:cacheprovider
 KTLS_7 = tools/vm/ktls-vm run --kernel 7 --timeout 1200 -- python -m pytest -m ktls7 tests/test_ktls_rekey.py -p no:cacheprovider
 
 test: setup-test lint
