@@ -380,6 +380,7 @@ def test_demo_workers_share_one_certificate(tmp_path: Path) -> None:
     memfd to the workers, so connections that land on different workers see the same one."""
     port = free_port()
     proc, log = spawn_serve(tmp_path, "--workers", "2", "--listen", f"127.0.0.1:{port}")
+    pids: dict[int, int] = {}  # worker index -> pid
     try:
         wait_until(lambda: log.read_text().count("serving TLS 1.3 on") == 2, what="two workers serving")
         pids = worker_pids(log.read_text())
@@ -394,9 +395,7 @@ def test_demo_workers_share_one_certificate(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+        kill_leftovers(proc, set(pids.values()))
     assert "Traceback" not in log.read_text()
 
 
