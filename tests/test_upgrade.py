@@ -35,6 +35,10 @@ IN_VM = ktls.probe().available
 CONNECTIONS = 12 if IN_VM else 50
 UPGRADES = 2 if IN_VM else 10  # an upgrade costs ~2 min under emulation (its pre-flight check imports everything)
 TIMEOUT = 300.0 if IN_VM else 30.0
+# Between two round trips a streamer waits this long. Under emulation the guest has the CPU of a
+# slow single core: 12 streamers at the host's pace kept it saturated, an upgrade's pre-flight
+# check and start-up then took over 300 s, and the VM's kTLS suite outgrew its time budget.
+STREAM_PAUSE = 0.25 if IN_VM else 0.005
 
 
 def pattern(conn: int, offset: int, size: int) -> bytes:
@@ -83,7 +87,7 @@ class Streamer(threading.Thread):
                         raise AssertionError(f"connection {self.index}: mismatch at offset {self.verified}")
                     self.verified += size
                     self.max_gap = max(self.max_gap, time.monotonic() - start)
-                    time.sleep(0.005)
+                    time.sleep(STREAM_PAUSE)
                 tls.unwrap()
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
@@ -530,9 +534,18 @@ def test_upgrade_with_fds_above_1024_loses_nothing(nofile_hard: int, tmp_path: P
     server = Server(tmp_path, echo_backend[1], "--idle-timeout", "0")
     conns: list[ssl.SSLSocket] = []
     try:
-        with ThreadPoolExecutor(16) as pool:
-            for tls in pool.map(connect, range(MANY)):
-                conns.append(tls)
+        # The first failed connection ends the test: the rest are cancelled rather than each
+        # waiting out its own timeout (600 of them, 16 at a time, outlast any CI budget).
+        pool = ThreadPoolExecutor(16)
+        futures = [pool.submit(connect, i) for i in range(MANY)]
+        try:
+            for future in futures:
+                conns.append(future.result(timeout=TIMEOUT))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for future in futures[len(conns):]:  # made after the failure: closed below too
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    conns.append(future.result())
         for n in (1, 2):  # the second one goes through the new program's control socket
             result = server.upgrade()
             assert result.returncode == 0 and "upgraded" in result.stdout, result.stdout + result.stderr
