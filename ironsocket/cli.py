@@ -170,7 +170,7 @@ def serve(
     group: Annotated[Optional[str], typer.Option(metavar="NAME", help="With --user: this group instead of the user's own.")] = None,
     pid_file: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Write the server's PID to this file (atomically, 0644; kept across upgrades and reloads, removed at a clean stop). A file naming a running ironsocket is refused, a stale one replaced. With --config, overrides its pid_file.")] = None,
     control_socket: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Unix socket for `ironsocket inspect-keys` and `ironsocket upgrade`. Default: <run dir>/ironsocket-<pid>.sock.")] = None,
-    workers: Annotated[str, typer.Option(metavar="N|auto", help="Worker processes sharing the port (SO_REUSEPORT), to use every core (auto: one per CPU this process may run on). Each worker has its own control socket; the admin endpoint is the supervisor's, the sum of the workers'.")] = "1",
+    workers: Annotated[str, typer.Option(metavar="N|auto", help="Worker processes sharing the port (SO_REUSEPORT), to use every core (auto: one per CPU this process may run on). The supervisor's control socket upgrades them one after another (`ironsocket upgrade`) and gathers their connections (`inspect-keys`); the admin endpoint is the supervisor's, the sum of the workers'.")] = "1",
     reuse_port: Annotated[bool, typer.Option("--reuse-port", help="Set SO_REUSEPORT on the listener (set for each worker by --workers).")] = False,
     drain_timeout: Annotated[float, typer.Option(metavar="SECONDS", help="On SIGTERM/SIGINT, time connections may finish before they are closed with close_notify (SIGQUIT: no drain).")] = 10.0,
     upgrade_state_dump: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Debugging: at each upgrade also write the state document, traffic secrets and session ticket keys included, to this file (0600), for `inspect-keys --state`.")] = None,
@@ -266,17 +266,16 @@ def serve(
         if any(config.listen[1] == 0 for config in configs):
             where = "--listen port" if config_file is None else "listen port in every [[listeners]] table"
             _fail(f"--workers needs a fixed {where} (with port 0 each worker would get its own)")
-        if control_socket is not None:
-            _fail("--control-socket names one socket; with --workers each worker has its own control socket "
-                  "(ironsocket upgrade / inspect-keys --pid PID)")
+        from .control import ControlError
         from .workers import main_argv, supervise, worker_argv
 
         where = ", ".join(f"{c.listen[0]}:{c.listen[1]}" for c in configs)
         log.info("%d workers on %s (SO_REUSEPORT)", workers_n, where)
         pid_record = _claim_pid_file(pid_file)
         try:  # the supervisor's PID is the file's (the workers' argv lose --pid-file)
-            code = supervise(workers_n, worker_argv(main_argv()), admin=_supervisor_admin(admin_kw) if has_admin else None)
-        except AdminError as exc:
+            code = supervise(workers_n, worker_argv(main_argv()), admin=_supervisor_admin(admin_kw) if has_admin else None,
+                             control_socket=control_socket)
+        except (AdminError, ControlError) as exc:
             _fail(str(exc))
         finally:
             _release_pid_file(pid_record)
@@ -502,16 +501,21 @@ def upgrade_command(
 
     def phase(line: dict) -> None:  # printed as it happens (the server sends them as it goes)
         name = line.get("phase")
+        # A --workers supervisor passes on each worker's lines, one worker after another.
+        who = f"worker {line['worker']} (pid {line.get('worker_pid')}): " if "worker_pid" in line else ""
         if name == "check":
-            typer.echo(f"check: the new program loads the configuration and certificates ({line.get('program')} "
+            typer.echo(f"{who}check: the new program loads the configuration and certificates ({line.get('program')} "
                        "--upgrade-check)")
         elif name == "quiesce":
-            typer.echo(f"quiesce: pausing {line.get('listeners')} listeners, {line.get('connections')} connections")
+            typer.echo(f"{who}quiesce: pausing {line.get('listeners')} listeners, {line.get('connections')} connections")
         elif name == "exec":
-            typer.echo(f"exec: {line.get('connections')} connections relayed by the bridge (pid {line.get('bridge')}) "
+            typer.echo(f"{who}exec: {line.get('connections')} connections relayed by the bridge (pid {line.get('bridge')}) "
                        "while the new program loads")
+        elif name == "worker done":
+            typer.echo(f"worker {line.get('worker')} (pid {line.get('pid')}): restored {line.get('connections')} "
+                       f"connections, pause {line.get('pause_ms')} ms")
         else:
-            typer.echo(f"{name}: {line}")
+            typer.echo(f"{who}{name}: {line}")
 
     try:
         path = resolve(pid, socket_path)
@@ -521,6 +525,11 @@ def upgrade_command(
         _fail(str(exc))
     if not answer.get("ok"):
         _fail(f"upgrade failed: {answer.get('error', 'no reason given')}")
+    if "workers" in answer:
+        typer.echo(f"upgraded: {len(answer['workers'])} workers of pid {answer.get('pid')}, one after another "
+                   f"(same PIDs), restored {answer.get('connections')} connections, longest pause "
+                   f"{answer.get('pause_ms')} ms")
+        return
     typer.echo(f"upgraded: restored {answer.get('connections')} connections in pid {answer.get('pid')} "
                f"(the new program), pause {answer.get('pause_ms')} ms")
 

@@ -6,7 +6,9 @@ Unknown commands and malformed JSON get a clean error answer; every read has a t
 
 Where: ``<control_dir>/ironsocket-<pid>.sock`` (mode 0600; the directory is ours and private, see
 `control_dir`). Binding removes an old file at the path only if it is a socket nobody listens on.
-Clients find servers with `find_servers` and pick one with `resolve`.
+Clients find servers with `find_servers` and pick one with `resolve`. A ``serve --workers N``
+supervisor has one too (`workers`): ``upgrade`` there is a rolling upgrade of its workers, and
+``inspect-keys``/``connections`` gather theirs; each worker keeps its own socket as well.
 
 Handlers are ``handlers[command](request) -> dict``. A handler that must keep the connection
 (the exec upgrade answers later, from the new program) is wrapped in `Takeover`: it is called as
@@ -186,8 +188,10 @@ class ControlServer:
     per client connection). ``handlers``: command name → handler; ``ping`` is built in."""
 
     def __init__(self, path: Path | str | None, handlers: dict[str, Handler], *, version: str | None = None,
-                 read_timeout: float = READ_TIMEOUT, _sock: socket.socket | None = None) -> None:
+                 read_timeout: float = READ_TIMEOUT, about: Callable[[], dict[str, Any]] | None = None,
+                 _sock: socket.socket | None = None) -> None:
         self.handlers: dict[str, Handler] = {"ping": self._ping, **handlers}
+        self.about = about  # more for ``ping``: a --workers supervisor's workers, a worker's supervisor
         self.read_timeout = read_timeout
         self.version = version or _version()
         if _sock is not None:
@@ -205,7 +209,7 @@ class ControlServer:
 
     @classmethod
     def from_fd(cls, fd: int, handlers: dict[str, Handler], *, version: str | None = None,
-                read_timeout: float = READ_TIMEOUT) -> ControlServer:
+                read_timeout: float = READ_TIMEOUT, about: Callable[[], dict[str, Any]] | None = None) -> ControlServer:
         """Adopt an already-listening unix socket (e.g. inherited across exec)."""
         sock = socket.socket(fileno=fd)
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
@@ -214,7 +218,7 @@ class ControlServer:
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             sock.detach()
             raise ControlError(f"fd {fd} is not listening")
-        return cls(None, handlers, version=version, read_timeout=read_timeout, _sock=sock)
+        return cls(None, handlers, version=version, read_timeout=read_timeout, about=about, _sock=sock)
 
     @staticmethod
     def _bind(path: Path) -> socket.socket:
@@ -237,7 +241,8 @@ class ControlServer:
         return self._sock.fileno()
 
     def _ping(self, request: dict[str, Any]) -> dict[str, Any]:
-        return {"pid": os.getpid(), "version": self.version, "path": str(self.path) if self.path else None}
+        about = self.about() if self.about is not None else {}
+        return {"pid": os.getpid(), "version": self.version, "path": str(self.path) if self.path else None, **about}
 
     # -- serving ---------------------------------------------------------------------------------
     def _accept_loop(self) -> None:
@@ -487,7 +492,9 @@ def _pid_of(path: Path) -> int | None:
 
 def resolve(pid: int | None = None, socket_path: Path | None = None) -> Path:
     """The control socket to talk to: ``socket_path`` if given; the server with ``pid``; else
-    the single running server (an error if there are none or several)."""
+    the single running server (an error if there are none or several; a ``--workers``
+    supervisor's workers, whose ``ping`` names it as their ``supervisor``, count as the
+    supervisor: its control socket upgrades and inspects them all)."""
     if socket_path is not None:
         return Path(socket_path)
     directory = control_dir()
@@ -502,6 +509,10 @@ def resolve(pid: int | None = None, socket_path: Path | None = None) -> Path:
                 return path
         raise ControlError(f"no ironsocket control socket for pid {pid} in {directory} "
                            "(started with another --control-socket? pass --socket PATH)")
+    if len(servers) > 1:  # a --workers supervisor stands for its workers
+        pids = {p: _server_pid(p) for p in servers}
+        supervisors = set(pids.values())
+        servers = [p for p in servers if str((_answers(p) or {}).get("supervisor")) not in supervisors]
     if not servers:
         raise ControlError(f"no running ironsocket server found (no control socket answers in {directory}; "
                            "set IRONSOCKET_RUN_DIR or pass --socket PATH)")

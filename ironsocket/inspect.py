@@ -88,18 +88,25 @@ def connection_rows(server: Any, *, reveal: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def reveal_requested(request: dict[str, Any]) -> bool:
+    """An ``inspect-keys`` request's ``reveal``, allowed only to root and the server's own uid
+    (ControlError otherwise); each reveal is logged."""
+    if not request.get("reveal"):
+        return False
+    uid = request.get("_peer_uid")
+    if uid is not None and uid not in (0, os.getuid()):
+        raise ControlError(f"--reveal refused: uid {uid} is neither root nor the server's uid")
+    import logging
+
+    logging.getLogger("ironsocket.control").warning("inspect-keys --reveal: traffic keys handed to a control client (uid %s)", uid)
+    return True
+
+
 def control_handlers(server: Any) -> dict[str, Any]:
     """The control-socket commands a serving `ProxyServer` answers."""
 
     def inspect_keys(request: dict[str, Any]) -> dict[str, Any]:
-        reveal = bool(request.get("reveal"))
-        if reveal:
-            uid = request.get("_peer_uid")
-            if uid is not None and uid not in (0, os.getuid()):
-                raise ControlError(f"--reveal refused: uid {uid} is neither root nor the server's uid")
-            import logging
-
-            logging.getLogger("ironsocket.control").warning("inspect-keys --reveal: traffic keys handed to a control client (uid %s)", uid)
+        reveal = reveal_requested(request)
         return {"pid": os.getpid(), "record_layer": server.record_layer, "connections": connection_rows(server, reveal=reveal)}
 
     def connections(request: dict[str, Any]) -> dict[str, Any]:

@@ -360,10 +360,14 @@ class Runtime:
 
         view = self.servers[0] if len(self.servers) == 1 else ListenerSet(self.servers)
         handlers: dict[str, Any] = {**control_handlers(view), "upgrade": Takeover(self._upgrade_command)}
+        from .lifeline import supervisor_pid
+
+        supervisor = supervisor_pid()  # a --workers worker: clients resolve to its supervisor
+        about = (lambda: {"supervisor": supervisor}) if supervisor is not None else None
         if doc is not None and doc.sockets.control_fd is not None:
-            self.control = ControlServer.from_fd(doc.sockets.control_fd, handlers)
+            self.control = ControlServer.from_fd(doc.sockets.control_fd, handlers, about=about)
         else:
-            self.control = ControlServer(self.control_socket, handlers)
+            self.control = ControlServer(self.control_socket, handlers, about=about)
 
     def _start_relay(self, doc: Document | None) -> None:
         if not any(server.connections for server in self.servers):  # none adopted: ours is all loaded

@@ -13,6 +13,16 @@ The parent only supervises, and never touches a connection:
   (``PR_SET_PDEATHSIG``, set by the worker itself: `lifeline`) and stops: no orphan keeps
   serving the port.
 
+The supervisor has a control socket of its own (`control`; its default path is named by its PID,
+or ``--control-socket``), so ``ironsocket upgrade`` and ``inspect-keys`` work against the PID an
+operator knows (the PID file's, systemd's MAINPID) — and without ``--pid``, since a worker's
+``ping`` names its supervisor and clients resolve to it:
+
+- ``upgrade`` is the same rolling upgrade as SIGUSR2, but asked of each worker through that
+  worker's own control socket (with ``exec``: another program), its progress lines passed on
+  with the worker's index and PID, then one answer for all;
+- ``inspect-keys`` and ``connections`` gather every worker's rows (ids ``W.N``).
+
 How a worker reports: the supervisor is its systemd. It binds an AF_UNIX datagram socket and
 gives it to the workers as ``$NOTIFY_SOCKET``; each worker sends ``READY=1`` once serving,
 ``RELOADING=1`` when an upgrade starts and ``READY=1`` after it (from the new program, same PID,
@@ -48,14 +58,14 @@ UPGRADE_TIMEOUT = 240.0  # from RELOADING=1 to READY=1 (the pre-flight check may
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-_SUPERVISOR_OPTIONS = ("--workers", "--pid-file", "--admin")  # with a value; the supervisor's own
+_SUPERVISOR_OPTIONS = ("--workers", "--pid-file", "--admin", "--control-socket")  # with a value; the supervisor's own
 _SUPERVISOR_FLAGS = ("--admin-allow-remote",)
 
 
 def worker_argv(argv: list[str]) -> list[str]:
     """This program's argv without what is the supervisor's (``--workers N``, ``--pid-file
-    PATH``, ``--admin WHERE``: each worker gets an admin socket of its own, `workersum`) and with
-    ``--reuse-port``."""
+    PATH``, ``--control-socket PATH``: each worker has its default one, ``--admin WHERE``: each
+    worker gets an admin socket of its own, `workersum`) and with ``--reuse-port``."""
     out: list[str] = []
     skip = False
     for arg in argv:
@@ -95,16 +105,47 @@ class _Notifications:
             self.messages.put((pid, sdnotify.parse(data)))
 
 
-def supervise(count: int, argv: list[str], admin: dict[str, Any] | None = None) -> int:
+def supervise(count: int, argv: list[str], admin: dict[str, Any] | None = None,
+              control_socket: Path | None = None) -> int:
     """Run ``count`` workers of ``argv`` until SIGTERM/SIGINT/SIGQUIT; the exit code. ``admin``:
     the admin endpoint's ``listen``/``unix``/``allow_remote`` (`admin.AdminServer`), served here
-    as the sum of the workers' (`workersum`). Raises AdminError if it cannot be bound."""
-    return _Supervisor(count, argv, admin).run()
+    as the sum of the workers' (`workersum`). ``control_socket``: the supervisor's control
+    socket (default: named by its PID). Raises AdminError or ControlError if either cannot be
+    bound."""
+    return _Supervisor(count, argv, admin, control_socket).run()
+
+
+class _ControlUpgrade:
+    """A control client's ``upgrade``, queued for the main loop (where every roll runs)."""
+
+    def __init__(self, exec_path: str | None, conn: Any) -> None:
+        self.exec_path = exec_path
+        self.conn = conn  # control.ControlConnection, ours until answered
+
+    def tell(self, line: dict[str, Any]) -> None:
+        if self.conn.wants_progress:
+            try:
+                self.conn.send(line)
+            except OSError:
+                pass  # the client went away: the roll goes on
+
+    def answer(self, obj: dict[str, Any]) -> None:
+        try:
+            self.conn.send(obj)
+        except OSError:
+            pass
+        self.conn.close()
 
 
 class _Supervisor:
-    def __init__(self, count: int, argv: list[str], admin: dict[str, Any] | None = None) -> None:
+    def __init__(self, count: int, argv: list[str], admin: dict[str, Any] | None = None,
+                 control_socket: Path | None = None) -> None:
         self.argv = argv
+        self.control_path = control_socket
+        self.control: Any = None
+        self.rolling = False  # a roll runs (main loop) or is queued: a second control request is refused
+        self.roll_lock = threading.Lock()
+        self.asks: list[threading.Thread] = []  # control requests to workers in flight (joined at exit)
         self.admin_sockets: list[Path] = []
         self.admin: Any = None
         if admin is not None:
@@ -116,7 +157,8 @@ class _Supervisor:
             self.admin_sockets = [worker_socket(run_dir, os.getpid(), i) for i in range(count)]
             self.admin = AdminServer([], view=WorkersView(self.admin_sockets), **admin)
         self.workers: list[subprocess.Popen[bytes] | None] = [None] * count
-        self.actions: queue.SimpleQueue[int] = queue.SimpleQueue()  # signal numbers, from handlers
+        # Signal numbers (from the handlers) and control clients' upgrades (`_ControlUpgrade`).
+        self.actions: queue.SimpleQueue[int | _ControlUpgrade] = queue.SimpleQueue()
         self.stop_signal: int | None = None
         self.notify = _Notifications()
         self.ready: set[int] = set()  # pids that sent READY=1
@@ -169,11 +211,17 @@ class _Supervisor:
     def on_signal(self, signum: int, _frame: object) -> None:
         self.actions.put(signum)
 
-    def take_signal(self) -> int | None:
+    def take_signal(self) -> int | _ControlUpgrade | None:
+        """The next action; stop signals are acted on here (forwarded to every worker)."""
         try:
             signum = self.actions.get_nowait()
         except queue.Empty:
             return None
+        if isinstance(signum, _ControlUpgrade):
+            if self.stop_signal is not None:
+                signum.answer({"ok": False, "error": "the server is stopping"})
+                return None
+            return signum
         if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT) and self.stop_signal is None:
             self.stop_signal = signal.SIGQUIT if signum == signal.SIGQUIT else signal.SIGTERM
             name = signal.Signals(signum).name
@@ -187,51 +235,148 @@ class _Supervisor:
         return signum
 
     # -- the rolling upgrade ---------------------------------------------------------------------------
-    def rolling_upgrade(self, signum: int) -> None:
-        what = "reload" if signum == signal.SIGHUP else "upgrade"
-        name = signal.Signals(signum).name
-        log.info("%s requested (%s): upgrading the %d workers one after another", what, name, len(self.workers))
-        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        self._notify_up("RELOADING=1", f"MONOTONIC_USEC={usec}", f"STATUS={what} of the workers in progress")
-        done = 0
-        for i, w in enumerate(self.workers):
-            if w is None or w.poll() is not None:
-                continue
-            outcome = self.upgrade_one(i, w, signum)
-            if self.stop_signal is not None:
-                log.info("%s of the workers interrupted by a stop", what)
-                return
-            if outcome != "ok":
-                log.error("worker %d (pid %d): %s not done: %s; the other workers keep their current program",
-                          i, w.pid, what, outcome)
-                self._notify_up("READY=1", f"STATUS={what} not done: {outcome[:200]}")
-                return
-            done += 1
-            log.info("worker %d (pid %d): %s done", i, w.pid, what)
-        log.info("%s done: %d workers upgraded in place", what, done)
-        self._notify_up("READY=1", f"MAINPID={os.getpid()}", f"STATUS={len(self.workers)} workers serving")
+    def rolling_upgrade(self, signum: int | _ControlUpgrade) -> None:
+        """One worker after another (SIGHUP: reload, SIGUSR2 or a control client: upgrade); the
+        first that is not done stops the roll. A control client gets each worker's progress and
+        one answer."""
+        asked = signum if isinstance(signum, _ControlUpgrade) else None
+        signal_number = signum if isinstance(signum, int) else signal.SIGUSR2
+        what = "reload" if signal_number == signal.SIGHUP else "upgrade"
+        name = "control socket" if asked is not None else signal.Signals(signal_number).name
+        with self.roll_lock:
+            self.rolling = True
+        try:
+            log.info("%s requested (%s): upgrading the %d workers one after another", what, name, len(self.workers))
+            usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            self._notify_up("RELOADING=1", f"MONOTONIC_USEC={usec}", f"STATUS={what} of the workers in progress")
+            done: list[dict[str, Any]] = []
+            for i, w in enumerate(self.workers):
+                if w is None or w.poll() is not None:
+                    continue
+                report: dict[str, Any] = {}
+                if asked is not None:
+                    outcome = self.upgrade_one(i, w, lambda: self.ask_upgrade(i, w, asked, report), report)
+                else:
+                    outcome = self.upgrade_one(i, w, lambda: w.send_signal(signal_number))
+                if self.stop_signal is not None:
+                    log.info("%s of the workers interrupted by a stop", what)
+                    if asked is not None:
+                        asked.answer({"ok": False, "error": "interrupted by a stop", "workers": done})
+                    return
+                if outcome != "ok":
+                    log.error("worker %d (pid %d): %s not done: %s; the other workers keep their current program",
+                              i, w.pid, what, outcome)
+                    self._notify_up("READY=1", f"STATUS={what} not done: {outcome[:200]}")
+                    if asked is not None:
+                        asked.answer({"ok": False, "error": f"worker {i} (pid {w.pid}): {outcome}; the other workers "
+                                      "keep their current program", "workers": done})
+                    return
+                done.append({"worker": i, "pid": w.pid, "connections": report.get("connections"),
+                             "pause_ms": report.get("pause_ms")})
+                if asked is not None:
+                    asked.tell({"phase": "worker done", **done[-1]})
+                log.info("worker %d (pid %d): %s done", i, w.pid, what)
+            log.info("%s done: %d workers upgraded in place", what, len(done))
+            self._notify_up("READY=1", f"MAINPID={os.getpid()}", f"STATUS={len(self.workers)} workers serving")
+            if asked is not None:
+                asked.answer({"ok": True, "pid": os.getpid(), "workers": done,
+                              "connections": sum(d["connections"] or 0 for d in done),
+                              "pause_ms": max((d["pause_ms"] or 0 for d in done), default=0)})
+        finally:
+            with self.roll_lock:
+                self.rolling = False
 
-    def upgrade_one(self, i: int, w: subprocess.Popen[bytes], signum: int) -> str:
-        """Signal one worker and wait for its report: "ok", or why not."""
+    def ask_upgrade(self, i: int, w: subprocess.Popen[bytes], asked: _ControlUpgrade, report: dict[str, Any]) -> None:
+        """Start the worker's upgrade through its control socket, in a thread: its progress goes
+        to ``asked``'s client, its answer into ``report`` (the worker's READY=1 is what
+        `upgrade_one` waits for; a refusal is answered before any RELOADING=1, so also
+        ``report["error"]``)."""
+        from .control import ControlError, default_socket_path, request
+
+        def run() -> None:
+            try:
+                answer = request(default_socket_path(w.pid), {"command": "upgrade", "exec": asked.exec_path},
+                                 timeout=UPGRADE_START_TIMEOUT + UPGRADE_TIMEOUT,
+                                 on_progress=lambda line: asked.tell({**line, "worker": i, "worker_pid": w.pid}))
+            except ControlError as exc:
+                answer = {"ok": False, "error": str(exc)}
+            report.update(answer)
+            if not answer.get("ok"):
+                report.setdefault("error", "refused")
+
+        thread = threading.Thread(target=run, name=f"is-upgrade-worker-{i}", daemon=True)
+        self.asks = [t for t in self.asks if t.is_alive()] + [thread]
+        thread.start()
+
+    def take_during_roll(self) -> None:
+        """`take_signal` while a roll runs: a control client's upgrade queued meanwhile is refused."""
+        got = self.take_signal()
+        if isinstance(got, _ControlUpgrade):
+            got.answer({"ok": False, "error": "an upgrade of the workers is already running"})
+
+    def control_upgrade(self, request: dict[str, Any], conn: Any) -> None:
+        """The control socket's ``upgrade`` (a Takeover handler, in a control thread)."""
+        with self.roll_lock:
+            busy, self.rolling = self.rolling, True
+        up = _ControlUpgrade(request.get("exec"), conn)
+        if busy:
+            up.answer({"ok": False, "error": "an upgrade of the workers is already running"})
+            return
+        self.actions.put(up)
+
+    def gather(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``inspect-keys`` / ``connections``: every worker's rows, asked of its control socket."""
+        from .control import ControlError, default_socket_path, request as ask
+        from .inspect import reveal_requested
+
+        command = request["command"]
+        query: dict[str, Any] = {"command": command}
+        if command == "inspect-keys":
+            query["reveal"] = reveal_requested(request)
+        rows: list[Any] = []
+        workers = []
+        layers = set()
+        for i, w in self.alive():
+            try:
+                answer = ask(default_socket_path(w.pid), query)
+            except ControlError as exc:
+                raise ControlError(f"worker {i} (pid {w.pid}): {exc}") from None
+            if not answer.get("ok"):
+                raise ControlError(f"worker {i} (pid {w.pid}): {answer.get('error', 'request failed')}")
+            rows += answer.get("connections", [])
+            workers.append({"worker": i, "pid": w.pid, "connections": len(answer.get("connections", []))})
+            if answer.get("record_layer"):
+                layers.add(str(answer["record_layer"]))
+        out: dict[str, Any] = {"pid": os.getpid(), "workers": workers, "connections": rows}
+        if command == "inspect-keys":
+            out["record_layer"] = ", ".join(sorted(layers)) or None
+        return out
+
+    def upgrade_one(self, i: int, w: subprocess.Popen[bytes], start: Any, report: dict[str, Any] | None = None) -> str:
+        """Start one worker's upgrade (``start()``: a signal, or a control request) once it is
+        ready, and wait for its report: "ok", or why not. The report is the worker's READY=1
+        after its RELOADING=1, or with ``report`` (a control request's) its answer there."""
         while self.drain_messages() is not None:  # what came before is not about this upgrade
             pass
         deadline = time.monotonic() + UPGRADE_TIMEOUT
         while w.pid not in self.ready:  # still starting: a signal now would be the default action
-            self.take_signal()
+            self.take_during_roll()
             if self.stop_signal is not None:
                 return "stopping"
             if w.poll() is not None or time.monotonic() > deadline:
                 return "the worker never became ready"
             self.drain_messages(timeout=0.2)
-        w.send_signal(signum)
+        start()
         started = False
         deadline = time.monotonic() + UPGRADE_START_TIMEOUT
         while True:
-            self.take_signal()
+            self.take_during_roll()
             if self.stop_signal is not None:
                 return "stopping"
             if w.poll() is not None:
                 return f"the worker exited with {w.returncode}"
+            if report is not None and "ok" in report:
+                return "ok" if report["ok"] else str(report.get("error"))
             if time.monotonic() > deadline:
                 if started:
                     return f"no report within {UPGRADE_TIMEOUT:g}s"
@@ -243,20 +388,31 @@ class _Supervisor:
             if fields.get("RELOADING") == "1" and not started:
                 started = True
                 deadline = time.monotonic() + UPGRADE_TIMEOUT
-            elif fields.get("READY") == "1" and started:
+            elif fields.get("READY") == "1" and started and report is None:  # else its answer is the report
                 if fields.get("IRONSOCKET_UPGRADE") == "failed":
                     return re.sub(r"^\w+ not done: ", "", fields.get("STATUS", "refused"))
                 return "ok"
 
     # -- main loop ---------------------------------------------------------------------------------------
     def run(self) -> int:
-        if self.admin is not None:
-            self.admin.start()  # up before the workers, and through every rolling upgrade
+        from .control import ControlServer, Takeover, default_socket_path
+
+        self.control = ControlServer(self.control_path or default_socket_path(),
+                                     {"upgrade": Takeover(self.control_upgrade), "inspect-keys": self.gather,
+                                      "connections": self.gather},
+                                     about=lambda: {"workers": [w.pid for _, w in self.alive()]})
         try:
-            return self._run()
-        finally:
             if self.admin is not None:
-                self.admin.stop()
+                self.admin.start()  # up before the workers, and through every rolling upgrade
+            try:
+                return self._run()
+            finally:
+                if self.admin is not None:
+                    self.admin.stop()
+        finally:
+            self.control.close()
+            for thread in self.asks:  # each ends with its worker's answer or exit (its request has a timeout)
+                thread.join(5)
 
     def _run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR2):
@@ -265,7 +421,8 @@ class _Supervisor:
             self.spawn(i)
         while True:
             signum = self.take_signal()
-            if signum in (signal.SIGHUP, signal.SIGUSR2) and self.stop_signal is None:
+            if (isinstance(signum, _ControlUpgrade) or signum in (signal.SIGHUP, signal.SIGUSR2)) and self.stop_signal is None:
+                assert signum is not None
                 self.rolling_upgrade(signum)
                 continue
             while self.drain_messages() is not None:

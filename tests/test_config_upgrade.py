@@ -213,7 +213,7 @@ def test_reload_adds_a_listener_and_refuses_to_drop_one_with_connections(config_
     assert "Traceback" not in server.text()
 
 
-@pytest.mark.parametrize("flag", [["--ktls", "require"], ["--listen", "127.0.0.1:9443"], ["--workers", "2", "--control-socket", "/nonexistent/ctl.sock"]])
+@pytest.mark.parametrize("flag", [["--ktls", "require"], ["--listen", "127.0.0.1:9443"], ["--backend", "127.0.0.1:9"]])
 def test_flags_that_conflict_with_config_are_an_error(tmp_path: Path, flag: list[str]) -> None:
     for name in NAMES:
         set_cert(tmp_path, name, "ecdsa-p256")
@@ -276,12 +276,12 @@ def test_workers_with_config_reload_every_worker_and_name_connections_per_machin
         set_cert(tmp_path, name, "ecdsa-p256")
     ports = {name: free_port() for name in NAMES}
     config = write_config(tmp_path, echo_backend[1], ports=ports)
-    from tests.test_workers import spawn_serve
+    from tests.test_workers import spawn_serve, worker_sockets
 
     proc, log = spawn_serve(tmp_path, "--config", str(config), "--workers", "2")
     try:
         wait_until(lambda: "all 2 workers serving" in log.read_text(), what="two workers serving")
-        sockets = control.find_servers(tmp_path)
+        sockets = worker_sockets(tmp_path)
         pids = {control.request(p, {"command": "ping"})["pid"] for p in sockets}
         assert len(pids) == 2 and proc.pid not in pids
         streamers = [Streamer(ports[name], 300 + 10 * i + n) for i, name in enumerate(NAMES) for n in range(4)]
@@ -303,14 +303,16 @@ def test_workers_with_config_reload_every_worker_and_name_connections_per_machin
         proc.send_signal(signal.SIGHUP)
         wait_until(lambda: "reload done: 2 workers upgraded in place" in log.read_text(), what="rolling reload done")
         assert proc.poll() is None
-        assert {control.request(p, {"command": "ping"})["pid"] for p in control.find_servers(tmp_path)} == pids
+        assert {control.request(p, {"command": "ping"})["pid"] for p in worker_sockets(tmp_path)} == pids
         for _ in range(4):  # SO_REUSEPORT spreads the handshakes: both workers serve the new one
             for name in NAMES:
                 assert served_leaf(ports[name]) == leaf_der("alpha.test")
         still_flowing(streamers, "after the rolling reload")
-        after = [row["id"] for p in control.find_servers(tmp_path)
+        after = [row["id"] for p in worker_sockets(tmp_path)
                  for row in control.request(p, {"command": "connections"})["connections"]]
         assert sorted(after) == sorted(ids)
+        gathered = control.request(tmp_path / f"ironsocket-{proc.pid}.sock", {"command": "connections"})  # the supervisor's
+        assert sorted(row["id"] for row in gathered["connections"]) == sorted(ids)
         for s in streamers:
             finish(s)
         assert "Traceback" not in log.read_text()

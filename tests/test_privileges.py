@@ -125,7 +125,7 @@ def test_a_ticket_key_file_the_user_may_not_use_is_refused_at_start(public_dir: 
 
 def test_with_workers_each_worker_drops_to_the_user(public_dir: Path, echo_backend) -> None:
     from ironsocket import control
-    from tests.test_workers import free_port, wait_until
+    from tests.test_workers import free_port, wait_until, worker_sockets
 
     cert, key = nobody_certs(public_dir)
     log = public_dir / "serve.log"
@@ -138,9 +138,9 @@ def test_with_workers_each_worker_drops_to_the_user(public_dir: Path, echo_backe
                                 env=os.environ | {"PYTHONPATH": str(ROOT), "IRONSOCKET_RUN_DIR": str(public_dir)})
     try:
         wait_until(lambda: log.read_text().count("running as user nobody") == 2, what="two workers as nobody")
-        pids = {control.request(p, {"command": "ping"})["pid"] for p in control.find_servers(public_dir)}
+        pids = {control.request(p, {"command": "ping"})["pid"] for p in worker_sockets(public_dir)}
         assert len(pids) == 2 and all(status_ids(pid, "Uid") == [NOBODY.pw_uid] * 4 for pid in pids)
-        assert status_ids(proc.pid, "Uid") == [0] * 4  # the supervisor: no socket, stays root
+        assert status_ids(proc.pid, "Uid") == [0] * 4  # the supervisor: no listener (a control socket), stays root
         assert echo_once(port, b"through a worker") == b"through a worker"
         proc.terminate()
         assert proc.wait(TIMEOUT) == 0

@@ -228,7 +228,7 @@ def test_key_file_shared_by_two_servers_and_refused_when_readable(start_proxy, t
 def test_workers_share_ticket_keys(tmp_path: Path, echo_backend) -> None:
     """With --workers 2 a ticket from one worker resumes at the other (one derived key ring)."""
     from ironsocket import control
-    from tests.test_workers import free_port, serve, wait_until
+    from tests.test_workers import free_port, serve, wait_until, worker_sockets
 
     port = free_port()
     proc, log = serve(tmp_path, "--workers", "2", "--listen", f"127.0.0.1:{port}",
@@ -245,7 +245,7 @@ def test_workers_share_ticket_keys(tmp_path: Path, echo_backend) -> None:
         close(first)
         resumed = [echo(workers, ctx, session) for _ in range(16)]
         assert all(c.session_reused for c in resumed)
-        counts = [len(control.request(p, {"command": "connections"})["connections"]) for p in control.find_servers(tmp_path)]
+        counts = [len(control.request(p, {"command": "connections"})["connections"]) for p in worker_sockets(tmp_path)]
         assert len(counts) == 2 and all(counts), counts  # both workers resumed some (SO_REUSEPORT spreads them)
         for c in resumed:
             close(c)

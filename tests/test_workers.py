@@ -49,21 +49,29 @@ def spawn_serve(tmp: Path, *args: str, env: dict[str, str] | None = None) -> tup
     return proc, log
 
 
+def worker_sockets(run_dir: Path) -> list[Path]:
+    """The workers' control sockets in ``run_dir`` (not the supervisor's: a worker's ping names its
+    supervisor)."""
+    return [p for p in control.find_servers(run_dir) if control.request(p, {"command": "ping"}).get("supervisor")]
+
+
 def tls_connect(port: int):
     raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
     return client_context().wrap_socket(raw, server_hostname="localhost")
 
 
-def test_two_workers_share_the_port_and_stop_together(tmp_path: Path, echo_backend) -> None:
+def test_two_workers_share_the_port_and_stop_together(tmp_path: Path, echo_backend, monkeypatch) -> None:
     port = free_port()
     proc, log = serve(tmp_path, "--workers", "2", "--listen", f"127.0.0.1:{port}",
                       "--backend", f"{echo_backend[0]}:{echo_backend[1]}", "--drain-timeout", "1")
     try:
         wait_until(lambda: log.read_text().count("serving TLS 1.3 on") == 2, what="two workers serving")
-        servers = control.find_servers(tmp_path)
-        assert len(servers) == 2
+        servers = worker_sockets(tmp_path)
+        assert len(servers) == 2 and len(control.find_servers(tmp_path)) == 3  # and the supervisor's
         pids = {control.request(p, {"command": "ping"})["pid"] for p in servers}
         assert proc.pid not in pids and len(pids) == 2
+        monkeypatch.setenv("IRONSOCKET_RUN_DIR", str(tmp_path))
+        assert control.resolve() == control.default_socket_path(proc.pid)  # no --pid: the supervisor
         clients = [tls_connect(port) for _ in range(24)]
         for i, c in enumerate(clients):
             c.sendall(b"ping %d" % i)
@@ -144,7 +152,7 @@ def test_sighup_to_the_supervisor_upgrades_every_worker_in_turn(tmp_path: Path, 
     try:
         ready = notify.next("READY")
         assert ready["MAINPID"] == str(proc.pid)  # the supervisor, once both workers serve
-        servers = control.find_servers(tmp_path)
+        servers = worker_sockets(tmp_path)
         pids = {control.request(p, {"command": "ping"})["pid"] for p in servers}
         assert len(pids) == 2 and proc.pid not in pids
         streamers = [Streamer(port, 90 + i) for i in range(12)]
@@ -162,7 +170,7 @@ def test_sighup_to_the_supervisor_upgrades_every_worker_in_turn(tmp_path: Path, 
         text = log.read_text()
         assert "reload done: 2 workers upgraded in place" in text, text[-3000:]
         assert proc.poll() is None
-        assert {control.request(p, {"command": "ping"})["pid"] for p in control.find_servers(tmp_path)} == pids
+        assert {control.request(p, {"command": "ping"})["pid"] for p in worker_sockets(tmp_path)} == pids
         # One after another: the first worker's new program was serving before the second one
         # was asked.
         assert text.count("reload done (SIGHUP)") == 2
@@ -228,6 +236,79 @@ def test_a_refused_reload_stops_the_roll(tmp_path: Path, echo_backend) -> None:
             c.close()
         assert "Traceback" not in log.read_text()
     finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def test_upgrade_and_inspect_keys_through_the_supervisor(tmp_path: Path, echo_backend) -> None:
+    """Issue 14: `ironsocket upgrade` / `inspect-keys` against a --workers supervisor (its PID, or
+    no --pid at all) used to find no control socket for it, or several servers. Now the
+    supervisor's own control socket gathers every worker's connections and upgrades the workers
+    one after another, printing each one's phases; the connections are carried, the PIDs stay. A
+    broken certificate: the first worker's pre-flight refuses it, the second is not asked, the
+    command fails with the reason and both keep serving."""
+    import shutil
+
+    from tests.test_cli import run
+
+    cert, key = tmp_path / "site.pem", tmp_path / "site.key"
+    shutil.copy(CERTS / "ecdsa-p256.pem", cert)
+    shutil.copy(CERTS / "ecdsa-p256.key", key)
+    port = free_port()
+    proc, log = spawn_serve(tmp_path, "--cert", str(cert), "--key", str(key), "--workers", "2",
+                            "--listen", f"127.0.0.1:{port}", "--backend", f"{echo_backend[0]}:{echo_backend[1]}")
+    env = {"IRONSOCKET_RUN_DIR": str(tmp_path)}
+    clients: list = []
+    try:
+        wait_until(lambda: "all 2 workers serving" in log.read_text(), what="two workers serving")
+        pids = {control.request(p, {"command": "ping"})["pid"] for p in worker_sockets(tmp_path)}
+        clients = [tls_connect(port) for _ in range(12)]
+        for i, c in enumerate(clients):
+            c.sendall(b"hello %d" % i)
+            assert c.recv(64) == b"hello %d" % i
+        for args in (("--pid", str(proc.pid)), ()):
+            out = run("inspect-keys", *args, "--json", env=env)
+            assert out.returncode == 0, out.stderr
+            doc = json.loads(out.stdout)
+            assert doc["pid"] == proc.pid and len(doc["connections"]) == 12
+            ids = [row["id"] for row in doc["connections"]]
+            assert len(set(ids)) == 12 and {i.split(".")[0] for i in ids} == {"0", "1"}, ids  # p(one worker) = 2^-11
+            assert all(row["tx"]["rec_seq"] >= 1 and "key" not in row["tx"] for row in doc["connections"])
+
+        out = run("upgrade", env=env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        lines = out.stdout.splitlines()
+        order = [int(m.group(1)) for m in map(re.compile(r"worker \d \(pid (\d+)\): check:").match, lines) if m]
+        assert len(order) == 2 and set(order) == pids, out.stdout
+        restored = [int(m.group(1)) for m in map(re.compile(r"worker \d \(pid \d+\): restored (\d+) connections").match, lines) if m]
+        assert sum(restored) == 12 and len(restored) == 2, out.stdout
+        # One after another: the second worker is asked only once the first one is restored.
+        assert out.stdout.index("restored") < out.stdout.index(f"(pid {order[1]}): check:")
+        assert re.search(rf"upgraded: 2 workers of pid {proc.pid}, one after another \(same PIDs\), restored 12 "
+                         r"connections", out.stdout), out.stdout
+        assert {control.request(p, {"command": "ping"})["pid"] for p in worker_sockets(tmp_path)} == pids
+        for i, c in enumerate(clients):
+            c.sendall(b"again %d" % i)
+            assert c.recv(64) == b"again %d" % i
+
+        cert.write_text("garbage\n")
+        out = run("upgrade", "--pid", str(proc.pid), env=env)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert re.search(rf"upgrade failed: worker 0 \(pid {order[0]}\): .*the other workers keep their current "
+                         "program", out.stderr), out.stderr
+        assert f"(pid {order[1]}): check:" not in out.stdout  # the roll stopped at the first refusal
+        for i, c in enumerate(clients):
+            c.sendall(b"still %d" % i)
+            assert c.recv(64) == b"still %d" % i
+        assert proc.poll() is None and "Traceback" not in log.read_text()
+    finally:
+        for c in clients:
+            c.close()
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
