@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -13,7 +14,7 @@ import typer
 from . import ktls
 from . import runtime as runtime_mod
 from .runtime import Runtime, upgrade_guard
-from .server import KtlsMode, ProxyConfig, StartupError, parse_hostport
+from .server import KtlsMode, ProxyConfig, StartupError, check_ktls_mode, parse_hostport
 from .tls13.constants import CipherSuite, Group
 from .tls13.credentials import CertificateStore, CredentialError, load_credential
 from .tls13.tickets import TicketConfig
@@ -170,7 +171,7 @@ def serve(
     group: Annotated[Optional[str], typer.Option(metavar="NAME", help="With --user: this group instead of the user's own.")] = None,
     pid_file: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Write the server's PID to this file (atomically, 0644; kept across upgrades and reloads, removed at a clean stop). A file naming a running ironsocket is refused, a stale one replaced. With --config, overrides its pid_file.")] = None,
     control_socket: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Unix socket for `ironsocket inspect-keys` and `ironsocket upgrade`. Default: <run dir>/ironsocket-<pid>.sock.")] = None,
-    workers: Annotated[str, typer.Option(metavar="N|auto", help="Worker processes sharing the port (SO_REUSEPORT), to use every core (auto: one per CPU this process may run on). The supervisor's control socket upgrades them one after another (`ironsocket upgrade`) and gathers their connections (`inspect-keys`); the admin endpoint is the supervisor's, the sum of the workers'.")] = "1",
+    workers: Annotated[str, typer.Option(metavar="N|auto", help="Worker processes sharing the port (SO_REUSEPORT), to use every core. auto (the default): one per CPU this process may run on; one process when a listen port is 0, with socket activation, or without SO_REUSEPORT. The supervisor's control socket upgrades them one after another (`ironsocket upgrade`) and gathers their connections (`inspect-keys`); the admin endpoint is the supervisor's, the sum of the workers'.")] = "auto",
     reuse_port: Annotated[bool, typer.Option("--reuse-port", help="Set SO_REUSEPORT on the listener (set for each worker by --workers).")] = False,
     drain_timeout: Annotated[float, typer.Option(metavar="SECONDS", help="On SIGTERM/SIGINT, time connections may finish before they are closed with close_notify (SIGQUIT: no drain).")] = 10.0,
     upgrade_state_dump: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Debugging: at each upgrade also write the state document, traffic secrets and session ticket keys included, to this file (0600), for `inspect-keys --state`.")] = None,
@@ -261,16 +262,27 @@ def serve(
     secrets += [(p, what, False) for p, what in ((keylog, "keylog file"), (upgrade_state_dump, "upgrade state dump"))
                 if p is not None]
     drop_to = _privileges(user, group, read_again, secrets)
-    workers_n = _worker_count(workers)
-    if workers_n > 1:  # with --user: each worker binds, then drops; the supervisor (no socket) stays root
+    workers_n = _worker_count(workers, configs)
+    if workers_n > 1:  # with --user: each worker binds, then drops; the supervisor (no listener) stays root
         if any(config.listen[1] == 0 for config in configs):
             where = "--listen port" if config_file is None else "listen port in every [[listeners]] table"
             _fail(f"--workers needs a fixed {where} (with port 0 each worker would get its own)")
         from .control import ControlError
-        from .workers import main_argv, supervise, worker_argv
+        from .workers import main_argv, probe_listeners, supervise, worker_argv
+
+        try:  # what a worker would fail at, said once here (not N times, and no restart loop)
+            for config in configs:
+                check_ktls_mode(config)
+            probe_listeners([config.listen for config in configs])
+        except StartupError as exc:
+            from .launch import explain_startup_error
+
+            _fail(explain_startup_error(str(exc)))
 
         where = ", ".join(f"{c.listen[0]}:{c.listen[1]}" for c in configs)
         log.info("%d workers on %s (SO_REUSEPORT)", workers_n, where)
+        if demo:
+            log.info("try: curl -k https://%s:%d/", *configs[0].listen)
         pid_record = _claim_pid_file(pid_file)
         try:  # the supervisor's PID is the file's (the workers' argv lose --pid-file)
             code = supervise(workers_n, worker_argv(main_argv()), admin=_supervisor_admin(admin_kw) if has_admin else None,
@@ -318,13 +330,18 @@ def serve(
             runtime.stop()
             _release_pid_file(pid_record)
             raise typer.Exit(1)
-    log.info("control socket %s (ironsocket inspect-keys / upgrade --pid %d)", runtime.control.path, os.getpid())
+    supervisor = lifeline.supervisor_pid()
+    if supervisor is not None:
+        log.info("control socket %s (this worker; ironsocket inspect-keys / upgrade --pid %d for all the workers)",
+                 runtime.control.path, supervisor)
+    else:
+        log.info("control socket %s (ironsocket inspect-keys / upgrade --pid %d)", runtime.control.path, os.getpid())
     for i, server in enumerate(runtime.servers):
         host, port = server.address
         label = f" ({server.config.name or f'listeners[{i}]'})" if config_file is not None else ""
         logs.notice(log, "serving TLS 1.3 on %s:%d%s, record layer: %s, backend %s:%d", host, port, label,
                     server.record_layer, *server.config.backend)
-    if runtime.demo:
+    if runtime.demo and supervisor is None:
         host, port = runtime.servers[0].address
         log.info("try: curl -k https://%s:%d/", host, port)
     runtime.run()
@@ -364,10 +381,16 @@ def _privileges(user: str | None, group: str | None, files: list[Path],
     return None if already(target) else target
 
 
-def _worker_count(text: str) -> int:
-    """``--workers``: a number ≥ 1, or ``auto`` (one per CPU of this process's affinity mask)."""
+def _worker_count(text: str, configs: list) -> int:
+    """``--workers``: a number ≥ 1, or ``auto`` (the default: one per CPU of this process's
+    affinity mask, or 1 where workers cannot be: see `_one_process`)."""
     if text.strip().lower() == "auto":
-        return max(1, len(os.sched_getaffinity(0)))
+        why = _one_process(configs)
+        if why is None:
+            return max(1, len(os.sched_getaffinity(0)))
+        if why:
+            log.info("one process (--workers auto): %s", why)
+        return 1
     try:
         n = int(text)
     except ValueError:
@@ -375,6 +398,28 @@ def _worker_count(text: str) -> int:
     if n < 1:
         _fail(f"--workers {n}: at least 1")
     return n
+
+
+def _one_process(configs: list) -> str | None:
+    """Why ``--workers auto`` means one process here (None: it may have workers). An empty
+    reason: this process is a worker, or a program exec'd by an upgrade (or rolled back to),
+    which serves on as the process it replaces — nothing to say."""
+    from .lifeline import supervisor_pid
+
+    if supervisor_pid() is not None or runtime_mod.exec_by_upgrade():
+        return ""
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS"):
+        return "socket activation (systemd passed one listening socket)"
+    if any(config.listen[1] == 0 for config in configs):
+        return "listen port 0 (each worker would get a port of its own)"
+    if not hasattr(socket, "SO_REUSEPORT"):
+        return "no SO_REUSEPORT on this platform"
+    with socket.socket() as probe:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        except OSError as exc:
+            return f"this kernel refuses SO_REUSEPORT ({exc.strerror})"
+    return None
 
 
 def _supervisor_admin(admin_kw: dict) -> dict:
@@ -459,7 +504,10 @@ def _flag_listener(listen: str, backend: str | None, cert: list[Path] | None, ke
             from .selfsigned import demo_credential
 
             credentials = (demo_credential(),)  # the same across upgrades (pinned by clients)
-            log.info("no --cert given: using a generated self-signed certificate for localhost")
+            from .lifeline import supervisor_pid
+
+            if supervisor_pid() is None:  # said once, by the supervisor (its workers share it)
+                log.info("no --cert given: using a generated self-signed certificate for localhost")
         store = CertificateStore(credentials)
     except CredentialError as exc:
         _fail(str(exc))

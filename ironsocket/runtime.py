@@ -105,6 +105,12 @@ def upgrade_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def exec_by_upgrade() -> bool:
+    """This program was exec'd by an upgrade or a rollback, with a state document to restore
+    (`upgrade_guard` took it from the environment)."""
+    return _inherited is not None
+
+
 def inherited_pid_file() -> tuple[Path | None, bool] | None:
     """In a program exec'd by an upgrade or a rollback: (the PID file the previous program held,
     whether this is a rollback). None in a fresh start."""

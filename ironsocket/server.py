@@ -177,6 +177,18 @@ def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int
     return host, number
 
 
+def check_ktls_mode(config: ProxyConfig) -> ktls.KtlsProbe:
+    """This kernel's kTLS (`ktls.probe`); StartupError if ``--ktls require`` cannot be met."""
+    probe = ktls.probe()
+    if config.ktls is KtlsMode.REQUIRE and not probe.available:
+        raise StartupError(
+            f"--ktls require: kernel TLS is not available here: {probe.reason} "
+            f"(kernel {probe.kernel_release}). Use --ktls auto to fall back to the "
+            "userspace record layer."
+        )
+    return probe
+
+
 class ProxyServer:
     """Accepts TLS clients and relays them to one backend. `start()`, then `stop()`."""
 
@@ -184,13 +196,7 @@ class ProxyServer:
         """``ids``: where connection ids come from, shared by the listeners of one process (so
         an id names one connection of the process); default: this server's own count from 1."""
         self.config = config
-        self.ktls_probe = ktls.probe()
-        if config.ktls is KtlsMode.REQUIRE and not self.ktls_probe.available:
-            raise StartupError(
-                f"--ktls require: kernel TLS is not available here: {self.ktls_probe.reason} "
-                f"(kernel {self.ktls_probe.kernel_release}). Use --ktls auto to fall back to the "
-                "userspace record layer."
-            )
+        self.ktls_probe = check_ktls_mode(config)
         self.use_ktls = config.ktls is not KtlsMode.OFF and self.ktls_probe.available
         self.connections: dict[int, ConnectionInfo] = {}
         self._lock = threading.Lock()

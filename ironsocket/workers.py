@@ -8,7 +8,10 @@ The parent only supervises, and never touches a connection:
   the supervisor waits until that worker reports the upgrade done, then the next. One worker at a
   time is paused, so the port always has acceptors; a worker whose upgrade is refused (a broken
   certificate fails the pre-flight check) stops the roll: the others keep the current program;
-- a worker that dies unexpectedly is restarted after a second;
+- a worker that dies unexpectedly is restarted after a second; one that exits before it ever
+  served (it could not bind or load what the supervisor could not check) stops them all, exit 1:
+  a restart would fail the same way. What a worker would fail at binding is tried once by the
+  supervisor first (`probe_listeners`), so such an error is one line, as without workers;
 - if the supervisor itself dies (even by SIGKILL), every worker gets SIGTERM from the kernel
   (``PR_SET_PDEATHSIG``, set by the worker itself: `lifeline`) and stops: no orphan keeps
   serving the port.
@@ -65,7 +68,7 @@ _SUPERVISOR_FLAGS = ("--admin-allow-remote",)
 def worker_argv(argv: list[str]) -> list[str]:
     """This program's argv without what is the supervisor's (``--workers N``, ``--pid-file
     PATH``, ``--control-socket PATH``: each worker has its default one, ``--admin WHERE``: each
-    worker gets an admin socket of its own, `workersum`) and with ``--reuse-port``."""
+    worker gets an admin socket of its own, `workersum`) and with ``--workers 1 --reuse-port``."""
     out: list[str] = []
     skip = False
     for arg in argv:
@@ -78,7 +81,24 @@ def worker_argv(argv: list[str]) -> list[str]:
         if arg in _SUPERVISOR_FLAGS or arg.startswith(tuple(f"{o}=" for o in _SUPERVISOR_OPTIONS)):
             continue
         out.append(arg)
-    return [*out, "--reuse-port"]
+    return [*out, "--workers", "1", "--reuse-port"]
+
+
+def probe_listeners(addresses: list[tuple[str, int]]) -> None:
+    """Bind each address once, as a single process would (no SO_REUSEPORT), and let it go:
+    StartupError (``cannot listen on HOST:PORT: <why>``) for a port below 1024 without the right,
+    an address not ours, or a port someone already serves — also another ironsocket's workers,
+    which the workers' SO_REUSEPORT would otherwise silently join."""
+    from .server import StartupError
+
+    for host, port in addresses:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
 class _Notifications:
@@ -160,6 +180,7 @@ class _Supervisor:
         # Signal numbers (from the handlers) and control clients' upgrades (`_ControlUpgrade`).
         self.actions: queue.SimpleQueue[int | _ControlUpgrade] = queue.SimpleQueue()
         self.stop_signal: int | None = None
+        self.failed = False  # a worker exited before it ever served: the supervisor exits 1
         self.notify = _Notifications()
         self.ready: set[int] = set()  # pids that sent READY=1
         self.told_ready = False
@@ -436,6 +457,14 @@ class _Supervisor:
                     alive += 1
                 elif self.stop_signal is not None:
                     self.workers[i] = None
+                elif w.pid not in self.ready:  # it never served: a restart would fail the same way
+                    log.error("worker %d (pid %d) exited with %s before serving (its error is above); stopping every "
+                              "worker", i, w.pid, code)
+                    self.failed = True
+                    self.stop_signal = signal.SIGTERM
+                    self._notify_up("STOPPING=1")
+                    self.forward(signal.SIGTERM)
+                    self.workers[i] = None
                 else:
                     log.error("worker %d (pid %d) exited with %s; restarting in %gs", i, w.pid, code, RESTART_DELAY)
                     time.sleep(RESTART_DELAY)
@@ -444,7 +473,7 @@ class _Supervisor:
                         alive += 1
             if self.stop_signal is not None and alive == 0:
                 log.info("every worker stopped")
-                return 0
+                return 1 if self.failed else 0
             time.sleep(0.2)
 
 

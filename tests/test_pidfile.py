@@ -72,7 +72,7 @@ def test_symlink_at_the_pid_file_path_is_refused(tmp_path: Path) -> None:
 
 def test_workers_do_not_get_the_supervisors_pid_file() -> None:
     argv = ["py", "serve", "--pid-file", "/run/x.pid", "--workers", "2", "--pid-file=/run/y.pid", "--listen", "a:1"]
-    assert worker_argv(argv) == ["py", "serve", "--listen", "a:1", "--reuse-port"]
+    assert worker_argv(argv) == ["py", "serve", "--listen", "a:1", "--workers", "1", "--reuse-port"]
 
 
 def test_config_file_pid_file_relative_to_the_file(tmp_path: Path, echo_backend) -> None:

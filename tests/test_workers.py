@@ -421,6 +421,88 @@ def test_workers_auto_is_one_per_cpu(tmp_path: Path, echo_backend) -> None:
             proc.wait(5)
 
 
+def test_workers_auto_is_the_default_and_one_process_where_workers_cannot_be(tmp_path: Path, echo_backend) -> None:
+    """Issue 14: one process used both cores of no machine unless told. Now `serve` without
+    --workers is --workers auto: on a fixed port one worker per CPU; on port 0 (each worker would
+    get its own port) one process, and the log says why."""
+    cpus = len(os.sched_getaffinity(0))
+    backend = f"{echo_backend[0]}:{echo_backend[1]}"
+    proc, log = serve(tmp_path, "--listen", f"127.0.0.1:{free_port()}", "--backend", backend)
+    try:
+        wait_until(lambda: log.read_text().count("serving TLS 1.3 on") == cpus, what=f"{cpus} workers serving")
+        if cpus > 1:
+            assert f"{cpus} workers on 127.0.0.1:" in log.read_text()
+            assert len(worker_sockets(tmp_path)) == cpus
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    one = tmp_path / "one"
+    one.mkdir()
+    proc, log = serve(one, "--listen", "127.0.0.1:0", "--backend", backend)
+    try:
+        wait_until(lambda: "serving TLS 1.3 on" in log.read_text(), what="serving")
+        text = log.read_text()
+        assert "one process (--workers auto): listen port 0" in text and "workers on" not in text, text
+        [sock] = control.find_servers(one)
+        assert control.request(sock, {"command": "ping"})["pid"] == proc.pid  # the server itself, no supervisor
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_workers_on_a_port_in_use_is_one_line_and_no_restart_loop(tmp_path: Path) -> None:
+    """With workers, each one used to fail at its bind and be restarted every second forever (and
+    SO_REUSEPORT would have joined another ironsocket's workers on the port). The supervisor
+    tries the address first, as one process would: one line, exit 2."""
+    from tests.test_cli import one_line_error, run
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        for args in ((), ("--workers", "2")):
+            result = run("serve", *args, "--listen", f"127.0.0.1:{port}", "--backend", "127.0.0.1:9",
+                         "--cert", str(CERTS / "ecdsa-p256.pem"), "--key", str(CERTS / "ecdsa-p256.key"),
+                         env={"IRONSOCKET_RUN_DIR": str(tmp_path)})
+            assert result.returncode == 2, result.stderr
+            assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in one_line_error(result)
+
+
+def test_a_worker_that_dies_before_serving_stops_the_supervisor(tmp_path: Path, echo_backend) -> None:
+    """A worker that exits before it ever served used to be restarted every second, forever
+    (a bind or a load that fails once fails again). Now the supervisor stops the others and
+    exits 1. The worker is SIGKILLed as soon as the supervisor logs its start; if it was already
+    serving by then (it logs so first), that try does not count and the test tries again."""
+    for attempt in range(3):
+        run_dir = tmp_path / str(attempt)
+        run_dir.mkdir()
+        proc, log = serve(run_dir, "--workers", "2", "--listen", f"127.0.0.1:{free_port()}",
+                          "--backend", f"{echo_backend[0]}:{echo_backend[1]}")
+        try:
+            started = re.compile(r"worker 1 started, pid (\d+)")
+            wait_until(lambda: started.search(log.read_text()), timeout=TIMEOUT, what="worker 1 started")
+            pid = int(started.search(log.read_text()).group(1))  # type: ignore[union-attr]
+            os.kill(pid, signal.SIGKILL)
+            if f"ironsocket-{pid}.sock" in log.read_text():  # it logs its control socket before it is ready
+                continue  # maybe it was serving: a crash, which is restarted (not this test)
+            assert proc.wait(TIMEOUT) == 1
+            text = log.read_text()
+            assert re.search(rf"worker 1 \(pid {pid}\) exited with -9 before serving .*; stopping every worker", text), text
+            assert "restarting" not in text and "Traceback" not in text
+            return
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+    pytest.fail("worker 1 was serving before it could be killed, three times")
+
+
 @pytest.mark.parametrize("value, message", [("0", "--workers 0: at least 1"), ("many", "--workers 'many': a number")])
 def test_bad_workers_is_one_line(value: str, message: str) -> None:
     from tests.test_cli import one_line_error, run

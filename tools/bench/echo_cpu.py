@@ -52,7 +52,7 @@ def server_argv(port: int, backend_port: int) -> list[str]:
     """``ironsocket serve`` as ironbench.py runs it (the arguments after ``python``)."""
     return ["-m", "ironsocket", "serve", "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{backend_port}",
             "--cert", str(ib.CERT), "--key", str(ib.KEY), "--ciphers", ib.SUITE, "--groups", "x25519",
-            "--log-level", "warning", "--idle-timeout", "0", "--handshake-timeout", "60"]
+            "--log-level", "warning", "--idle-timeout", "0", "--handshake-timeout", "60", "--workers", "1"]  # one process's CPU
 
 
 @contextlib.contextmanager

@@ -289,6 +289,7 @@ def run_one(n: int, a, tmp: Path, backend_port: int) -> dict:
         servers.append(spawn([sys.executable, "-m", "ironsocket", "serve", "--listen", listen,
                               "--backend", f"127.0.0.1:{backend_port}", "--cert", str(CERTS / "ecdsa-p256.pem"),
                               "--key", str(CERTS / "ecdsa-p256.key"), "--control-socket", str(ctls[i]),
+                              "--workers", "1",  # each its own process and control socket (not a supervisor)
                               *(["--reuse-port"] if k_servers > 1 else [])],
                              slogs[i], env=child_env() | {"IRONSOCKET_RUN_DIR": str(tmp)}))
     clients = None
