@@ -171,7 +171,7 @@ def serve(
     group: Annotated[Optional[str], typer.Option(metavar="NAME", help="With --user: this group instead of the user's own.")] = None,
     pid_file: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Write the server's PID to this file (atomically, 0644; kept across upgrades and reloads, removed at a clean stop). A file naming a running ironsocket is refused, a stale one replaced. With --config, overrides its pid_file.")] = None,
     control_socket: Annotated[Optional[Path], typer.Option(metavar="PATH", help="Unix socket for `ironsocket inspect-keys` and `ironsocket upgrade`. Default: <run dir>/ironsocket-<pid>.sock.")] = None,
-    workers: Annotated[str, typer.Option(metavar="N|auto", help="Worker processes sharing the port (SO_REUSEPORT), to use every core. auto (the default): one per CPU this process may run on; one process when a listen port is 0, with socket activation, or without SO_REUSEPORT. The supervisor's control socket upgrades them one after another (`ironsocket upgrade`) and gathers their connections (`inspect-keys`); the admin endpoint is the supervisor's, the sum of the workers'.")] = "auto",
+    workers: Annotated[str, typer.Option(metavar="N|auto", help="Worker processes sharing the port (SO_REUSEPORT), to use every core. auto (the default): one per CPU this process may run on; one process when a listen port is 0, with --reuse-port, with socket activation, or without SO_REUSEPORT. The supervisor's control socket upgrades them one after another (`ironsocket upgrade`) and gathers their connections (`inspect-keys`); the admin endpoint is the supervisor's, the sum of the workers'.")] = "auto",
     reuse_port: Annotated[bool, typer.Option("--reuse-port", help="Set SO_REUSEPORT on the listener (set for each worker by --workers).")] = False,
     drain_timeout: Annotated[float, typer.Option(metavar="SECONDS", help="On SIGTERM/SIGINT, time connections may finish before they are closed with close_notify (SIGQUIT: no drain).")] = 10.0,
     upgrade_state_dump: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Debugging: at each upgrade also write the state document, traffic secrets and session ticket keys included, to this file (0600), for `inspect-keys --state`.")] = None,
@@ -408,6 +408,8 @@ def _one_process(configs: list) -> str | None:
 
     if supervisor_pid() is not None or runtime_mod.exec_by_upgrade():
         return ""
+    if any(config.reuse_port for config in configs):  # workers would probe the port: held by the others
+        return "--reuse-port given (one of the processes you run on the port)"
     if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS"):
         return "socket activation (systemd passed one listening socket)"
     if any(config.listen[1] == 0 for config in configs):

@@ -308,10 +308,10 @@ class _Supervisor:
                 self.rolling = False
 
     def ask_upgrade(self, i: int, w: subprocess.Popen[bytes], asked: _ControlUpgrade, report: dict[str, Any]) -> None:
-        """Start the worker's upgrade through its control socket, in a thread: its progress goes
-        to ``asked``'s client, its answer into ``report`` (the worker's READY=1 is what
-        `upgrade_one` waits for; a refusal is answered before any RELOADING=1, so also
-        ``report["error"]``)."""
+        """Start the worker's upgrade through its control socket, in a thread (the main loop
+        goes on taking signals): its progress goes to ``asked``'s client, its answer (``ok``,
+        ``connections``, ``pause_ms``, or ``error``) into ``report``, which `upgrade_one` waits
+        for. The request's timeout bounds the thread."""
         from .control import ControlError, default_socket_path, request
 
         def run() -> None:

@@ -456,6 +456,35 @@ def test_workers_auto_is_the_default_and_one_process_where_workers_cannot_be(tmp
             proc.wait(5)
 
 
+def test_reuse_port_given_is_one_process_and_several_share_the_port(tmp_path: Path, echo_backend) -> None:
+    """`serve --reuse-port` is for operators who run several processes on one port themselves:
+    under the default --workers auto each stays one process (a supervisor's bind check would
+    take the port the others hold for a port in use)."""
+    port = free_port()
+    procs = []
+    try:
+        for i in range(2):
+            (tmp_path / str(i)).mkdir()
+            procs.append(serve(tmp_path / str(i), "--reuse-port", "--listen", f"127.0.0.1:{port}",
+                               "--backend", f"{echo_backend[0]}:{echo_backend[1]}"))
+        for proc, log in procs:
+            wait_until(lambda: "serving TLS 1.3 on" in log.read_text(), what="serving")
+            assert "one process (--workers auto): --reuse-port given" in log.read_text()
+            assert "workers on" not in log.read_text()
+        c = tls_connect(port)
+        c.sendall(b"shared")
+        assert c.recv(16) == b"shared"
+        c.close()
+    finally:
+        for proc, _ in procs:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
 def test_workers_on_a_port_in_use_is_one_line_and_no_restart_loop(tmp_path: Path) -> None:
     """With workers, each one used to fail at its bind and be restarted every second forever (and
     SO_REUSEPORT would have joined another ironsocket's workers on the port). The supervisor
