@@ -83,6 +83,29 @@ def _require_server_process(pid: int) -> None:
     if not (any("ironsocket" in a for a in argv) and "serve" in argv):
         shown = " ".join(argv)[:80] or "(no command line: a kernel thread or a zombie)"
         _fail(f"pid {pid} is not an ironsocket server: {shown}", 1)
+    workers = _workers_of(pid)
+    if workers:
+        _fail(f"pid {pid} is a --workers supervisor (workers: {', '.join(map(str, workers))}): it relays no "
+              f"connection itself; `inspect-keys --pid {pid}` asks every worker, `--direct --pid WORKER` reads one", 1)
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The children of ``pid`` that are its ``--workers`` workers (their environment names it)."""
+    from .lifeline import ENV_SUPERVISOR
+
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    mark = f"{ENV_SUPERVISOR}={pid}".encode()
+    found = []
+    for child in children:
+        try:
+            if mark in Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
+                found.append(int(child))
+        except OSError:
+            continue
+    return found
 
 
 def _parse_list(text: str | None, table: dict, what: str) -> tuple:
@@ -541,7 +564,7 @@ def _flag_listener(listen: str, backend: str | None, cert: list[Path] | None, ke
 
 @app.command("upgrade", short_help="Replace the running server's program in place (same PID).")
 def upgrade_command(
-    pid: Annotated[Optional[int], typer.Option(metavar="PID", help="The server's pid (when several run).")] = None,
+    pid: Annotated[Optional[int], typer.Option(metavar="PID", help="The server's pid (when several run). A --workers supervisor's: all its workers, one after another.")] = None,
     socket_path: Annotated[Optional[Path], typer.Option("--socket", metavar="PATH", help="The server's control socket path.")] = None,
     exec_path: Annotated[Optional[Path], typer.Option("--exec", metavar="PROGRAM", help="Switch to this ironsocket program (e.g. another venv's bin/ironsocket). Default: the running one.")] = None,
     timeout: Annotated[float, typer.Option(metavar="SECONDS", help="Time to wait for the outcome.")] = 120.0,
@@ -586,7 +609,7 @@ def upgrade_command(
 
 @app.command("inspect-keys", short_help="Each connection's record sequence numbers and key fingerprints.")
 def inspect_keys(
-    pid: Annotated[Optional[int], typer.Option(metavar="PID", help="The server's pid (when several run). Without a control socket for it, falls back to --direct.")] = None,
+    pid: Annotated[Optional[int], typer.Option(metavar="PID", help="The server's pid (when several run; a --workers supervisor's: every worker's connections). Without a control socket for it, falls back to --direct.")] = None,
     socket_path: Annotated[Optional[Path], typer.Option("--socket", metavar="PATH", help="The server's control socket path.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     reveal: Annotated[bool, typer.Option("--reveal", help="Also print the traffic keys and IVs (hex). Secret: anyone with them can read the traffic.")] = False,

@@ -279,6 +279,8 @@ def test_upgrade_and_inspect_keys_through_the_supervisor(tmp_path: Path, echo_ba
             ids = [row["id"] for row in doc["connections"]]
             assert len(set(ids)) == 12 and {i.split(".")[0] for i in ids} == {"0", "1"}, ids  # p(one worker) = 2^-11
             assert all(row["tx"]["rec_seq"] >= 1 and "key" not in row["tx"] for row in doc["connections"])
+        out = run("inspect-keys", "--direct", "--pid", str(proc.pid), env=env)  # would have read "0 connections"
+        assert out.returncode == 1 and f"pid {proc.pid} is a --workers supervisor (workers: " in out.stderr, out.stderr
 
         out = run("upgrade", env=env)
         assert out.returncode == 0, out.stdout + out.stderr
