@@ -49,6 +49,17 @@ def spawn_serve(tmp: Path, *args: str, env: dict[str, str] | None = None) -> tup
     return proc, log
 
 
+def stop(proc: subprocess.Popen, signum: int = signal.SIGTERM) -> None:
+    """End a server the test started: ``signum``, then SIGKILL if it has not exited in time."""
+    if proc.poll() is None:
+        proc.send_signal(signum)
+        try:
+            proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 def worker_sockets(run_dir: Path) -> list[Path]:
     """The workers' control sockets in ``run_dir`` (not the supervisor's: a worker's ping names its
     supervisor)."""
@@ -311,13 +322,7 @@ def test_upgrade_and_inspect_keys_through_the_supervisor(tmp_path: Path, echo_ba
     finally:
         for c in clients:
             c.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop(proc)
 
 
 def admin_get(port: int, target: str) -> tuple[int, str]:
@@ -407,29 +412,13 @@ def test_merge_metrics_declares_each_family_once() -> None:
         'h_count{worker="0"} 2']
 
 
-def test_workers_auto_is_one_per_cpu(tmp_path: Path, echo_backend) -> None:
-    cpus = len(os.sched_getaffinity(0))
-    proc, log = serve(tmp_path, "--workers", "auto", "--listen", f"127.0.0.1:{free_port()}",
-                      "--backend", f"{echo_backend[0]}:{echo_backend[1]}")
-    try:
-        wait_until(lambda: log.read_text().count("serving TLS 1.3 on") == cpus, what=f"{cpus} workers serving")
-        if cpus > 1:
-            assert f"{cpus} workers on 127.0.0.1:" in log.read_text()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(TIMEOUT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-
-
-def test_workers_auto_is_the_default_and_one_process_where_workers_cannot_be(tmp_path: Path, echo_backend) -> None:
+@pytest.mark.parametrize("args", [("--workers", "auto"), ()], ids=["auto", "default"])
+def test_workers_auto_is_one_per_cpu_and_the_default(tmp_path: Path, echo_backend, args: tuple[str, ...]) -> None:
     """Issue 14: one process used both cores of no machine unless told. Now `serve` without
-    --workers is --workers auto: on a fixed port one worker per CPU; on port 0 (each worker would
-    get its own port) one process, and the log says why."""
+    --workers is --workers auto: on a fixed port, one worker per CPU."""
     cpus = len(os.sched_getaffinity(0))
-    backend = f"{echo_backend[0]}:{echo_backend[1]}"
-    proc, log = serve(tmp_path, "--listen", f"127.0.0.1:{free_port()}", "--backend", backend)
+    proc, log = serve(tmp_path, *args, "--listen", f"127.0.0.1:{free_port()}",
+                      "--backend", f"{echo_backend[0]}:{echo_backend[1]}")
     try:
         wait_until(lambda: log.read_text().count("serving TLS 1.3 on") == cpus, what=f"{cpus} workers serving")
         if cpus > 1:
@@ -438,24 +427,22 @@ def test_workers_auto_is_the_default_and_one_process_where_workers_cannot_be(tmp
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-    one = tmp_path / "one"
-    one.mkdir()
-    proc, log = serve(one, "--listen", "127.0.0.1:0", "--backend", backend)
+        stop(proc)
+
+
+def test_workers_auto_on_port_0_is_one_process_and_says_why(tmp_path: Path, echo_backend) -> None:
+    """On port 0 each worker would get a port of its own: one process, and the log says why."""
+    proc, log = serve(tmp_path, "--listen", "127.0.0.1:0", "--backend", f"{echo_backend[0]}:{echo_backend[1]}")
     try:
         wait_until(lambda: "serving TLS 1.3 on" in log.read_text(), what="serving")
         text = log.read_text()
         assert "one process (--workers auto): listen port 0" in text and "workers on" not in text, text
-        [sock] = control.find_servers(one)
+        [sock] = control.find_servers(tmp_path)
         assert control.request(sock, {"command": "ping"})["pid"] == proc.pid  # the server itself, no supervisor
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+        stop(proc)
 
 
 def test_reuse_port_given_is_one_process_and_several_share_the_port(tmp_path: Path, echo_backend) -> None:
@@ -479,12 +466,7 @@ def test_reuse_port_given_is_one_process_and_several_share_the_port(tmp_path: Pa
         c.close()
     finally:
         for proc, _ in procs:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            stop(proc)
 
 
 def test_workers_on_a_port_in_use_is_one_line_and_no_restart_loop(tmp_path: Path) -> None:
@@ -528,9 +510,7 @@ def test_a_worker_that_dies_before_serving_stops_the_supervisor(tmp_path: Path, 
             assert "restarting" not in text and "Traceback" not in text
             return
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
+            stop(proc, signal.SIGKILL)
     pytest.fail("worker 1 was serving before it could be killed, three times")
 
 
