@@ -29,6 +29,13 @@ def _unset() -> None:
         os.environ.pop(name, None)
 
 
+def activated(environ: os._Environ[str] | dict[str, str] | None = None) -> bool:
+    """LISTEN_PID names this process and LISTEN_FDS is set (before `listen_socket` takes the
+    socket and unsets them; it is also the one to say what is wrong with them)."""
+    env = os.environ if environ is None else environ
+    return env.get("LISTEN_PID") == str(os.getpid()) and bool(env.get("LISTEN_FDS"))
+
+
 def listen_socket(environ: os._Environ[str] | dict[str, str] | None = None) -> socket.socket | None:
     """The listening TCP socket systemd passed as fd 3, or None when not socket-activated.
 

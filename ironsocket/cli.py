@@ -433,7 +433,9 @@ def _one_process(configs: list) -> str | None:
         return ""
     if any(config.reuse_port for config in configs):  # workers would probe the port: held by the others
         return "--reuse-port given (one of the processes you run on the port)"
-    if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS"):
+    from .activation import activated
+
+    if activated():
         return "socket activation (systemd passed one listening socket)"
     if any(config.listen[1] == 0 for config in configs):
         return "listen port 0 (each worker would get a port of its own)"

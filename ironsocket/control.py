@@ -510,9 +510,9 @@ def resolve(pid: int | None = None, socket_path: Path | None = None) -> Path:
         raise ControlError(f"no ironsocket control socket for pid {pid} in {directory} "
                            "(started with another --control-socket? pass --socket PATH)")
     if len(servers) > 1:  # a --workers supervisor stands for its workers
-        pids = {p: _server_pid(p) for p in servers}
-        supervisors = set(pids.values())
-        servers = [p for p in servers if str((_answers(p) or {}).get("supervisor")) not in supervisors]
+        pings = {p: _answers(p) or {} for p in servers}
+        pids = {answer.get("pid") for answer in pings.values()} - {None}
+        servers = [p for p in servers if pings[p].get("supervisor") not in pids]
     if not servers:
         raise ControlError(f"no running ironsocket server found (no control socket answers in {directory}; "
                            "set IRONSOCKET_RUN_DIR or pass --socket PATH)")

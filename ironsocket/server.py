@@ -177,6 +177,26 @@ def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int
     return host, number
 
 
+def bind_listener(address: tuple[str, int], *, reuse_port: bool = False, backlog: int | None = None) -> socket.socket:
+    """A TCP socket bound to ``address`` (SO_REUSEADDR; SO_REUSEPORT if asked: each ``--workers``
+    worker binds the same port), listening if ``backlog`` is given. StartupError
+    (``cannot listen on HOST:PORT: <why>``) if it cannot be."""
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if backlog is not None:
+            sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
 def check_ktls_mode(config: ProxyConfig) -> ktls.KtlsProbe:
     """This kernel's kTLS (`ktls.probe`); StartupError if ``--ktls require`` cannot be met."""
     probe = ktls.probe()
@@ -266,19 +286,8 @@ class ProxyServer:
             self._listener = sock
             self.passed_listener = True
             return
-        host, port = self.config.listen
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.config.reuse_port:  # --workers: each worker process binds the same port
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            listener.bind((host, port))
-            listener.listen(self.config.backlog)
-        except OSError as exc:
-            listener.close()
-            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        self._listener = listener
+        self._listener = bind_listener(self.config.listen, reuse_port=self.config.reuse_port,
+                                       backlog=self.config.backlog)
 
     def start(self) -> None:
         self.bind()

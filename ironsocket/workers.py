@@ -89,16 +89,10 @@ def probe_listeners(addresses: list[tuple[str, int]]) -> None:
     StartupError (``cannot listen on HOST:PORT: <why>``) for a port below 1024 without the right,
     an address not ours, or a port someone already serves — also another ironsocket's workers,
     which the workers' SO_REUSEPORT would otherwise silently join."""
-    from .server import StartupError
+    from .server import bind_listener
 
-    for host, port in addresses:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-            except OSError as exc:
-                raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    for address in addresses:
+        bind_listener(address).close()
 
 
 class _Notifications:
@@ -321,9 +315,9 @@ class _Supervisor:
                                  on_progress=lambda line: asked.tell({**line, "worker": i, "worker_pid": w.pid}))
             except ControlError as exc:
                 answer = {"ok": False, "error": str(exc)}
-            report.update(answer)
             if not answer.get("ok"):
-                report.setdefault("error", "refused")
+                answer.setdefault("error", "refused")
+            report.update(answer)  # one update: `upgrade_one` reads it from the main loop meanwhile
 
         thread = threading.Thread(target=run, name=f"is-upgrade-worker-{i}", daemon=True)
         self.asks = [t for t in self.asks if t.is_alive()] + [thread]
