@@ -102,6 +102,24 @@ def test_two_workers_share_the_port_and_stop_together(tmp_path: Path, echo_backe
             proc.wait(5)
 
 
+def test_control_socket_with_workers_is_the_supervisors(tmp_path: Path, echo_backend) -> None:
+    """`--control-socket PATH` with workers was refused (one path for N workers). Now it is the
+    supervisor's; each worker keeps its default one."""
+    path = tmp_path / "sup.sock"
+    proc, log = serve(tmp_path, "--workers", "2", "--listen", f"127.0.0.1:{free_port()}", "--control-socket", str(path),
+                      "--backend", f"{echo_backend[0]}:{echo_backend[1]}")
+    try:
+        wait_until(lambda: "all 2 workers serving" in log.read_text(), what="two workers serving")
+        ping = control.request(path, {"command": "ping"})
+        workers = {control.request(p, {"command": "ping"})["pid"] for p in worker_sockets(tmp_path)}
+        assert ping["pid"] == proc.pid and set(ping["workers"]) == workers and len(workers) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+        assert not path.exists()
+    finally:
+        stop(proc)
+
+
 def test_workers_need_a_fixed_port(tmp_path: Path) -> None:
     proc, log = serve(tmp_path, "--workers", "2", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9")
     assert proc.wait(TIMEOUT) == 2
