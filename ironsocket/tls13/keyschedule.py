@@ -32,9 +32,18 @@ SUITES: dict[CipherSuite, SuiteParams] = {
 }
 
 
+def _hmac(key: bytes, msg: bytes, hash_name: str) -> bytes:
+    """HMAC(key, msg) with OpenSSL, keeping the GIL. Not `hmac.digest`: CPython's one-shot
+    releases the GIL around every call, and a handshake makes ~30 of a microsecond each; with
+    other threads waiting for the GIL (relay loops) each release became a futex hand-off and a
+    wait to get it back (docs/benchmarks.md, 2026-12-04). ``hmac.new`` hashes messages this short
+    without releasing it."""
+    return hmac.new(key, msg, hash_name).digest()
+
+
 def hkdf_extract(hash_name: str, salt: bytes, ikm: bytes) -> bytes:
     """HKDF-Extract (RFC 5869 §2.2)."""
-    return hmac.digest(salt, ikm, hash_name)  # one-shot: OpenSSL's HMAC without Python objects
+    return _hmac(salt, ikm, hash_name)
 
 
 def hkdf_expand(hash_name: str, prk: bytes, info: bytes, length: int) -> bytes:
@@ -43,7 +52,7 @@ def hkdf_expand(hash_name: str, prk: bytes, info: bytes, length: int) -> bytes:
     block = b""
     counter = 1
     while len(out) < length:
-        block = hmac.digest(prk, block + info + bytes([counter]), hash_name)
+        block = _hmac(prk, block + info + bytes([counter]), hash_name)
         out += block
         counter += 1
     return out[:length]
@@ -71,7 +80,7 @@ def hkdf_expand_label(
 def derive_secret(hash_name: str, secret: bytes, label: bytes, transcript_hash: bytes) -> bytes:
     """Derive-Secret(Secret, Label, Messages) with the transcript already hashed (§7.1)."""
     return hkdf_expand_label(
-        hash_name, secret, label, transcript_hash, hashlib.new(hash_name).digest_size
+        hash_name, secret, label, transcript_hash, len(transcript_hash)
     )
 
 
@@ -111,7 +120,7 @@ def psk_binder(cipher_suite: CipherSuite, psk: bytes, truncated_hello_hash: byte
     params = SUITES[cipher_suite]
     empty = hashlib.new(params.hash_name).digest()
     binder_key = derive_secret(params.hash_name, early_secret(cipher_suite, psk), b"res binder", empty)
-    return hmac.digest(finished_key(cipher_suite, binder_key), truncated_hello_hash, params.hash_name)
+    return _hmac(finished_key(cipher_suite, binder_key), truncated_hello_hash, params.hash_name)
 
 
 def resumption_psk(cipher_suite: CipherSuite, resumption_master_secret: bytes, ticket_nonce: bytes) -> bytes:
@@ -170,7 +179,7 @@ class KeySchedule:
 
     # -- Finished (§4.4.4) ---------------------------------------------------------------------
     def finished_verify_data(self, base_key: bytes) -> bytes:
-        return hmac.digest(finished_key(self.cipher_suite, base_key), self.transcript_hash(), self.hash_name)
+        return _hmac(finished_key(self.cipher_suite, base_key), self.transcript_hash(), self.hash_name)
 
     # -- CertificateVerify (§4.4.3) ------------------------------------------------------------
     def certificate_verify_data(self, context_string: bytes) -> bytes:
