@@ -117,7 +117,8 @@ class Loop:
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         self._inbox.append(fn)
-        self._wake()
+        if threading.get_ident() != self._thread.ident:  # the loop itself drains it before it waits
+            self._wake()
 
     def arrive(self, relay: RelayLike) -> None:
         """Give ``relay`` to this loop (from any thread): its pumps start at the loop's next

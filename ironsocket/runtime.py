@@ -14,7 +14,7 @@ socket keeps its address: restart to move it). It runs `STARTUP_STEPS` in order,
 is the safety argument:
 
 - every step that can fail (configuration, adopting fds, binding what is new) comes before
-  ``relay``, the step where the adopted pumps and the accept loop start: until then no byte
+  ``relay``, the step where the adopted pumps and the acceptor start: until then no byte
   has moved in this program, and the state document still describes every connection exactly;
 - a failure at any step, before or after ``relay``, never closes what was inherited: the
   previous program is exec'd back (`upgrade_guard`) with the state *as it is now* — once this
@@ -379,7 +379,7 @@ class Runtime:
         if not any(server.connections for server in self.servers):  # none adopted: ours is all loaded
             heap.settle()
         for server in self.servers:
-            server.start()  # from here bytes move: the adopted pumps and the accept loops run
+            server.start()  # from here bytes move: the adopted pumps and the acceptors run
         if self.bridge is not None:  # the previous program's fork relayed them until now
             assert doc is not None
             by_entry = {i: owner for i, owner in enumerate(self.owners) if isinstance(owner, ProxyServer)}

@@ -1,16 +1,16 @@
 """The proxy: listener, accept loop, per-connection handshake, hand-over to the relay.
 
-Each accepted connection becomes a `handshake.Handshake`: a pump on one of the relay loops of
-the `engine.Engine` (no thread of its own) that runs the TLS 1.3 handshake (bounded by
-``handshake_timeout``) and the backend connect (bounded by the backend's connect timeout),
-non-blocking. Then, on that loop thread, the record layer goes to the kernel (kTLS) or stays in
-userspace, and the connection's `relay.Relay` goes to the engine. Threads: the accept loop and
-the relay loops, whatever the number of connections or handshakes.
+Connections are accepted by an `acceptor.Acceptor`, a pump on one of the relay loops of the
+`engine.Engine`. Each becomes a `handshake.Handshake`: a pump on the same loop (no thread of its
+own) that runs the TLS 1.3 handshake (bounded by ``handshake_timeout``) and the backend connect
+(bounded by the backend's connect timeout), non-blocking. Then, on that loop thread, the record
+layer goes to the kernel (kTLS) or stays in userspace, and the connection's `relay.Relay` goes to
+the engine. Threads: the relay loops, whatever the number of connections or handshakes.
 
-The accept loop waits in ``poll``, and a wait is a safe point (`PauseControl`); the relay
-loops park between two steps (`Engine.pause`); so `pause()` can bring the whole process to a
-safe point for an exec upgrade (`upgrade.py`), and `adopt()` takes over the listener and
-connections a previous program left in the state.
+`Acceptor.hold` stops the accepting, and the relay loops park between two steps
+(`Engine.pause`); so `pause()` can bring the whole process to a safe point for an exec upgrade
+(`upgrade.py`), and `adopt()` takes over the listener and connections a previous program left in
+the state.
 
 While the handshake runs on a connection that may get kTLS, it reads exactly one record at a
 time (ironsocket.handshake): nothing past the client Finished leaves the kernel's receive queue.
@@ -23,7 +23,6 @@ import functools
 import itertools
 import logging
 import os
-import select
 import socket
 import threading
 import time
@@ -36,6 +35,7 @@ from .backend import BackendHealth, Routes
 from . import ktls
 from .counters import PROCESS, Histogram
 from .logs import fields
+from .acceptor import Acceptor
 from .engine import Engine
 from .handover import ConnectionEntry, Counters, ListenerEntry, connection_entry
 from .upgrade import UpgradeError, restore_connection
@@ -51,84 +51,6 @@ log = logging.getLogger("ironsocket")
 
 
 THREAD_STACK_SIZE = 256 * 1024  # relay threads hold a few frames; the default 8 MiB is waste
-
-
-# -- pausing the accept loop (for the exec upgrade) -----------------------------------------------
-class PauseControl:
-    """Parks the accept loop at a safe point, and lets it go again (the relays' pumps are parked
-    by `engine.Engine.pause`).
-
-    ``running`` counts the threads between safe points. A thread waiting in ``poll`` is at one
-    (`idle` before the wait, `busy` after it), so ``pause()`` wakes nobody: `wait_parked`
-    returns once the ones that were running have parked (at `park`, or by starting a wait).
-    """
-
-    def __init__(self) -> None:
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        lock = threading.Lock()
-        # Two conditions on one lock: parking pumps wake only the upgrade thread, and resume
-        # wakes only parked pumps (one shared condition made quiesce O(pumps²) in wake-ups).
-        self._count_changed = threading.Condition(lock)
-        self._resumed = threading.Condition(lock)
-        self.paused = False
-        self.running = 0
-
-    def pause(self) -> None:
-        with self._count_changed:
-            self.paused = True
-
-    def wait_parked(self, timeout: float) -> bool:
-        with self._count_changed:
-            return self._count_changed.wait_for(lambda: self.running == 0, timeout)
-
-    def resume(self) -> None:
-        with self._resumed:
-            self.paused = False
-            try:
-                while os.read(self.wake_r, 4096):
-                    pass
-            except BlockingIOError:
-                pass
-            self._resumed.notify_all()
-
-    def enter(self) -> None:
-        with self._count_changed:
-            self.running += 1
-
-    def idle(self) -> None:
-        """The thread is about to wait (a safe point): it stops counting as running."""
-        with self._count_changed:
-            self.running -= 1
-            if self.running == 0:
-                self._count_changed.notify_all()
-
-    def leave(self) -> None:
-        """The thread ends: it stops counting, as at a wait that never ends."""
-        self.idle()
-
-    def busy(self) -> None:
-        """The thread's wait is over: it counts as running again, once no pause is on."""
-        with self._resumed:
-            if self.paused:
-                self._resumed.wait_for(lambda: not self.paused)
-            self.running += 1
-
-    def park(self) -> None:
-        """Called by the thread at a safe point while paused: blocks until resumed."""
-        with self._resumed:
-            self.running -= 1
-            if self.running == 0:
-                self._count_changed.notify_all()
-            self._resumed.wait_for(lambda: not self.paused)
-            self.running += 1
-
-    def close(self) -> None:
-        for fd in (self.wake_r, self.wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
 
 
 class KtlsMode(enum.Enum):
@@ -226,14 +148,13 @@ class ProxyServer:
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
         self._listener_label: str | None = None  # listener_name, once the socket is bound
-        self._accept_thread: threading.Thread | None = None
+        self._acceptor: Acceptor | None = None  # from start()
         self.handshakes_ok = 0
         self.handshakes_failed = 0
         self.handshake_failures: dict[str, int] = {}  # by alert name (admin /metrics)
         self.bytes_closed = [0, 0]  # [from client, to client] of closed connections (admin /metrics)
         self.backend_health = BackendHealth()  # connect failures by reason, /healthz (admin)
         self.handshake_seconds = Histogram()  # completed handshakes' durations (admin /metrics)
-        self.control = PauseControl()  # the accept loop's safe points
         self.engine = Engine(config.relay_loops)  # every relay's pumps
         self._handshaking = 0
         self._handshake_cond = threading.Condition(self._lock)
@@ -243,7 +164,6 @@ class ProxyServer:
         self.unstarted: list[ConnectionEntry] = []  # taken from a bridge, not started (for a rollback)
         self.carried = 0  # connections carried over the exec that started this program
         self.passed_listener = False  # listening on a socket systemd passed, not on config.listen
-        self._hold_accept = False  # pause(): no new connections while handshakes finish
         self._in_handshake: dict[int, Handshake] = {}  # conn_id → its handshake, until relayed
         # How often a loop looks for a handshake past its deadline: a quarter of the shortest.
         self._deadline_scan = min([config.handshake_timeout, config.connect_timeout]
@@ -299,9 +219,10 @@ class ProxyServer:
         for info, relay in self._adopted:  # no thread per connection: a registration each
             self._start_relay(info, relay)
         self._adopted = []
-        self.control.enter()
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="is-accept", daemon=True)
-        self._accept_thread.start()
+        self._acceptor = Acceptor(self._listener, self.engine, name=self.listener_name,
+                                  take_slot=functools.partial(self._slots.acquire, blocking=False),
+                                  give_slot=self._slots.release, on_accept=self._spawn)
+        self._acceptor.start()
         log.debug("accepting on %s:%d", *self.address)  # the caller logs "serving TLS 1.3 on ..."
 
     def stop(self, deadline: float = 5.0, drain: float | None = None) -> None:
@@ -311,9 +232,8 @@ class ProxyServer:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        self.control.resume()
-        if self._accept_thread is not None:
-            self._accept_thread.join()
+        if self._acceptor is not None:  # no accept after this (a parked loop cannot say so: no wait)
+            self._acceptor.stop(timeout=0.0 if self.engine.paused else deadline)
         if self._listener is not None:
             self._listener.close()
         drain_end = time.monotonic() + (self.config.drain_timeout if drain is None else drain)
@@ -335,7 +255,6 @@ class ProxyServer:
             if info.relay is not None:
                 info.relay.join(max(0.0, end - time.monotonic()))
         self.engine.stop(max(0.1, end - time.monotonic()))
-        self.control.close()
 
     # -- pausing and the exec upgrade (upgrade.py) -----------------------------------------------
     def pause(self, handshake_deadline: float, park_deadline: float) -> None:
@@ -346,12 +265,10 @@ class ProxyServer:
         (their clients retry): a client that never finishes its handshake must not be able to
         hold every upgrade off. Raises UpgradeError (after resuming) if the pumps do not reach a
         safe point within ``park_deadline``."""
-        self._hold_accept = True
-        # The accept loop parks first: once it has, no handshake can begin (one accepted just
+        # The accepting stops first: once it has, no handshake can begin (one accepted just
         # before would otherwise start after the count below reached 0, and be forked into the
         # bridge half-done). The relay loops keep running: they finish the handshakes in flight.
-        self.control.pause()
-        if not self.control.wait_parked(park_deadline):
+        if self._acceptor is not None and not self._acceptor.hold(park_deadline):  # None: never started
             self.resume()
             raise UpgradeError(f"the accept loop did not reach a safe point in {park_deadline:g}s")
         with self._lock:
@@ -373,9 +290,9 @@ class ProxyServer:
         self.parked_at = time.monotonic()  # from here no byte moves: the connections' pause begins
 
     def resume(self) -> None:
-        self._hold_accept = False
         self.engine.resume()
-        self.control.resume()
+        if self._acceptor is not None:
+            self._acceptor.release()
 
     def registry(self) -> tuple[list[ConnectionInfo], list[int]]:
         """Every registered connection (handshaking ones too) and the byte totals of the closed
@@ -393,7 +310,7 @@ class ProxyServer:
         """This listener's entry in the upgrade document (only while paused). ``connections``
         False: a bridge (ironsocket.bridge) is about to hold them (``bridged`` counts them).
         What this program took from a bridge without starting it is always in."""
-        assert self.control.paused and self.control.running == 0 and self.engine.paused
+        assert self.engine.paused and (self._acceptor is None or self._acceptor.held)
         assert self._listener is not None
         live = self.live_connections()
         counters = Counters(handshakes_ok=self.handshakes_ok, handshakes_failed=self.handshakes_failed,
@@ -429,7 +346,7 @@ class ProxyServer:
             relay.let_go()
             with self._lock:
                 self.connections.pop(info.conn_id, None)
-            self._slots.release()
+            self._release_slot()
             self.carried -= 1
 
     def adopt(self, entry: ListenerEntry, early: Any = None) -> None:
@@ -513,54 +430,15 @@ class ProxyServer:
         self._log_close(info, relay)
         with self._lock:
             self.connections.pop(info.conn_id, None)
-        self._slots.release()
+        self._release_slot()
 
-    # -- accept ----------------------------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        poller = select.poll()
-        poller.register(self._listener.fileno(), select.POLLIN)
-        poller.register(self.control.wake_r, select.POLLIN)
-        try:
-            while not self._stopping.is_set():
-                if self.control.paused:  # an upgrade: stop accepting, the backlog keeps clients
-                    self.control.park()
-                    continue
-                if self._hold_accept:  # an upgrade is letting handshakes finish: accept none
-                    self.control.idle()
-                    try:
-                        time.sleep(0.01)
-                    finally:
-                        self.control.busy()
-                    continue
-                # At max_connections we stop calling accept(): new clients wait in the backlog.
-                # Both waits are safe points; after them, busy() holds us while paused.
-                self.control.idle()
-                try:
-                    if not self._slots.acquire(timeout=0.5):
-                        continue
-                    ready = any(fd == self._listener.fileno() for fd, _ in poller.poll(500))
-                finally:
-                    self.control.busy()
-                if not ready:
-                    self._slots.release()
-                    continue
-                try:
-                    sock, addr = self._listener.accept()
-                except BlockingIOError:
-                    self._slots.release()
-                    continue
-                except OSError as exc:
-                    self._slots.release()
-                    if self._stopping.is_set():
-                        return
-                    log.warning("accept failed: %s", exc, extra=fields(listener=self.listener_name))
-                    time.sleep(0.05)
-                    continue
-                sock.setblocking(True)
-                self._spawn(sock, addr)
-        finally:
-            self.control.leave()
+    # -- accept (acceptor.Acceptor calls _spawn on its loop thread) ------------------------------
+    def _release_slot(self) -> None:
+        """A connection (or its handshake) ended: its slot is free, and the acceptor may wait
+        for one (max_connections)."""
+        self._slots.release()
+        if self._acceptor is not None:
+            self._acceptor.slot_freed()
 
     def _spawn(self, sock: socket.socket, addr: tuple) -> None:
         conn_id = next(self._ids)
@@ -611,7 +489,7 @@ class ProxyServer:
                 if isinstance(result, Ready):
                     result.backend.close()
                     result.sock.close()
-                self._slots.release()
+                self._release_slot()
 
     def _relay(self, info: ConnectionInfo, ready: Ready) -> None:
         """Hand the connection to its relay, which owns the sockets and the slot from here."""

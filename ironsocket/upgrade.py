@@ -10,7 +10,7 @@ the PID stays the same and no second server ever competes for the sockets.
    ``--upgrade-check``: it must start, import, parse the configuration (load the certificates)
    and name the state format it reads. If it cannot, nothing else happens and the caller is
    told why.
-2. **Quiesce.** The accept loop stops (the listening socket stays open: new clients wait in
+2. **Quiesce.** Accepting stops (`acceptor.Acceptor.hold`) (the listening socket stays open: new clients wait in
    the kernel backlog, never refused); handshakes in flight get ``HANDSHAKE_DEADLINE`` to finish
    while the relays keep moving bytes, and the ones still running are then cut (a client that
    never finishes its handshake must not be able to veto every upgrade); then
@@ -37,7 +37,7 @@ the PID stays the same and no second server ever competes for the sockets.
    refused); an exec that fails takes the connections back from the bridge and resumes.
 5. **Restore.** The new program validates the document (format, version, every fd open and of
    the right kind), adopts the listeners, admin and control sockets, and only then (at the
-   ``relay`` step of `runtime.STARTUP_STEPS`) starts the accept loops and takes the connections
+   ``relay`` step of `runtime.STARTUP_STEPS`) starts the acceptors and takes the connections
    from the bridge (each kTLS socket's suite, keys and rec_seq read back equal to its
    description), and answers the requester.
 6. **Rollback.** A restore that fails (bad config, invalid state, a crash in restore code)

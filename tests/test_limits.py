@@ -251,12 +251,17 @@ def test_max_connections_third_waits_in_backlog(record_mode, thread_backend, pro
     assert time.monotonic() - start < 3.0
     third.send(b"third")
     assert third.recv_exact(5) == b"third"
-    assert server.handshakes_failed == 0 and server._accept_thread.is_alive()
+    assert server.handshakes_failed == 0
     for c in (second, third):
         c.close_notify()
         assert c.recv_until_close() == (b"", True)
         c.close()
     wait_until(lambda: not server.connections, what="registry empty")
+    fourth = RecordClient(server.address)  # the acceptor kept going after waiting for slots
+    fourth.handshake()
+    fourth.send(b"fourth")
+    assert fourth.recv_exact(6) == b"fourth"
+    fourth.close()
 
 
 # -- backend failures -----------------------------------------------------------------------------

@@ -291,7 +291,7 @@ def test_upgrades_under_load_lose_nothing(server: Server) -> None:
         assert s.verified == s.sent > 0
     wait_until(lambda: server.fds() == idle_fds, timeout=20, what=f"idle fd count back to {idle_fds}")
     # Idle, no pump holds a pipe: what is left is the pool (the exec closed the previous one's)
-    # and the wake-up pipes of the accept loop and the relay loops.
+    # and the wake-up pipes of the relay loops.
     assert server.pipe_fds() <= 2 * PIPE_POOL_KEEP + 16, server.pipe_fds()
     pauses = [float(m) for m in re.findall(r"upgrade: resumed after ([\d.]+) ms", server.text())]
     assert len(pauses) == UPGRADES
