@@ -10,8 +10,8 @@ client channel), never in a local variable, so *between two steps is a safe poin
 what lets the exec upgrade snapshot a connection, and what lets one thread run thousands of
 pumps.
 
-`Engine` owns a small fixed set of `Loop` threads (``loops``, default 2: while one is in the
-kernel — splice, AES-GCM of kTLS, a socket write — the other can run Python). A relay is pinned to
+`Engine` owns a small fixed set of `Loop` threads (``loops``, default 1 per process: worker
+processes use the other cores; a second loop in one process mostly contended for the GIL). A relay is pinned to
 one loop for its life. A loop waits in ``epoll_wait`` for the fds its pumps wait on, then runs
 the steps of the pumps whose fds are ready; a pump that keeps making progress is put back at the
 end of the ready queue after ``STEP_BUDGET`` steps, so one bulk transfer cannot starve the
@@ -50,7 +50,11 @@ from typing import Protocol
 log = logging.getLogger("ironsocket.engine")
 
 STEP_BUDGET = 16  # steps a pump may run in a row before the others get their turn
-DEFAULT_LOOPS = 2
+# One loop per process: Python runs on one core at a time anyway (the GIL), and a second loop
+# only made the two contend for it (every socket call releases the GIL; with two loops each was
+# a futex hand-off): 15-19% less CPU per handshake with one (docs/benchmarks.md, 2026-12-04).
+# The cores are used by worker processes (`serve --workers auto`, the default).
+DEFAULT_LOOPS = 1
 _ONESHOT = select.EPOLLONESHOT  # pumps wait for poll(2)'s POLLIN/POLLOUT: the same bits as epoll's
 
 

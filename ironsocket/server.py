@@ -36,7 +36,7 @@ from . import ktls
 from .counters import PROCESS, Histogram
 from .logs import fields
 from .acceptor import Acceptor
-from .engine import Engine
+from .engine import DEFAULT_LOOPS, Engine
 from .handover import ConnectionEntry, Counters, ListenerEntry, connection_entry
 from .upgrade import UpgradeError, restore_connection
 from .connection import ENV_WORKER, WORKER, ConnectionInfo, conn_ref  # noqa: F401 - re-exported
@@ -81,7 +81,7 @@ class ProxyConfig:
     proxy_protocol: str | None = None  # None, "v1" or "v2", for `backend`
     transparent: bool = False  # connect to `backend` from the client's own address
     name: str = ""  # a label for logs and the admin endpoint
-    relay_loops: int = 2  # engine.Engine threads moving every connection's bytes
+    relay_loops: int = DEFAULT_LOOPS  # engine.Engine threads moving every connection's bytes
 
 
 def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
