@@ -16,11 +16,12 @@ ROOT = Path(__file__).resolve().parents[2]
 STARTED: list[subprocess.Popen] = []
 
 
-def spawn(argv: list[str], logfile: Path, *, stdout=None, **kw) -> subprocess.Popen:
-    """Start ``argv`` in the repo, its output appended to ``logfile`` (stdout may go elsewhere)."""
+def spawn(argv: list[str], logfile: Path, *, stdout=None, cwd: Path = ROOT, **kw) -> subprocess.Popen:
+    """Start ``argv`` in ``cwd`` (default: the repo), its output appended to ``logfile`` (stdout
+    may go elsewhere)."""
     out = open(logfile, "ab")
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout or out, stderr=out,
-                         start_new_session=True, cwd=ROOT, **kw)
+                         start_new_session=True, cwd=cwd, **kw)
     out.close()
     STARTED.append(p)
     return p

@@ -543,7 +543,10 @@ def start_peer(name: str, backend_port: int, s: Settings, tree: Path | str | Non
         env = None
         if tree is not None:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(tree), os.environ.get("PYTHONPATH")))))
-        c.proc = spawn(argv, logf, env=env)
+        # In the tree: `python -m` puts the working directory first on sys.path, so from the repo
+        # this tree's package would shadow the other's PYTHONPATH (until 2026-12-04 it did: both
+        # labels ran this tree).
+        c.proc = spawn(argv, logf, env=env, cwd=tree if tree is not None else ROOT)
         wait_port(c.port, c.proc, logf, s.startup_timeout)  # at --log-level warning it says nothing
         layer = "kTLS" if ktls.probe().available else "userspace"
         c.note, c.label = f"record layer: {layer}", (f"ironsocket ({layer})" + (f" @{tree}" if tree else "")
