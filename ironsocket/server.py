@@ -1,4 +1,4 @@
-"""The proxy: listener, accept loop, per-connection handshake, hand-over to the relay.
+"""The proxy: listener, acceptor, per-connection handshake, hand-over to the relay.
 
 Connections are accepted by an `acceptor.Acceptor`, a pump on one of the relay loops of the
 `engine.Engine`. Each becomes a `handshake.Handshake`: a pump on the same loop (no thread of its
