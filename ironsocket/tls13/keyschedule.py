@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+
+try:  # CPython's C HMAC, without hmac.HMAC's Python wrapper (~70% of a short HMAC's cost)
+    from _hashlib import hmac_new as _hmac_new
+except ImportError:  # another implementation: the public API, same result
+    _hmac_new = hmac.new
 from dataclasses import dataclass
 
 from .constants import CipherSuite
@@ -38,7 +43,7 @@ def _hmac(key: bytes, msg: bytes, hash_name: str) -> bytes:
     other threads waiting for the GIL (relay loops) each release became a futex hand-off and a
     wait to get it back (docs/benchmarks.md, 2026-12-04). ``hmac.new`` hashes messages this short
     without releasing it."""
-    return hmac.new(key, msg, hash_name).digest()
+    return _hmac_new(key, msg, hash_name).digest()
 
 
 def hkdf_extract(hash_name: str, salt: bytes, ikm: bytes) -> bytes:
