@@ -116,6 +116,7 @@ class Acceptor:
     def slot_freed(self) -> None:
         """A connection ended: if the acceptor waits for a slot or for fds, wake it."""
         if self._starved or self._retry_at is not None:
+            self._retry_at = None  # an fd may be free now: the back-off ends with this wake-up
             self._wake()
 
     def _wake(self) -> None:
