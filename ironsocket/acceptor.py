@@ -19,7 +19,7 @@ It waits on one of two things:
 - the listener (readable: a client is in the backlog);
 - its own eventfd, when it may not accept: ``max_connections`` reached (``take_slot`` said no;
   `slot_freed` wakes it), or accept() failed for lack of fds (EMFILE/ENFILE: it retries when a
-  slot is freed or at the loop's next deadline scan, `retry_after` later, never in a busy loop).
+  slot is freed or at the loop's first deadline scan `RETRY_AFTER` later, never in a busy loop).
 
 `hold()` and `release()` (from any thread: the exec upgrade's pause and resume) stop and restart
 it. `hold()` returns once no accept can happen any more: the acceptor has left its loop (no

@@ -239,5 +239,8 @@ def test_out_of_fds_it_backs_off_warns_once_a_second_and_recovers() -> None:
         if child.poll() is None:
             child.kill()
             child.wait(TIMEOUT)
+        for stream in (child.stdin, child.stdout):
+            if not stream.closed:
+                stream.close()
         for c in clients:
             c.close()

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from dataclasses import dataclass
+
+from .constants import CipherSuite
 
 try:  # CPython's C HMAC, without hmac.HMAC's Python wrapper (~70% of a short HMAC's cost)
     from _hashlib import hmac_new as _hmac_new
 except ImportError:  # another implementation: the public API, same result
     _hmac_new = hmac.new
-from dataclasses import dataclass
-
-from .constants import CipherSuite
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +41,8 @@ def _hmac(key: bytes, msg: bytes, hash_name: str) -> bytes:
     """HMAC(key, msg) with OpenSSL, keeping the GIL. Not `hmac.digest`: CPython's one-shot
     releases the GIL around every call, and a handshake makes ~30 of a microsecond each; with
     other threads waiting for the GIL (relay loops) each release became a futex hand-off and a
-    wait to get it back (docs/benchmarks.md, 2026-12-04). ``hmac.new`` hashes messages this short
-    without releasing it."""
+    wait to get it back (docs/benchmarks.md, 2026-12-04). An HMAC object (``_hmac_new``) hashes
+    messages this short without releasing it."""
     return _hmac_new(key, msg, hash_name).digest()
 
 
